@@ -1,0 +1,225 @@
+//! The routing snapshot: a versioned view of the engine endpoints that serve each model,
+//! with their health and, when known, their engine-side load.
+//!
+//! This is the contract between whatever discovers engines (the data plane's own static
+//! discovery today, lmstack-control later) and the data plane that routes on it. Data and
+//! validation only: no IO, no routing decisions.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// One complete routing view.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Increases with every change; a receiver ignores a snapshot older than the one it has.
+    pub version: u64,
+    pub endpoints: Vec<Endpoint>,
+    pub models: Vec<Model>,
+}
+
+/// One engine replica (a vLLM server).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Identity and metric label: the base URL, `http://host:port`.
+    pub url: String,
+    /// Where to connect, resolved by whoever built the snapshot.
+    pub addr: SocketAddr,
+    /// Routable now.
+    pub healthy: bool,
+    /// Engine-side load and cache figures, when scraped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineStats>,
+}
+
+/// Figures scraped from an engine's `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineStats {
+    /// `vllm:num_requests_running`.
+    pub running: f64,
+    /// `vllm:num_requests_waiting`.
+    pub waiting: f64,
+    /// `vllm:kv_cache_usage_perc`, 0 to 1.
+    pub kv_cache_usage: f64,
+    /// `vllm:prefix_cache_queries_total` (tokens).
+    pub prefix_cache_queries: f64,
+    /// `vllm:prefix_cache_hits_total` (tokens).
+    pub prefix_cache_hits: f64,
+}
+
+/// A model name and the endpoints that serve it (its pool).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub name: String,
+    /// Indices into [`Snapshot::endpoints`].
+    pub endpoints: Vec<u32>,
+    /// The model card one engine's `/v1/models` gave for it, served again by the router's
+    /// merged `/v1/models`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SnapshotError {
+    #[error("endpoint {0} appears twice")]
+    DuplicateEndpoint(String),
+    #[error("model {0} appears twice")]
+    DuplicateModel(String),
+    #[error("model {model} refers to endpoint #{index}, but there are only {count}")]
+    BadEndpointIndex {
+        model: String,
+        index: u32,
+        count: usize,
+    },
+    #[error("model {0} lists the same endpoint twice")]
+    RepeatedEndpoint(String),
+    #[error("a model has an empty name")]
+    EmptyModelName,
+    #[error("endpoint {0}: kv_cache_usage must be within 0..=1")]
+    BadEngineStats(String),
+}
+
+impl Snapshot {
+    /// Checks the invariants a receiver relies on; a snapshot that fails is rejected whole.
+    pub fn validate(&self) -> Result<(), SnapshotError> {
+        let mut urls = HashSet::new();
+        for e in &self.endpoints {
+            if !urls.insert(e.url.as_str()) {
+                return Err(SnapshotError::DuplicateEndpoint(e.url.clone()));
+            }
+            if let Some(s) = &e.engine
+                && !(0.0..=1.0).contains(&s.kv_cache_usage)
+            {
+                return Err(SnapshotError::BadEngineStats(e.url.clone()));
+            }
+        }
+        let mut names = HashSet::new();
+        for m in &self.models {
+            if m.name.is_empty() {
+                return Err(SnapshotError::EmptyModelName);
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(SnapshotError::DuplicateModel(m.name.clone()));
+            }
+            let mut seen = HashSet::new();
+            for &index in &m.endpoints {
+                if index as usize >= self.endpoints.len() {
+                    return Err(SnapshotError::BadEndpointIndex {
+                        model: m.name.clone(),
+                        index,
+                        count: self.endpoints.len(),
+                    });
+                }
+                if !seen.insert(index) {
+                    return Err(SnapshotError::RepeatedEndpoint(m.name.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// Models with at least one healthy endpoint.
+    pub fn routable_models(&self) -> impl Iterator<Item = &Model> {
+        self.models.iter().filter(|m| {
+            m.endpoints
+                .iter()
+                .any(|&i| self.endpoints[i as usize].healthy)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(url: &str, port: u16) -> Endpoint {
+        Endpoint {
+            url: url.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            healthy: true,
+            engine: None,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            version: 1,
+            endpoints: vec![endpoint("http://a:1", 1), endpoint("http://b:2", 2)],
+            models: vec![Model {
+                name: "m".into(),
+                endpoints: vec![0, 1],
+                card: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_consistent_snapshot_validates() {
+        snapshot().validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_broken_references_and_duplicates() {
+        let mut s = snapshot();
+        s.models[0].endpoints.push(2);
+        assert!(matches!(
+            s.validate(),
+            Err(SnapshotError::BadEndpointIndex { index: 2, .. })
+        ));
+        let mut s = snapshot();
+        s.models[0].endpoints.push(0);
+        assert_eq!(
+            s.validate(),
+            Err(SnapshotError::RepeatedEndpoint("m".into()))
+        );
+        let mut s = snapshot();
+        s.endpoints[1].url = "http://a:1".into();
+        assert!(matches!(
+            s.validate(),
+            Err(SnapshotError::DuplicateEndpoint(_))
+        ));
+        let mut s = snapshot();
+        s.models.push(s.models[0].clone());
+        assert!(matches!(
+            s.validate(),
+            Err(SnapshotError::DuplicateModel(_))
+        ));
+        let mut s = snapshot();
+        s.endpoints[0].engine = Some(EngineStats {
+            kv_cache_usage: 1.5,
+            ..Default::default()
+        });
+        assert!(matches!(
+            s.validate(),
+            Err(SnapshotError::BadEngineStats(_))
+        ));
+    }
+
+    #[test]
+    fn round_trips_through_json_and_rejects_unknown_fields() {
+        let s = snapshot();
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Snapshot>(&text).unwrap(), s);
+        assert!(
+            serde_json::from_str::<Snapshot>(r#"{"version":1,"endpoints":[],"models":[],"x":1}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn routable_models_need_a_healthy_endpoint() {
+        let mut s = snapshot();
+        assert_eq!(s.routable_models().count(), 1);
+        s.endpoints.iter_mut().for_each(|e| e.healthy = false);
+        assert_eq!(s.routable_models().count(), 0);
+    }
+}

@@ -1,0 +1,17 @@
+//! HTTP/1.1 codec pieces for the lmstack data plane: message heads, chunked framing, the
+//! OpenAI request peek and SSE event counting.
+//!
+//! Everything here is synchronous and does no IO, so it can be unit-tested, fuzzed and
+//! benchmarked without a runtime; the proxy binary drives it from its sockets.
+
+pub mod chunked;
+pub mod head;
+pub mod peek;
+pub mod sse;
+
+pub use chunked::{ChunkedDecoder, ChunkedError, Decoded};
+pub use head::{
+    Framing, HeadError, HeadLimits, HeadScanner, Headers, RequestHead, ResponseHead, Version,
+};
+pub use peek::{Peek, PeekError, peek};
+pub use sse::{SseCounter, SseEvents};
