@@ -4,6 +4,8 @@
 //! Everything here is synchronous and does no IO, so it can be unit-tested, fuzzed and
 //! benchmarked without a runtime; the proxy binary drives it from its sockets.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod chunked;
 pub mod head;
 pub mod peek;

@@ -5,6 +5,8 @@
 //! no IO, no clocks, no globals. Whoever calls it decides what "eligible" means (healthy,
 //! under its admission limit, not already tried for this request).
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod policy;
 
 pub use policy::{Pick, Policy, PolicyError, PolicyName, Reason};

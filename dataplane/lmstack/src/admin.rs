@@ -1,0 +1,64 @@
+//! The router's own endpoints: `/health`, `/version`, `/metrics` and the merged
+//! `/v1/models`. Each returns (status, content type, body); the pipeline writes it.
+
+use bytes::Bytes;
+
+use crate::worker::WorkerCtx;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    Health,
+    Version,
+    Metrics,
+    Models,
+}
+
+const JSON: &str = "application/json";
+
+pub fn serve(ctx: &WorkerCtx, local: Local) -> (u16, &'static str, Bytes) {
+    match local {
+        Local::Health => health(ctx),
+        Local::Version => {
+            let body = serde_json::json!({"name": "lmstack", "version": env!("CARGO_PKG_VERSION")});
+            (200, JSON, Bytes::from(body.to_string()))
+        }
+        Local::Metrics => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(ctx.shared.prometheus.render()),
+        ),
+        Local::Models => (200, JSON, ctx.routing_state().models_body.clone()),
+    }
+}
+
+/// 200 when at least one model has a healthy endpoint and the router is not shutting down;
+/// 503 otherwise. The body tells, per model, how many endpoints are healthy.
+fn health(ctx: &WorkerCtx) -> (u16, &'static str, Bytes) {
+    let state = ctx.routing_state();
+    let models: Vec<serde_json::Value> = state
+        .model_names()
+        .into_iter()
+        .filter_map(|name| state.models.get(name))
+        .map(|pool| {
+            serde_json::json!({
+                "model": pool.name.as_ref(),
+                "endpoints": pool.endpoints.len(),
+                "healthy_endpoints": pool.healthy_count(&state),
+                "policy": pool.policy.name().as_str(),
+            })
+        })
+        .collect();
+    let (status, text) = if ctx.draining() {
+        (503, "draining")
+    } else if state.can_route() {
+        (200, "ok")
+    } else {
+        (503, "no_healthy_endpoint")
+    };
+    let body = serde_json::json!({
+        "status": text,
+        "snapshot_version": state.version,
+        "models": models,
+    });
+    (status, JSON, Bytes::from(body.to_string()))
+}

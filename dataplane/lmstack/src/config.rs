@@ -1,0 +1,672 @@
+//! Configuration: one set of defaults (the `Default` impls below), read from a YAML file,
+//! overridden by command-line flags, and validated whole before anything starts.
+//!
+//! The flags include production-stack's router flags (`--static-backends`, `--routing-logic`,
+//! ...) so that its deployments can switch without rewriting their arguments. Nothing here
+//! falls back silently: unknown keys, unknown policy names and bad values are errors.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use lmstack_http::head::MAX_HEADERS_CAP;
+use lmstack_route::PolicyName;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    /// Worker threads, one monoio runtime and one SO_REUSEPORT listener each. 0: one per
+    /// available core.
+    pub workers: usize,
+    /// Pin worker `i` to core `i` (off by default: shared nodes and CPU limits make pinning
+    /// harmful more often than not).
+    pub pin_workers: bool,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub discovery: DiscoveryConfig,
+    pub routing: RoutingConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    pub host: String,
+    /// 0 picks a free port (printed at start).
+    pub port: u16,
+    /// Listen backlog per worker socket.
+    pub backlog: u32,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 8001,
+            backlog: 4096,
+        }
+    }
+}
+
+/// Limits on the client side.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+    /// Most request header lines.
+    pub max_headers: usize,
+    /// Largest request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Time allowed for a request head, from its first byte.
+    pub header_timeout_ms: u64,
+    /// Time allowed for a request body, from the end of its head.
+    pub body_timeout_ms: u64,
+    /// Idle time allowed between requests on a kept-alive connection.
+    pub keepalive_timeout_ms: u64,
+    /// Time a single write to a client may block (a client that stops reading).
+    pub write_timeout_ms: u64,
+    /// Open client connections across all workers; beyond it, accepting pauses.
+    pub max_connections: usize,
+    /// Time to let in-flight requests finish after SIGTERM/SIGINT.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 128,
+            max_body_bytes: 64 * 1024 * 1024,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            keepalive_timeout_ms: 75_000,
+            write_timeout_ms: 60_000,
+            max_connections: 65_536,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// The engine side.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Time allowed to open a TCP connection to an engine.
+    pub connect_timeout_ms: u64,
+    /// Time allowed from sending a request until the response head arrives. Non-streaming
+    /// requests send nothing until generation ends, so this bounds their whole generation.
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence allowed while a response body streams (between tokens).
+    pub idle_timeout_ms: u64,
+    /// Idle pooled connections older than this are closed. vLLM (uvicorn) closes idle
+    /// keep-alive connections after 5 s, so the default stays under that.
+    pub pool_idle_timeout_ms: u64,
+    /// Idle connections kept per endpoint, per worker.
+    pub pool_max_idle_per_endpoint: usize,
+    /// Further attempts, on another endpoint where there is one, when a request fails before
+    /// any response byte (connection refused or reset, stale pooled connection).
+    pub max_retries: u32,
+    /// Largest response head accepted from an engine.
+    pub max_response_header_bytes: usize,
+    /// Requests in flight per endpoint across all workers; 0: no limit. When every eligible
+    /// endpoint is at the limit, requests wait in the router's queue.
+    pub max_inflight_per_endpoint: u32,
+    /// Time a request may wait in the router's queue before a 503.
+    pub queue_timeout_ms: u64,
+    /// Requests waiting in the router's queue, per worker; beyond it, 503 at once.
+    pub max_queued_per_worker: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 3_000,
+            first_byte_timeout_ms: 600_000,
+            idle_timeout_ms: 300_000,
+            pool_idle_timeout_ms: 4_000,
+            pool_max_idle_per_endpoint: 256,
+            max_retries: 2,
+            max_response_header_bytes: 64 * 1024,
+            max_inflight_per_endpoint: 0,
+            queue_timeout_ms: 30_000,
+            max_queued_per_worker: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryMode {
+    /// A fixed list of backends, health-checked by the router itself.
+    #[default]
+    Static,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    pub mode: DiscoveryMode,
+    /// Static backends.
+    pub backends: Vec<BackendConfig>,
+    pub health: HealthCheckConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `http://host:port` of a vLLM (or compatible) server.
+    pub url: String,
+    /// Models it serves; empty: ask its `/v1/models` (and keep asking, to follow LoRA
+    /// adapters being loaded and unloaded).
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Time between probes of each backend.
+    pub interval_ms: u64,
+    /// Time allowed for one probe.
+    pub timeout_ms: u64,
+    /// Consecutive failed probes that take a healthy endpoint out of rotation.
+    pub unhealthy_after: u32,
+    /// Consecutive good probes that bring it back.
+    pub healthy_after: u32,
+    /// Path probed with GET; 2xx is healthy.
+    pub path: String,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 5_000,
+            timeout_ms: 2_000,
+            unhealthy_after: 2,
+            healthy_after: 1,
+            path: "/health".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// The policy of models without their own entry, and the fallback of `session` for
+    /// requests without a session key.
+    pub policy: PolicyName,
+    /// Per-model overrides.
+    pub models: BTreeMap<String, ModelRoutingConfig>,
+    pub session: SessionConfig,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyName::RoundRobin,
+            models: BTreeMap::new(),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// The policy configured for `model`.
+    pub fn policy_for(&self, model: &str) -> PolicyName {
+        self.models.get(model).map_or(self.policy, |m| m.policy)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRoutingConfig {
+    pub policy: PolicyName,
+}
+
+/// Where a request's session key comes from: the first of these headers that is present,
+/// then the body field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    pub headers: Vec<String>,
+    /// A top-level string (or integer) field of the JSON body; null: none.
+    pub body_field: Option<String>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            headers: vec!["x-session-id".into(), "x-user-id".into()],
+            body_field: Some("user".into()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `lmstack=debug,warn`, ...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Command-line flags. Every flag overrides the value of the same meaning in the file.
+#[derive(Debug, Default, Parser)]
+#[command(name = "lmstack", version, about = "A thread-per-core OpenAI proxy and router for vLLM engines")]
+pub struct Cli {
+    /// YAML configuration file (flags override its values).
+    #[arg(long, short = 'c', env = "LMSTACK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print it in full (defaults included) and exit.
+    #[arg(long)]
+    pub check: bool,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Worker threads (0: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// production-stack compatible; only `static` in this version.
+    #[arg(long, value_enum)]
+    pub service_discovery: Option<ServiceDiscoveryFlag>,
+    /// Comma-separated backend URLs (`http://host:port`).
+    #[arg(long, value_delimiter = ',')]
+    pub static_backends: Option<Vec<String>>,
+    /// Comma-separated models, one per backend in `--static-backends` order; omitted: ask
+    /// each backend's `/v1/models`.
+    #[arg(long, value_delimiter = ',')]
+    pub static_models: Option<Vec<String>>,
+    /// Default routing policy: round_robin (alias roundrobin) or session.
+    #[arg(long)]
+    pub routing_logic: Option<String>,
+    /// The header carrying the session key (replaces the default header list).
+    #[arg(long)]
+    pub session_key: Option<String>,
+    /// Log filter (`info`, `debug`, ...).
+    #[arg(long)]
+    pub log_level: Option<String>,
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    #[arg(long)]
+    pub connect_timeout_ms: Option<u64>,
+    #[arg(long)]
+    pub first_byte_timeout_ms: Option<u64>,
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
+    #[arg(long)]
+    pub max_retries: Option<u32>,
+    #[arg(long)]
+    pub health_check_interval_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServiceDiscoveryFlag {
+    Static,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then the flags; then validation.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let mut config = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Config::from_yaml(&text).map_err(|message| ConfigError::Parse {
+                    path: path.clone(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_flags(cli)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, String> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn apply_flags(&mut self, cli: &Cli) -> Result<(), ConfigError> {
+        if let Some(h) = &cli.host {
+            self.listen.host = h.clone();
+        }
+        if let Some(p) = cli.port {
+            self.listen.port = p;
+        }
+        if let Some(w) = cli.workers {
+            self.workers = w;
+        }
+        if let Some(ServiceDiscoveryFlag::Static) = cli.service_discovery {
+            self.discovery.mode = DiscoveryMode::Static;
+        }
+        if let Some(urls) = &cli.static_backends {
+            let urls: Vec<&String> = urls.iter().filter(|u| !u.trim().is_empty()).collect();
+            let models = match &cli.static_models {
+                Some(models) => {
+                    let models: Vec<&String> = models.iter().filter(|m| !m.trim().is_empty()).collect();
+                    if models.len() != urls.len() {
+                        return Err(invalid(format!(
+                            "--static-models lists {} models for {} backends; give one per backend, in the same order",
+                            models.len(),
+                            urls.len()
+                        )));
+                    }
+                    models.into_iter().map(|m| vec![m.trim().to_owned()]).collect()
+                }
+                None => vec![Vec::new(); urls.len()],
+            };
+            self.discovery.backends = urls
+                .into_iter()
+                .zip(models)
+                .map(|(url, models)| BackendConfig {
+                    url: url.trim().to_owned(),
+                    models,
+                })
+                .collect();
+        } else if cli.static_models.is_some() {
+            return Err(invalid("--static-models needs --static-backends"));
+        }
+        if let Some(name) = &cli.routing_logic {
+            self.routing.policy = name.parse().map_err(|e| invalid(format!("--routing-logic: {e}")))?;
+        }
+        if let Some(header) = &cli.session_key {
+            self.routing.session.headers = vec![header.clone()];
+        }
+        if let Some(l) = &cli.log_level {
+            self.log.level = l.clone();
+        }
+        if let Some(f) = cli.log_format {
+            self.log.format = f;
+        }
+        if let Some(v) = cli.max_body_bytes {
+            self.server.max_body_bytes = v;
+        }
+        if let Some(v) = cli.connect_timeout_ms {
+            self.upstream.connect_timeout_ms = v;
+        }
+        if let Some(v) = cli.first_byte_timeout_ms {
+            self.upstream.first_byte_timeout_ms = v;
+        }
+        if let Some(v) = cli.idle_timeout_ms {
+            self.upstream.idle_timeout_ms = v;
+        }
+        if let Some(v) = cli.max_retries {
+            self.upstream.max_retries = v;
+        }
+        if let Some(v) = cli.health_check_interval_ms {
+            self.discovery.health.interval_ms = v;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("server.max_header_bytes", self.server.max_header_bytes as u64),
+            ("server.max_headers", self.server.max_headers as u64),
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            ("server.header_timeout_ms", self.server.header_timeout_ms),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("server.keepalive_timeout_ms", self.server.keepalive_timeout_ms),
+            ("server.write_timeout_ms", self.server.write_timeout_ms),
+            ("server.max_connections", self.server.max_connections as u64),
+            ("listen.backlog", u64::from(self.listen.backlog)),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
+            ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
+            ("upstream.pool_idle_timeout_ms", self.upstream.pool_idle_timeout_ms),
+            ("upstream.max_response_header_bytes", self.upstream.max_response_header_bytes as u64),
+            ("upstream.queue_timeout_ms", self.upstream.queue_timeout_ms),
+            ("discovery.health.interval_ms", self.discovery.health.interval_ms),
+            ("discovery.health.timeout_ms", self.discovery.health.timeout_ms),
+            ("discovery.health.unhealthy_after", u64::from(self.discovery.health.unhealthy_after)),
+            ("discovery.health.healthy_after", u64::from(self.discovery.health.healthy_after)),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(invalid(format!("{name} must be greater than 0")));
+            }
+        }
+        if self.server.max_headers > MAX_HEADERS_CAP {
+            return Err(invalid(format!("server.max_headers must be at most {MAX_HEADERS_CAP}")));
+        }
+        if self.server.max_header_bytes > u32::MAX as usize / 2 {
+            return Err(invalid("server.max_header_bytes is too large"));
+        }
+        if !self.discovery.health.path.starts_with('/') {
+            return Err(invalid("discovery.health.path must start with '/'"));
+        }
+        self.listen_addr()?;
+        if self.discovery.backends.is_empty() {
+            return Err(invalid(
+                "no backends: give --static-backends URL,URL or discovery.backends in the config file",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for b in &self.discovery.backends {
+            let parsed = BackendUrl::parse(&b.url).map_err(|e| invalid(format!("backend {:?}: {e}", b.url)))?;
+            if !seen.insert(parsed.base.clone()) {
+                return Err(invalid(format!("backend {} is listed twice", parsed.base)));
+            }
+            if b.models.iter().any(|m| m.trim().is_empty()) {
+                return Err(invalid(format!("backend {}: empty model name", b.url)));
+            }
+        }
+        for h in &self.routing.session.headers {
+            if h.is_empty() || !h.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)) {
+                return Err(invalid(format!("routing.session.headers: {h:?} is not a header name")));
+            }
+        }
+        if self.routing.session.body_field.as_deref() == Some("") {
+            return Err(invalid("routing.session.body_field must not be empty (use null for none)"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid(format!("log.level {:?}: {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        (self.listen.host.as_str(), self.listen.port)
+            .to_socket_addrs()
+            .map_err(|e| invalid(format!("listen address {}:{}: {e}", self.listen.host, self.listen.port)))?
+            .next()
+            .ok_or_else(|| invalid(format!("listen address {} resolves to nothing", self.listen.host)))
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// Millisecond settings as durations.
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// A backend URL, checked: `http://host:port` with no path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendUrl {
+    /// Normalised `http://host:port`: the endpoint's identity and metric label.
+    pub base: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendUrl {
+    pub fn parse(url: &str) -> Result<BackendUrl, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| "only http:// backends are supported (engines speak plain HTTP inside the cluster)".to_owned())?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains('/') {
+            return Err("a backend URL cannot have a path".into());
+        }
+        if authority.contains('@') {
+            return Err("a backend URL cannot carry credentials".into());
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port: u16 = p.parse().map_err(|_| format!("invalid port {p:?}"))?;
+                (h.to_owned(), port)
+            }
+            _ => (authority.to_owned(), 80),
+        };
+        if host.is_empty() {
+            return Err("missing host".into());
+        }
+        Ok(BackendUrl {
+            base: format!("http://{host}:{port}"),
+            host,
+            port,
+        })
+    }
+
+    /// The `Host` header value for requests to it.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    pub fn resolve(&self) -> std::io::Result<SocketAddr> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        (host, self.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{} resolves to nothing", self.host)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("lmstack").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn production_stack_flags_build_a_static_config() {
+        let c = Config::load(&cli(&[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "9000",
+            "--service-discovery",
+            "static",
+            "--static-backends",
+            "http://a:8000,http://b:8000",
+            "--static-models",
+            "m1,m2",
+            "--routing-logic",
+            "roundrobin",
+            "--session-key",
+            "x-user-id",
+        ]))
+        .unwrap();
+        assert_eq!(c.listen.port, 9000);
+        assert_eq!(c.discovery.backends.len(), 2);
+        assert_eq!(c.discovery.backends[1].models, vec!["m2".to_owned()]);
+        assert_eq!(c.routing.policy, PolicyName::RoundRobin);
+        assert_eq!(c.routing.session.headers, vec!["x-user-id".to_owned()]);
+    }
+
+    #[test]
+    fn mismatched_static_models_are_an_error() {
+        let e = Config::load(&cli(&["--static-backends", "http://a:1,http://b:2", "--static-models", "m"]));
+        assert!(e.unwrap_err().to_string().contains("one per backend"));
+    }
+
+    #[test]
+    fn unknown_keys_and_policies_are_errors() {
+        assert!(Config::from_yaml("listen: {port: 1, colour: red}").is_err());
+        assert!(Config::from_yaml("routing: {policy: random}").unwrap_err().contains("unknown routing policy"));
+        assert!(Config::load(&cli(&["--static-backends", "http://a:1", "--routing-logic", "kvaware"])).is_err());
+    }
+
+    #[test]
+    fn yaml_and_defaults_agree() {
+        let c = Config::from_yaml("discovery:\n  backends:\n    - url: http://localhost:8000\n").unwrap();
+        assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.upstream.pool_idle_timeout_ms, 4_000);
+        c.validate().unwrap();
+        // What --check prints reads back as the same configuration.
+        let printed = serde_yaml_ng::to_string(&c).unwrap();
+        assert_eq!(Config::from_yaml(&printed).unwrap(), c);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("lmstack-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.yaml");
+        std::fs::write(&path, "listen: {port: 7000}\ndiscovery: {backends: [{url: 'http://a:1'}]}\n").unwrap();
+        let c = Config::load(&cli(&["--config", path.to_str().unwrap(), "--port", "7001"])).unwrap();
+        assert_eq!(c.listen.port, 7001);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn zero_limits_are_rejected() {
+        let mut c = Config::from_yaml("discovery: {backends: [{url: 'http://a:1'}]}").unwrap();
+        c.upstream.connect_timeout_ms = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("connect_timeout_ms"));
+    }
+
+    #[test]
+    fn backend_urls() {
+        assert_eq!(BackendUrl::parse("http://e:8000/").unwrap().base, "http://e:8000");
+        assert_eq!(BackendUrl::parse("http://e").unwrap().port, 80);
+        assert_eq!(BackendUrl::parse("http://[::1]:9").unwrap().host, "[::1]");
+        assert!(BackendUrl::parse("https://e:1").is_err());
+        assert!(BackendUrl::parse("http://e:1/v1").is_err());
+        assert!(BackendUrl::parse("http://e:x").is_err());
+        assert!(BackendUrl::parse("http://:1").is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! The client side of a connection: reading request heads and bodies within their limits,
+//! and watching for the client to leave while its request is in flight.
+//!
+//! Bodies are read into one buffer sized for them and handed on as `Bytes` without copying
+//! (chunked bodies are de-chunked, which copies the payload once). Bytes the client sends
+//! ahead (pipelined requests) stay buffered for the next head. Not here: what a request
+//! means (the pipeline) or response formats (response.rs).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::{Either, select};
+use lmstack_http::head::{HeadError, HeadLimits, HeadScanner, RequestHead, parse_request};
+use lmstack_http::{ChunkedDecoder, Framing};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller};
+use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
+use monoio::net::TcpStream;
+use monoio::time::Instant;
+
+use crate::error::{ErrorKind, ProxyError};
+
+const READ_CHUNK: usize = 16 * 1024;
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+pub struct Downstream {
+    pub reader: Reader,
+    pub wr: OwnedWriteHalf<TcpStream>,
+    pub peer: SocketAddr,
+}
+
+impl Downstream {
+    pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
+        let (rd, wr) = monoio::io::Splitable::into_split(stream);
+        Self {
+            reader: Reader {
+                rd,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                scanner: HeadScanner::default(),
+            },
+            wr,
+            peer,
+        }
+    }
+
+    /// Writes all of `bytes` within `timeout`; false when the client is gone.
+    pub async fn write(&mut self, bytes: Vec<u8>, timeout: Duration) -> bool {
+        matches!(
+            monoio::time::timeout(timeout, self.wr.write_all(bytes)).await,
+            Ok((Ok(_), _))
+        )
+    }
+}
+
+pub struct Reader {
+    rd: OwnedReadHalf<TcpStream>,
+    /// Read but not yet consumed: the rest of a body, or pipelined requests.
+    pub buf: BytesMut,
+    scanner: HeadScanner,
+}
+
+/// How waiting for the next request ended without one.
+pub enum NoRequest {
+    /// The client closed the connection, or stayed idle past the keep-alive timeout.
+    Closed,
+    /// Something arrived that is not a valid request head.
+    Bad(ProxyError),
+}
+
+impl Reader {
+    async fn fill(&mut self, want: usize) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < want {
+            self.buf.reserve(want);
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let len = buf.len();
+        let (res, slice) = self.rd.read(buf.slice_mut(len..)).await;
+        self.buf = slice.into_inner();
+        res
+    }
+
+    async fn cancelable_fill(&mut self, handle: CancelHandle) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let len = buf.len();
+        let (res, slice) = self.rd.cancelable_read(buf.slice_mut(len..), handle).await;
+        self.buf = slice.into_inner();
+        res
+    }
+
+    /// Reads and returns the count of bytes the client sent; the caller discards them.
+    pub async fn discard(&mut self) -> std::io::Result<usize> {
+        self.fill(READ_CHUNK).await
+    }
+
+    /// Waits for the next request head: `keepalive` for its first byte, then `header_timeout`
+    /// for the rest.
+    pub async fn read_head(
+        &mut self,
+        limits: &HeadLimits,
+        keepalive: Duration,
+        header_timeout: Duration,
+    ) -> Result<RequestHead, NoRequest> {
+        let mut deadline = (!self.buf.is_empty()).then(|| Instant::now() + header_timeout);
+        loop {
+            match parse_request(&mut self.buf, &mut self.scanner, limits) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err(NoRequest::Bad(head_error(e))),
+            }
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => keepalive,
+            };
+            match monoio::time::timeout(wait, self.fill(READ_CHUNK)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(NoRequest::Closed),
+                Ok(Ok(_)) => {
+                    deadline.get_or_insert_with(|| Instant::now() + header_timeout);
+                }
+                Err(_) if deadline.is_none() || self.buf.iter().all(u8::is_ascii_whitespace) => {
+                    return Err(NoRequest::Closed);
+                }
+                Err(_) => {
+                    return Err(NoRequest::Bad(ProxyError::new(
+                        ErrorKind::RequestTimeout,
+                        format!("the request head did not arrive within {} ms", header_timeout.as_millis()),
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Reads the body of `head`, answering `Expect: 100-continue` when it is wanted.
+    pub async fn read_body(
+        &mut self,
+        head: &RequestHead,
+        wr: &mut OwnedWriteHalf<TcpStream>,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Bytes, ProxyError> {
+        let too_large = || {
+            ProxyError::new(
+                ErrorKind::BodyTooLarge,
+                format!("the request body is larger than the limit of {max_bytes} bytes"),
+            )
+        };
+        let deadline = Instant::now() + timeout;
+        let timed_out = || {
+            ProxyError::new(
+                ErrorKind::RequestTimeout,
+                format!("the request body did not arrive within {} ms", timeout.as_millis()),
+            )
+        };
+        let closed = || ProxyError::new(ErrorKind::MalformedRequest, "the client closed the connection mid-body");
+        match head.framing {
+            Framing::Empty | Framing::UntilClose => Ok(Bytes::new()),
+            Framing::Length(n) => {
+                if n > max_bytes as u64 {
+                    return Err(too_large());
+                }
+                let n = n as usize;
+                if head.expect_continue && self.buf.len() < n {
+                    send_continue(wr).await?;
+                }
+                while self.buf.len() < n {
+                    let want = n - self.buf.len();
+                    match monoio::time::timeout_at(deadline, self.fill(want.min(max_bytes))).await {
+                        Err(_) => return Err(timed_out()),
+                        Ok(Ok(0)) | Ok(Err(_)) => return Err(closed()),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+                Ok(self.buf.split_to(n).freeze())
+            }
+            Framing::Chunked => {
+                if head.expect_continue && self.buf.is_empty() {
+                    send_continue(wr).await?;
+                }
+                let mut decoder = ChunkedDecoder::new();
+                let mut body = BytesMut::new();
+                loop {
+                    if !self.buf.is_empty() {
+                        let mut over = false;
+                        let decoded = decoder
+                            .decode(&self.buf, |p| {
+                                if body.len() + p.len() > max_bytes {
+                                    over = true;
+                                } else {
+                                    body.extend_from_slice(p);
+                                }
+                            })
+                            .map_err(|e| {
+                                ProxyError::new(ErrorKind::MalformedRequest, format!("invalid chunked body: {e}"))
+                            })?;
+                        if over {
+                            return Err(too_large());
+                        }
+                        self.buf.advance(decoded.consumed);
+                        if decoded.done {
+                            return Ok(body.freeze());
+                        }
+                    }
+                    match monoio::time::timeout_at(deadline, self.fill(READ_CHUNK)).await {
+                        Err(_) => return Err(timed_out()),
+                        Ok(Ok(0)) | Ok(Err(_)) => return Err(closed()),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `work` while watching the client connection. Returns `None` if the client closed
+    /// (or reset) the connection first: `work` is then dropped, which abandons its engine
+    /// connection and so cancels the request there. Bytes the client sends meanwhile are
+    /// kept for its next request, up to `max_buffered`; beyond that the watch pauses.
+    pub async fn unless_client_leaves<F: Future>(&mut self, max_buffered: usize, work: F) -> Option<F::Output> {
+        let mut work = pin!(work);
+        loop {
+            if self.buf.len() >= max_buffered {
+                return Some(work.await);
+            }
+            let canceller = Canceller::new();
+            let read = pin!(self.cancelable_fill(canceller.handle()));
+            match select(work.as_mut(), read).await {
+                Either::Left((output, read)) => {
+                    // Stop the watch and collect what it read, if anything.
+                    let _ = canceller.cancel();
+                    let _ = read.await;
+                    return Some(output);
+                }
+                Either::Right((Ok(0) | Err(_), _)) => return None,
+                Either::Right((Ok(_), _)) => continue,
+            }
+        }
+    }
+}
+
+async fn send_continue(wr: &mut OwnedWriteHalf<TcpStream>) -> Result<(), ProxyError> {
+    match wr.write_all(CONTINUE).await {
+        (Ok(_), _) => Ok(()),
+        (Err(e), _) => Err(ProxyError::new(
+            ErrorKind::MalformedRequest,
+            format!("cannot write 100 Continue: {e}"),
+        )),
+    }
+}
+
+fn head_error(e: HeadError) -> ProxyError {
+    let kind = match e {
+        HeadError::TooLarge(_) | HeadError::TooManyHeaders(_) => ErrorKind::HeaderTooLarge,
+        HeadError::Malformed(_) => ErrorKind::MalformedRequest,
+        HeadError::UnsupportedTransferEncoding => ErrorKind::UnsupportedTransferEncoding,
+        HeadError::UnsupportedExpectation => ErrorKind::ExpectationFailed,
+    };
+    ProxyError::new(kind, e.to_string())
+}

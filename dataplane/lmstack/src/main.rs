@@ -1,0 +1,174 @@
+//! `lmstack`: the data plane binary. Start-up and shutdown only: configuration, logging,
+//! metrics, the listeners, discovery and the worker threads; then wait for a signal.
+//!
+//! See ARCHITECTURE.md for the threading model and the life of a request.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod admin;
+mod config;
+mod discovery;
+mod downstream;
+mod error;
+mod metrics;
+mod probe;
+mod proxy;
+mod relay;
+mod response;
+mod state;
+mod upstream;
+mod worker;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{Cli, Config, LogFormat};
+use crate::state::SnapshotCell;
+use crate::worker::Shared;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lmstack: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        match serde_yaml_ng::to_string(&config) {
+            Ok(text) => {
+                println!("# lmstack configuration: valid ({} workers)\n{text}", config.worker_count());
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("lmstack: cannot print the configuration: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    init_logging(&config);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("lmstack: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let prometheus = metrics::install().context("installing the metrics recorder")?;
+    ::metrics::gauge!(metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+
+    let workers = config.worker_count();
+    let addr = config.listen_addr()?;
+    let listeners = bind_listeners(addr, workers, config.listen.backlog)?;
+    let bound = listeners[0].local_addr()?;
+
+    // Signals are taken by this thread only: block them before any other thread starts.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking signals")?;
+
+    let shared = Arc::new(Shared {
+        cell: Arc::new(SnapshotCell::new(config.routing.clone())),
+        config,
+        prometheus,
+        draining: AtomicBool::new(false),
+    });
+    discovery::spawn(shared.clone()).context("starting discovery")?;
+    spawn_upkeep(shared.clone())?;
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("lmstack-w{id}"))
+            .spawn(move || {
+                if let Err(e) = worker::run(id, workers, listener, shared) {
+                    tracing::error!(worker = id, "worker failed: {e}");
+                    std::process::exit(1);
+                }
+            })
+            .context("starting a worker")?;
+    }
+    // Tests and scripts read this line for the bound address.
+    println!("lmstack listening on http://{bound} ({workers} workers)");
+    tracing::info!(%bound, workers, "listening");
+
+    let signal = signals.wait().context("waiting for a signal")?;
+    tracing::info!(?signal, "shutting down: draining in-flight requests");
+    shared.draining.store(true, Ordering::Relaxed);
+    let grace = Duration::from_millis(shared.config.server.shutdown_grace_ms);
+    let until = Instant::now() + grace;
+    while Instant::now() < until {
+        let inflight: u32 = shared
+            .cell
+            .load()
+            .endpoints
+            .iter()
+            .map(|e| e.load.inflight.load(Ordering::Relaxed))
+            .sum();
+        if inflight == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// One SO_REUSEPORT listener per worker, all on the same port (the first one's, when the
+/// configured port is 0).
+fn bind_listeners(addr: SocketAddr, workers: usize, backlog: u32) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    let mut addr = addr;
+    for _ in 0..workers {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("binding {addr}"))?;
+        socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Drains the exporter's histogram buffers even when nobody scrapes, so memory stays
+/// bounded.
+fn spawn_upkeep(shared: Arc<Shared>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("lmstack-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(5));
+                shared.prometheus.run_upkeep();
+            }
+        })
+        .context("starting the upkeep thread")?;
+    Ok(())
+}

@@ -1,0 +1,565 @@
+//! The life of one request, top to bottom.
+//!
+//! 1. Read the body within its limits (every route, so the connection stays in sync).
+//! 2. Local routes (`/health`, `/metrics`, `/v1/models`, ...) are answered here.
+//! 3. Model routes: peek at the JSON body for `model`, `stream` and the session key.
+//! 4. Find the model's pool in the worker's current routing state; a policy picks an
+//!    endpoint (waiting in the router's queue if every endpoint is at its in-flight limit).
+//! 5. Send the request on a pooled (or new) engine connection; a failure before any
+//!    response byte is retried on another endpoint, within the retry budget.
+//! 6. Relay the response as it arrives, timing SSE events; meanwhile watch the client, and
+//!    drop the engine connection (cancelling the request there) if it leaves.
+//! 7. Return the engine connection to the pool, record metrics, keep or close the client
+//!    connection.
+//!
+//! Errors are turned into responses by `response::error`, called only from `fail` below.
+
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use lmstack_http::head::RequestHead;
+use lmstack_http::{Framing, Version};
+use lmstack_route::{Pick, RouteRequest};
+use monoio::io::OwnedWriteHalf;
+use monoio::net::TcpStream;
+use std::time::Instant;
+
+use crate::admin::{self, Local};
+use crate::config::SessionConfig;
+use crate::downstream::Downstream;
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::metrics::PairMetrics;
+use crate::relay::{self, FirstByte, OutFraming, RelayError, StreamClock};
+use crate::response::{self, REQUEST_ID};
+use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
+use crate::upstream;
+use crate::worker::WorkerCtx;
+
+/// What to do with the client connection after a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    KeepAlive,
+    Close,
+    /// An error response was sent and the connection must close (gracefully).
+    CloseAfterError,
+}
+
+/// Status recorded for requests whose client left before the response ended (nginx's).
+const CLIENT_CLOSED: u16 = 499;
+
+/// Where a request goes, by method and path.
+enum Target {
+    Local(Local),
+    Model,
+    Missing(ErrorKind),
+}
+
+fn target(method: &str, path: &str) -> Target {
+    const MODEL_ROUTES: [&str; 12] = [
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/rerank",
+        "/v1/score",
+        "/score",
+        "/tokenize",
+        "/detokenize",
+        "/v1/responses",
+        "/pooling",
+    ];
+    let local = match path {
+        "/health" => Some(Local::Health),
+        "/version" => Some(Local::Version),
+        "/metrics" => Some(Local::Metrics),
+        "/v1/models" => Some(Local::Models),
+        _ => None,
+    };
+    match (local, method) {
+        (Some(l), "GET") => Target::Local(l),
+        (Some(_), _) => Target::Missing(ErrorKind::MethodNotAllowed),
+        (None, "POST") if MODEL_ROUTES.contains(&path) => Target::Model,
+        (None, _) if MODEL_ROUTES.contains(&path) => Target::Missing(ErrorKind::MethodNotAllowed),
+        (None, _) => Target::Missing(ErrorKind::NotFound),
+    }
+}
+
+/// A request on its way to an engine.
+struct Forward<'a> {
+    head: &'a RequestHead,
+    body: &'a Bytes,
+    stream: bool,
+    session: Option<&'a str>,
+    request_id: &'a str,
+    /// The client sent no id: send ours upstream too.
+    send_id: bool,
+    client: IpAddr,
+    started: Instant,
+}
+
+pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -> After {
+    let started = Instant::now();
+    let client_id = head.headers.get_str(REQUEST_ID).filter(|id| id.len() <= 256);
+    let request_id = client_id.map_or_else(|| ctx.next_request_id(), str::to_owned);
+    let lim = &ctx.limits;
+
+    // 1. The body.
+    let body = match down
+        .reader
+        .read_body(&head, &mut down.wr, lim.max_body, lim.body_timeout)
+        .await
+    {
+        Ok(body) => body,
+        Err(e) => return fail(ctx, down, &head, &request_id, &e, None).await,
+    };
+
+    // 2. Local routes.
+    match target(head.method(), head.path()) {
+        Target::Local(local) => {
+            let (status, content_type, body) = admin::serve(ctx, local);
+            let keep_alive = head.keep_alive && !ctx.draining();
+            let bytes = response::local(status, content_type, &body, keep_alive, head.version, Some(&request_id));
+            if !down.write(bytes, lim.write_timeout).await || !keep_alive {
+                return After::Close;
+            }
+            return After::KeepAlive;
+        }
+        Target::Missing(kind) => {
+            let e = ProxyError::new(kind, format!("{} {} is not served here", head.method(), head.path()));
+            return fail(ctx, down, &head, &request_id, &e, None).await;
+        }
+        Target::Model => {}
+    }
+
+    // 3. Peek.
+    let session_config = &ctx.shared.config.routing.session;
+    let peek = match lmstack_http::peek(&body, session_config.body_field.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            let kind = match e {
+                lmstack_http::PeekError::InvalidJson(_) | lmstack_http::PeekError::NotAnObject => ErrorKind::InvalidJson,
+                _ => ErrorKind::InvalidRequest,
+            };
+            let mut err = ProxyError::new(kind, e.to_string());
+            err.param = e.param();
+            return fail(ctx, down, &head, &request_id, &err, None).await;
+        }
+    };
+    let Some(model) = peek.model.as_deref() else {
+        let e = ProxyError::new(ErrorKind::InvalidRequest, "the request must name a `model`").with_param("model");
+        return fail(ctx, down, &head, &request_id, &e, None).await;
+    };
+
+    // 4. The model's pool.
+    let state = ctx.routing_state();
+    let Some(pool) = state.models.get(model) else {
+        let e = ProxyError::new(
+            ErrorKind::UnknownModel,
+            format!(
+                "The model `{model}` does not exist. Models served here: {}",
+                state.model_names().join(", ")
+            ),
+        )
+        .with_param("model");
+        return fail(ctx, down, &head, &request_id, &e, None).await;
+    };
+    let request = Forward {
+        head: &head,
+        body: &body,
+        stream: peek.stream,
+        session: session_key(&head, peek.session.as_deref(), session_config),
+        request_id: &request_id,
+        send_id: client_id.is_none(),
+        client: down.peer.ip(),
+        started,
+    };
+
+    // 5-6. Forward and relay, unless the client leaves first.
+    let max_buffered = lim.head.max_bytes;
+    let Downstream { reader, wr, .. } = down;
+    let outcome = reader
+        .unless_client_leaves(max_buffered, forward(ctx, &state, pool, &request, wr))
+        .await;
+
+    // 7. Record, and decide about the connection.
+    match outcome {
+        None => {
+            let pm = ctx.metrics.pair(&pool.name, &"".into());
+            record(&pm, CLIENT_CLOSED, started);
+            After::Close
+        }
+        Some(Outcome::Done { pm, status, keep_alive }) => {
+            record(&pm, status, started);
+            if keep_alive { After::KeepAlive } else { After::Close }
+        }
+        Some(Outcome::Aborted { pm, status }) => {
+            record(&pm, status, started);
+            After::Close
+        }
+        Some(Outcome::Failed { error, pm }) => fail(ctx, down, &head, &request_id, &error, Some(&pm)).await,
+    }
+}
+
+/// The session key: the first configured header present, else the body field.
+fn session_key<'a>(head: &'a RequestHead, body_value: Option<&'a str>, config: &SessionConfig) -> Option<&'a str> {
+    config
+        .headers
+        .iter()
+        .find_map(|h| head.headers.get_str(h))
+        .or(body_value.filter(|v| !v.is_empty()))
+}
+
+/// Answers with the error response for `error` and records it.
+async fn fail(
+    ctx: &WorkerCtx,
+    down: &mut Downstream,
+    head: &RequestHead,
+    request_id: &str,
+    error: &ProxyError,
+    pm: Option<&PairMetrics>,
+) -> After {
+    match pm {
+        Some(pm) => record(pm, error.kind.status(), Instant::now()),
+        None => ctx.metrics.http_error(error.kind),
+    }
+    match error.kind.side() {
+        Side::Downstream => tracing::debug!(request_id, "{error}"),
+        Side::Upstream | Side::Internal => tracing::warn!(request_id, "{error}"),
+    }
+    let keep_alive = head.keep_alive && !ctx.draining();
+    let bytes = response::error(error, keep_alive, head.version, Some(request_id));
+    let written = down.write(bytes, ctx.limits.write_timeout).await;
+    if error.kind.closes_connection() {
+        if written { After::CloseAfterError } else { After::Close }
+    } else if written && keep_alive {
+        After::KeepAlive
+    } else {
+        After::Close
+    }
+}
+
+fn record(pm: &PairMetrics, status: u16, started: Instant) {
+    pm.status(status);
+    pm.duration.record(started.elapsed().as_secs_f64());
+}
+
+enum Outcome {
+    /// The response was relayed whole.
+    Done { pm: Rc<PairMetrics>, status: u16, keep_alive: bool },
+    /// The response started but could not finish (engine failed, client left).
+    Aborted { pm: Rc<PairMetrics>, status: u16 },
+    /// Nothing was sent to the client: answer with this error.
+    Failed { error: ProxyError, pm: Rc<PairMetrics> },
+}
+
+/// Picks an endpoint and exchanges the request with it, retrying failures that happen
+/// before any response byte on other endpoints.
+async fn forward(
+    ctx: &WorkerCtx,
+    state: &RoutingState,
+    pool: &ModelPool,
+    req: &Forward<'_>,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+) -> Outcome {
+    let mut excluded: Vec<usize> = Vec::new();
+    let mut last_failure: Option<(ProxyError, Rc<PairMetrics>)> = None;
+    for attempt in 0..=ctx.limits.max_retries {
+        let pick = match pick(ctx, state, pool, req.session, &excluded).await {
+            Ok(pick) => pick,
+            Err(error) => {
+                return match last_failure {
+                    Some((error, pm)) => Outcome::Failed { error, pm },
+                    None => Outcome::Failed {
+                        error,
+                        pm: ctx.metrics.pair(&pool.name, &"".into()),
+                    },
+                };
+            }
+        };
+        let index = pool.endpoints[pick.index];
+        let endpoint = &state.endpoints[index];
+        ctx.metrics
+            .decision(&pool.name, pool.policy.name().as_str(), pick.reason.as_str());
+        let pm = ctx.metrics.pair(&pool.name, &endpoint.url);
+        if attempt > 0 {
+            pm.retries.increment(1);
+        }
+        let _inflight = Inflight::start(ctx, endpoint, pm.clone());
+        match exchange(ctx, endpoint, req, wr, &pm).await {
+            Exchange::Done { status, keep_alive } => return Outcome::Done { pm, status, keep_alive },
+            Exchange::Aborted { status, error } => {
+                if let Some(e) = &error {
+                    pm.upstream_error(e.kind);
+                    tracing::warn!(request_id = req.request_id, endpoint = %endpoint.url, "response aborted: {e}");
+                }
+                return Outcome::Aborted { pm, status };
+            }
+            Exchange::Failed { error, stale } => {
+                pm.upstream_error(error.kind);
+                tracing::debug!(request_id = req.request_id, endpoint = %endpoint.url, attempt, "{error}");
+                if !error.retryable {
+                    return Outcome::Failed { error, pm };
+                }
+                if !stale {
+                    excluded.push(index);
+                }
+                last_failure = Some((error, pm));
+            }
+        }
+    }
+    let (error, pm) = last_failure.unwrap_or_else(|| {
+        (
+            ProxyError::new(ErrorKind::NoHealthyEndpoint, "no attempt was possible"),
+            ctx.metrics.pair(&pool.name, &"".into()),
+        )
+    });
+    Outcome::Failed { error, pm }
+}
+
+/// Asks the model's policy for an endpoint; when every untried healthy endpoint is at its
+/// in-flight limit, waits in the router's queue for a slot.
+async fn pick(
+    ctx: &WorkerCtx,
+    state: &RoutingState,
+    pool: &ModelPool,
+    session: Option<&str>,
+    excluded: &[usize],
+) -> Result<Pick, ProxyError> {
+    let lim = &ctx.limits;
+    let mut queued: Option<Queued<'_>> = None;
+    loop {
+        let view = PoolSnapshot {
+            state,
+            pool,
+            admit: |e: usize| {
+                !excluded.contains(&e)
+                    && (lim.max_inflight == 0
+                        || state.endpoints[e].load.inflight.load(Ordering::Relaxed) < lim.max_inflight)
+            },
+        };
+        let request = RouteRequest {
+            session_key: session,
+            ticket: ctx.next_ticket(),
+        };
+        if let Some(pick) = pool.policy.pick(&view, &request) {
+            return Ok(pick);
+        }
+        let untried = pool
+            .endpoints
+            .iter()
+            .any(|&e| state.endpoints[e].healthy && !excluded.contains(&e));
+        if !untried {
+            return Err(ProxyError::new(
+                ErrorKind::NoHealthyEndpoint,
+                format!("no healthy endpoint serves the model `{}` right now", pool.name),
+            ));
+        }
+        // Every candidate is at its in-flight limit.
+        let q = match &queued {
+            Some(q) => q,
+            None => {
+                if ctx.waiters.count.get() >= lim.max_queued {
+                    return Err(ProxyError::new(
+                        ErrorKind::Overloaded,
+                        "the router's queue is full; retry later",
+                    ));
+                }
+                queued.insert(Queued::enter(ctx, &pool.name))
+            }
+        };
+        let left = q.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ProxyError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "every endpoint of `{}` stayed at its in-flight limit for {} ms",
+                    pool.name,
+                    lim.queue_timeout.as_millis()
+                ),
+            ));
+        }
+        // Woken by a request finishing on this worker, or after a short tick for slots
+        // freed on other workers.
+        ctx.waiters.wait(left.min(std::time::Duration::from_millis(5))).await;
+    }
+}
+
+/// A request's place in the router's queue.
+struct Queued<'a> {
+    ctx: &'a WorkerCtx,
+    gauge: metrics::Gauge,
+    deadline: Instant,
+}
+
+impl<'a> Queued<'a> {
+    fn enter(ctx: &'a WorkerCtx, model: &std::sync::Arc<str>) -> Self {
+        let gauge = ctx.metrics.queued(model);
+        gauge.increment(1.0);
+        ctx.waiters.count.set(ctx.waiters.count.get() + 1);
+        Self {
+            ctx,
+            gauge,
+            deadline: Instant::now() + ctx.limits.queue_timeout,
+        }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+        self.ctx.waiters.count.set(self.ctx.waiters.count.get() - 1);
+    }
+}
+
+/// Counts a request against its endpoint (shared by all workers) while it is in flight.
+struct Inflight<'a> {
+    ctx: &'a WorkerCtx,
+    endpoint: &'a EndpointState,
+    pm: Rc<PairMetrics>,
+}
+
+impl<'a> Inflight<'a> {
+    fn start(ctx: &'a WorkerCtx, endpoint: &'a EndpointState, pm: Rc<PairMetrics>) -> Self {
+        endpoint.load.inflight.fetch_add(1, Ordering::Relaxed);
+        pm.running.increment(1.0);
+        Self { ctx, endpoint, pm }
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.endpoint.load.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.pm.running.decrement(1.0);
+        self.ctx.waiters.wake_one();
+    }
+}
+
+enum Exchange {
+    Done { status: u16, keep_alive: bool },
+    /// The response head went to the client, the rest did not.
+    Aborted { status: u16, error: Option<ProxyError> },
+    /// Nothing went to the client. `stale`: it failed on a reused pooled connection, so the
+    /// endpoint itself is not suspect.
+    Failed { error: ProxyError, stale: bool },
+}
+
+/// One attempt against one endpoint.
+async fn exchange(
+    ctx: &WorkerCtx,
+    endpoint: &EndpointState,
+    req: &Forward<'_>,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    pm: &PairMetrics,
+) -> Exchange {
+    let lim = &ctx.limits;
+    let first_byte = FirstByte::start(pm.awaiting_first_byte.clone());
+    let mut conn = match ctx.pool.take(endpoint.addr) {
+        Some(conn) => conn,
+        None => match upstream::connect(endpoint.addr, lim.connect_timeout).await {
+            Ok(conn) => {
+                ::metrics::counter!(crate::metrics::UPSTREAM_CONNECTS_TOTAL, "endpoint" => endpoint.url.to_string())
+                    .increment(1);
+                conn
+            }
+            Err(error) => return Exchange::Failed { error, stale: false },
+        },
+    };
+    let reused = conn.reused;
+    let head = response::upstream_request(
+        req.head,
+        &endpoint.authority,
+        req.body.len(),
+        req.send_id.then_some(req.request_id),
+        req.client,
+    );
+    let answered = monoio::time::timeout(lim.first_byte_timeout, async {
+        upstream::send(&mut conn, head, req.body).await?;
+        upstream::read_head(&mut conn, &lim.response_head, false).await
+    })
+    .await;
+    let up = match answered {
+        Err(_) => {
+            let error = ProxyError::new(
+                ErrorKind::UpstreamTimeout,
+                format!(
+                    "the engine at {} did not answer within {} ms",
+                    endpoint.url,
+                    lim.first_byte_timeout.as_millis()
+                ),
+            );
+            return Exchange::Failed { error, stale: false };
+        }
+        Ok(Err(error)) => {
+            let stale = reused && error.retryable;
+            return Exchange::Failed { error, stale };
+        }
+        Ok(Ok(up)) => up,
+    };
+    let sse = up
+        .headers
+        .get_str("content-type")
+        .is_some_and(|t| t.starts_with("text/event-stream"));
+    if !(req.stream && sse) {
+        first_byte.mark();
+    }
+
+    // The response head: from here on, failures can only cut the response short.
+    let dechunk = up.framing == Framing::Chunked && req.head.version == Version::Http10;
+    let delimited = up.framing != Framing::UntilClose && !dechunk;
+    let keep_alive = req.head.keep_alive && delimited && !ctx.draining();
+    let head_out = response::downstream_response(&up, dechunk, keep_alive, req.head.version, Some(req.request_id));
+    if relay::write(wr, head_out.into(), lim.write_timeout).await.is_err() {
+        return Exchange::Aborted {
+            status: CLIENT_CLOSED,
+            error: None,
+        };
+    }
+    let mut clock = StreamClock::new(req.started, pm, &first_byte);
+    let out = if dechunk { OutFraming::Dechunk } else { OutFraming::PassThrough };
+    let relayed = relay::relay_body(
+        &mut conn,
+        wr,
+        up.framing,
+        out,
+        sse.then_some(&mut clock),
+        lim.idle_timeout,
+        lim.write_timeout,
+    )
+    .await;
+    match relayed {
+        Ok(r) => {
+            if r.reusable && up.keep_alive {
+                ctx.pool.put(endpoint.addr, conn);
+            }
+            Exchange::Done {
+                status: up.status,
+                keep_alive,
+            }
+        }
+        Err(RelayError::Downstream) => Exchange::Aborted {
+            status: CLIENT_CLOSED,
+            error: None,
+        },
+        Err(RelayError::Upstream(e)) => Exchange::Aborted {
+            status: up.status,
+            error: Some(e),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert!(matches!(target("POST", "/v1/chat/completions"), Target::Model));
+        assert!(matches!(target("GET", "/v1/models"), Target::Local(Local::Models)));
+        assert!(matches!(target("GET", "/v1/completions"), Target::Missing(ErrorKind::MethodNotAllowed)));
+        assert!(matches!(target("POST", "/health"), Target::Missing(ErrorKind::MethodNotAllowed)));
+        assert!(matches!(target("GET", "/nope"), Target::Missing(ErrorKind::NotFound)));
+    }
+}

@@ -1,0 +1,332 @@
+//! The routing state every worker reads, and how a new snapshot reaches all cores.
+//!
+//! A validated [`Snapshot`] is turned into a [`RoutingState`] (pools per model with their
+//! policies, the merged `/v1/models` body) and swapped into a [`SnapshotCell`]. Workers keep
+//! their own reference and look at the cell's version number only, so the request path
+//! touches no shared lock. Endpoint load counters survive rebuilds (keyed by endpoint URL):
+//! a new snapshot keeps the in-flight counts of the endpoints it still has.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use lmstack_route::{Policy, PoolView};
+use lmstack_snapshot::{Snapshot, SnapshotError};
+
+use crate::config::RoutingConfig;
+use crate::metrics;
+
+/// Live load of one endpoint, shared by every worker.
+#[derive(Debug, Default)]
+pub struct EndpointLoad {
+    /// Requests dispatched and not finished, all workers together.
+    pub inflight: AtomicU32,
+}
+
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Identity and metric label (`http://host:port`).
+    pub url: Arc<str>,
+    /// The `Host` header for requests to it.
+    pub authority: Arc<str>,
+    pub addr: SocketAddr,
+    pub healthy: bool,
+    /// Stable hash of the URL, for hashing policies.
+    pub key: u64,
+    pub load: Arc<EndpointLoad>,
+}
+
+#[derive(Debug)]
+pub struct ModelPool {
+    pub name: Arc<str>,
+    /// Indices into [`RoutingState::endpoints`].
+    pub endpoints: Vec<usize>,
+    pub policy: Policy,
+}
+
+impl ModelPool {
+    pub fn healthy_count(&self, state: &RoutingState) -> usize {
+        self.endpoints.iter().filter(|&&i| state.endpoints[i].healthy).count()
+    }
+}
+
+#[derive(Debug)]
+pub struct RoutingState {
+    pub version: u64,
+    pub endpoints: Vec<EndpointState>,
+    pub models: HashMap<Arc<str>, ModelPool>,
+    /// The merged `GET /v1/models` response body.
+    pub models_body: Bytes,
+}
+
+impl RoutingState {
+    fn empty() -> Self {
+        Self {
+            version: 0,
+            endpoints: Vec::new(),
+            models: HashMap::new(),
+            models_body: Bytes::from_static(br#"{"object":"list","data":[]}"#),
+        }
+    }
+
+    /// Served model names, sorted.
+    pub fn model_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.models.keys().map(|k| k.as_ref()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Whether any model has a healthy endpoint.
+    pub fn can_route(&self) -> bool {
+        self.models.values().any(|m| m.healthy_count(self) > 0)
+    }
+}
+
+/// One model's pool as a policy sees it, with the caller's notion of eligibility.
+pub struct PoolSnapshot<'a, F: Fn(usize) -> bool> {
+    pub state: &'a RoutingState,
+    pub pool: &'a ModelPool,
+    /// Extra eligibility test on the index into `state.endpoints` (limits, retries).
+    pub admit: F,
+}
+
+impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
+    fn len(&self) -> usize {
+        self.pool.endpoints.len()
+    }
+
+    fn eligible(&self, i: usize) -> bool {
+        let e = self.pool.endpoints[i];
+        self.state.endpoints[e].healthy && (self.admit)(e)
+    }
+
+    fn key(&self, i: usize) -> u64 {
+        self.state.endpoints[self.pool.endpoints[i]].key
+    }
+
+    fn inflight(&self, i: usize) -> u32 {
+        self.state.endpoints[self.pool.endpoints[i]]
+            .load
+            .inflight
+            .load(Ordering::Relaxed)
+    }
+}
+
+/// Where snapshots are published; shared by the discovery thread and all workers.
+pub struct SnapshotCell {
+    version: AtomicU64,
+    state: ArcSwap<RoutingState>,
+    routing: RoutingConfig,
+    loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
+    started_unix: u64,
+}
+
+impl SnapshotCell {
+    pub fn new(routing: RoutingConfig) -> Self {
+        Self {
+            version: AtomicU64::new(0),
+            state: ArcSwap::from_pointee(RoutingState::empty()),
+            routing,
+            loads: Mutex::new(HashMap::new()),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub fn load(&self) -> Arc<RoutingState> {
+        self.state.load_full()
+    }
+
+    /// Validates and applies `snapshot`. A snapshot that fails validation, or is not newer
+    /// than the current one, is rejected and the current state kept.
+    pub fn publish(&self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+        snapshot.validate()?;
+        let current = self.version();
+        if snapshot.version <= current && current != 0 {
+            return Ok(());
+        }
+        let state = self.build(snapshot);
+        for pool in state.models.values() {
+            for &i in &pool.endpoints {
+                let e = &state.endpoints[i];
+                ::metrics::gauge!(metrics::ENDPOINT_HEALTHY, "model" => pool.name.to_string(), "endpoint" => e.url.to_string())
+                    .set(if e.healthy { 1.0 } else { 0.0 });
+            }
+        }
+        // Pairs that disappeared are no longer routable: say so rather than keep a stale 1.
+        let old = self.state.load();
+        for pool in old.models.values() {
+            for &i in &pool.endpoints {
+                let url = &old.endpoints[i].url;
+                let still = state
+                    .models
+                    .get(&pool.name)
+                    .is_some_and(|p| p.endpoints.iter().any(|&j| &state.endpoints[j].url == url));
+                if !still {
+                    ::metrics::gauge!(metrics::ENDPOINT_HEALTHY, "model" => pool.name.to_string(), "endpoint" => url.to_string())
+                        .set(0.0);
+                }
+            }
+        }
+        ::metrics::gauge!(metrics::SNAPSHOT_VERSION).set(snapshot.version as f64);
+        ::metrics::counter!(metrics::SNAPSHOT_UPDATES_TOTAL).increment(1);
+        self.state.store(Arc::new(state));
+        self.version.store(snapshot.version, Ordering::Release);
+        Ok(())
+    }
+
+    fn build(&self, snapshot: &Snapshot) -> RoutingState {
+        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        let endpoints: Vec<EndpointState> = snapshot
+            .endpoints
+            .iter()
+            .map(|e| EndpointState {
+                url: e.url.as_str().into(),
+                authority: e.url.strip_prefix("http://").unwrap_or(&e.url).into(),
+                addr: e.addr,
+                healthy: e.healthy,
+                key: lmstack_route::endpoint_key(&e.url),
+                load: loads.entry(e.url.clone()).or_default().clone(),
+            })
+            .collect();
+        loads.retain(|url, _| snapshot.endpoints.iter().any(|e| &e.url == url));
+        drop(loads);
+
+        let mut models = HashMap::new();
+        let mut cards = Vec::new();
+        let mut names: Vec<&str> = snapshot.models.iter().map(|m| m.name.as_str()).collect();
+        names.sort_unstable();
+        for name in names {
+            let Some(m) = snapshot.model(name) else { continue };
+            let policy = Policy::new(self.routing.policy_for(&m.name), self.routing.policy);
+            let name: Arc<str> = m.name.as_str().into();
+            models.insert(
+                name.clone(),
+                ModelPool {
+                    name,
+                    endpoints: m.endpoints.iter().map(|&i| i as usize).collect(),
+                    policy,
+                },
+            );
+            cards.push(m.card.clone().unwrap_or_else(|| {
+                serde_json::json!({
+                    "id": m.name,
+                    "object": "model",
+                    "created": self.started_unix,
+                    "owned_by": "lmstack",
+                    "root": m.name,
+                    "parent": null,
+                })
+            }));
+        }
+        let body = serde_json::json!({"object": "list", "data": cards});
+        RoutingState {
+            version: snapshot.version,
+            endpoints,
+            models,
+            models_body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+        }
+    }
+}
+
+/// A worker's view of the current routing state: refreshed when the cell's version moves.
+pub struct LocalRouting {
+    seen: Cell<u64>,
+    current: RefCell<Rc<Arc<RoutingState>>>,
+}
+
+impl LocalRouting {
+    pub fn new(cell: &SnapshotCell) -> Self {
+        Self {
+            seen: Cell::new(cell.version()),
+            current: RefCell::new(Rc::new(cell.load())),
+        }
+    }
+
+    /// The current state, and whether it changed since the last call.
+    pub fn current(&self, cell: &SnapshotCell) -> (Rc<Arc<RoutingState>>, bool) {
+        let v = cell.version();
+        let changed = v != self.seen.get();
+        if changed {
+            *self.current.borrow_mut() = Rc::new(cell.load());
+            self.seen.set(v);
+        }
+        (self.current.borrow().clone(), changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmstack_snapshot::{Endpoint, Model};
+
+    fn snapshot(version: u64, urls: &[&str]) -> Snapshot {
+        Snapshot {
+            version,
+            endpoints: urls
+                .iter()
+                .enumerate()
+                .map(|(i, u)| Endpoint {
+                    url: (*u).into(),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                    healthy: true,
+                    engine: None,
+                })
+                .collect(),
+            models: vec![Model {
+                name: "m".into(),
+                endpoints: (0..urls.len() as u32).collect(),
+                card: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn load_counters_survive_a_new_snapshot() {
+        let cell = SnapshotCell::new(RoutingConfig::default());
+        cell.publish(&snapshot(1, &["http://a:1", "http://b:2"])).unwrap();
+        let a = cell.load().endpoints[0].load.clone();
+        a.inflight.store(3, Ordering::Relaxed);
+        cell.publish(&snapshot(2, &["http://c:3", "http://a:1"])).unwrap();
+        let state = cell.load();
+        assert_eq!(state.endpoints[1].url.as_ref(), "http://a:1");
+        assert_eq!(state.endpoints[1].load.inflight.load(Ordering::Relaxed), 3);
+        assert_eq!(state.endpoints[0].load.inflight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn stale_and_invalid_snapshots_are_not_applied() {
+        let cell = SnapshotCell::new(RoutingConfig::default());
+        cell.publish(&snapshot(5, &["http://a:1"])).unwrap();
+        cell.publish(&snapshot(4, &["http://b:1"])).unwrap();
+        assert_eq!(cell.load().endpoints[0].url.as_ref(), "http://a:1");
+        let mut bad = snapshot(6, &["http://b:1"]);
+        bad.models[0].endpoints.push(7);
+        assert!(cell.publish(&bad).is_err());
+        assert_eq!(cell.version(), 5);
+    }
+
+    #[test]
+    fn workers_see_new_versions() {
+        let cell = SnapshotCell::new(RoutingConfig::default());
+        let local = LocalRouting::new(&cell);
+        assert!(!local.current(&cell).1);
+        cell.publish(&snapshot(1, &["http://a:1"])).unwrap();
+        let (state, changed) = local.current(&cell);
+        assert!(changed);
+        assert_eq!(state.version, 1);
+        assert!(state.can_route());
+        let body: serde_json::Value = serde_json::from_slice(&state.models_body).unwrap();
+        assert_eq!(body["data"][0]["id"], "m");
+    }
+}

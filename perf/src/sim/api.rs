@@ -1,0 +1,556 @@
+//! The simulator's OpenAI surface: vLLM's routes, request checks, response bodies and SSE
+//! chunk shapes. Costs come from the engine (engine.rs); this file only shapes answers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::SimArgs;
+use super::engine::{AdmitError, Engine};
+use super::metrics::FinishReason;
+use super::tokens::{self, output_piece};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub struct Sim {
+    pub name: String,
+    args: SimArgs,
+    engine: Arc<Engine>,
+    prometheus: PrometheusHandle,
+    created: u64,
+    seq: AtomicU64,
+}
+
+impl Sim {
+    pub fn new(args: SimArgs, bound: SocketAddr, engine: Arc<Engine>, prometheus: PrometheusHandle) -> Self {
+        Self {
+            name: args.name.clone().unwrap_or_else(|| bound.to_string()),
+            args,
+            engine,
+            prometheus,
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            seq: AtomicU64::new(1),
+        }
+    }
+
+    fn serves(&self, model: &str) -> bool {
+        self.args.models.iter().chain(&self.args.loras).any(|m| m == model)
+    }
+
+    fn next_id(&self) -> u64 {
+        // Distinct across engines too: mix in the engine name.
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        xxhash_rust::xxh3::xxh3_64_with_seed(self.name.as_bytes(), n)
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>, engine: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if let Ok(v) = content_type.parse() {
+        h.insert(hyper::header::CONTENT_TYPE, v);
+    }
+    if let Ok(v) = engine.parse() {
+        h.insert("x-sim-engine", v);
+    }
+    r
+}
+
+fn json_response(status: StatusCode, body: &Value, engine: &str) -> Response<Body> {
+    full(status, "application/json", body.to_string(), engine)
+}
+
+/// vLLM's error shape: `{"error": {"message", "type", "param", "code"}}`.
+fn error(status: StatusCode, kind: &str, message: impl Into<String>, param: Option<&str>, engine: &str) -> Response<Body> {
+    json_response(
+        status,
+        &json!({"error": {"message": message.into(), "type": kind, "param": param, "code": status.as_u16()}}),
+        engine,
+    )
+}
+
+fn bad_request(message: impl Into<String>, engine: &str) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, "BadRequestError", message, None, engine)
+}
+
+pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let name = sim.name.clone();
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let response = match (parts.method.clone(), path.as_str()) {
+        (Method::GET, "/health") => full(StatusCode::OK, "application/json", "", &name),
+        (Method::GET, "/ping") => full(StatusCode::OK, "application/json", "", &name),
+        (Method::GET, "/version") => json_response(StatusCode::OK, &json!({"version": "0.32.0+lmstack-sim"}), &name),
+        (Method::GET, "/metrics") => full(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            sim.prometheus.render(),
+            &name,
+        ),
+        (Method::GET, "/v1/models") => json_response(StatusCode::OK, &models(&sim), &name),
+        (Method::POST, _) => {
+            let bytes = match Limited::new(body, sim.args.max_body_bytes).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return Ok(error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "BadRequestError",
+                        format!("cannot read the body: {e}"),
+                        None,
+                        &name,
+                    ));
+                }
+            };
+            let request: Value = match serde_json::from_slice(&bytes) {
+                Ok(v @ Value::Object(_)) => v,
+                Ok(_) => return Ok(bad_request("the body must be a JSON object", &name)),
+                Err(e) => return Ok(bad_request(format!("invalid JSON: {e}"), &name)),
+            };
+            post(&sim, &path, request).await
+        }
+        _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
+    };
+    Ok(response)
+}
+
+fn models(sim: &Sim) -> Value {
+    let base = &sim.args.models[0];
+    let card = |id: &str, parent: Option<&str>| {
+        json!({
+            "id": id,
+            "object": "model",
+            "created": sim.created,
+            "owned_by": "vllm",
+            "root": parent.unwrap_or(id),
+            "parent": parent,
+            "max_model_len": sim.args.max_model_len,
+            "permission": [],
+        })
+    };
+    let data: Vec<Value> = sim
+        .args
+        .models
+        .iter()
+        .map(|m| card(m, None))
+        .chain(sim.args.loras.iter().map(|l| card(l, Some(base))))
+        .collect();
+    json!({"object": "list", "data": data})
+}
+
+async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
+    let name = &sim.name;
+    let model = match req.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        None if path == "/tokenize" || path == "/detokenize" => sim.args.models[0].clone(),
+        _ => return bad_request("`model` is required", name),
+    };
+    if !sim.serves(&model) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            format!("The model `{model}` does not exist."),
+            Some("model"),
+            name,
+        );
+    }
+    let cpt = sim.args.chars_per_token;
+    match path {
+        "/v1/completions" => {
+            let Some(prompt) = req.get("prompt") else {
+                return bad_request("`prompt` is required", name);
+            };
+            match tokens::prompt_tokens(prompt, cpt) {
+                Ok(t) => generate(sim, Kind::Completion, model, t, &req).await,
+                Err(e) => bad_request(e, name),
+            }
+        }
+        "/v1/chat/completions" => match req.get("messages").map(tokens::render_chat) {
+            Some(Ok(text)) => generate(sim, Kind::Chat, model, tokens::tokenize(&text, cpt), &req).await,
+            Some(Err(e)) => bad_request(e, name),
+            None => bad_request("`messages` is required", name),
+        },
+        "/v1/responses" => {
+            let text = match req.get("input") {
+                Some(Value::String(s)) => Ok(format!("<|user|>\n{s}<|end|>\n<|assistant|>\n")),
+                Some(list @ Value::Array(_)) => tokens::render_chat(list),
+                _ => Err("`input` must be a string or a list of messages".to_owned()),
+            };
+            if req.get("stream").and_then(Value::as_bool) == Some(true) {
+                return bad_request("the simulator does not stream /v1/responses", name);
+            }
+            match text {
+                Ok(text) => generate(sim, Kind::Responses, model, tokens::tokenize(&text, cpt), &req).await,
+                Err(e) => bad_request(e, name),
+            }
+        }
+        "/v1/embeddings" | "/pooling" => embeddings(sim, model, &req).await,
+        "/v1/rerank" | "/rerank" | "/v2/rerank" => rerank(sim, model, &req).await,
+        "/v1/score" | "/score" => score(sim, model, &req).await,
+        "/tokenize" => {
+            let tokens = match (req.get("prompt"), req.get("messages")) {
+                (Some(Value::String(p)), _) => Ok(tokens::tokenize(p, cpt)),
+                (_, Some(m)) => tokens::render_chat(m).map(|t| tokens::tokenize(&t, cpt)),
+                _ => Err("`prompt` or `messages` is required".to_owned()),
+            };
+            match tokens {
+                Ok(t) => json_response(
+                    StatusCode::OK,
+                    &json!({"count": t.len(), "max_model_len": sim.args.max_model_len, "tokens": t, "token_strs": null}),
+                    name,
+                ),
+                Err(e) => bad_request(e, name),
+            }
+        }
+        "/detokenize" => match req.get("tokens").and_then(Value::as_array) {
+            Some(ids) => {
+                let text: String = ids.iter().filter_map(Value::as_u64).map(|id| format!("<{id}>")).collect();
+                json_response(StatusCode::OK, &json!({"prompt": text}), name)
+            }
+            None => bad_request("`tokens` is required", name),
+        },
+        _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, name),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+    Responses,
+}
+
+fn admit_error(e: AdmitError, name: &str) -> Response<Body> {
+    bad_request(e.to_string(), name)
+}
+
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, req: &Value) -> Response<Body> {
+    let name = sim.name.clone();
+    let max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| req.get(*k).and_then(Value::as_u64))
+        .map_or(sim.args.default_max_tokens, |n| n as usize);
+    if max_tokens == 0 {
+        return bad_request("max_tokens must be at least 1", &name);
+    }
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let arrived = Instant::now();
+    let (lease, admitted) = match sim.engine.admit(&prompt, max_tokens).await {
+        Ok(a) => a,
+        Err(e) => return admit_error(e, &name),
+    };
+    let seed = sim.next_id();
+    let id = match kind {
+        Kind::Completion => format!("cmpl-{seed:016x}"),
+        Kind::Chat => format!("chatcmpl-{seed:016x}"),
+        Kind::Responses => format!("resp_{seed:016x}"),
+    };
+    let created = now_unix();
+    let metrics = sim.engine.metrics.clone();
+    metrics.queue_time.record(admitted.queued.as_secs_f64());
+    let engine = sim.engine.clone();
+
+    if !stream {
+        tokio::time::sleep_until(admitted.first_token_at).await;
+        let first = Instant::now();
+        metrics.ttft.record(first.duration_since(arrived).as_secs_f64());
+        metrics
+            .prefill_time
+            .record(admitted.first_token_at.duration_since(arrived).as_secs_f64() - admitted.queued.as_secs_f64());
+        let mut text = String::new();
+        let mut at = first;
+        for i in 0..max_tokens {
+            if i > 0 {
+                at += engine.decode_delay();
+                tokio::time::sleep_until(at).await;
+            }
+            text.push_str(&output_piece(seed, i));
+        }
+        metrics.generation_tokens.increment(max_tokens as u64);
+        metrics.decode_time.record(at.duration_since(first).as_secs_f64());
+        metrics.e2e.record(arrived.elapsed().as_secs_f64());
+        metrics.finished(FinishReason::Length);
+        drop(lease);
+        let u = usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens);
+        let body = match kind {
+            Kind::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length",
+                             "stop_reason": null, "prompt_logprobs": null}],
+                "usage": u,
+            }),
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                             "logprobs": null, "finish_reason": "length", "stop_reason": null}],
+                "usage": u, "prompt_logprobs": null,
+            }),
+            Kind::Responses => json!({
+                "id": id, "object": "response", "created_at": created, "model": model, "status": "incomplete",
+                "incomplete_details": {"reason": "max_output_tokens"},
+                "output": [{"type": "message", "id": format!("msg_{seed:016x}"), "role": "assistant",
+                            "status": "incomplete",
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": admitted.prompt_tokens, "output_tokens": max_tokens,
+                          "total_tokens": admitted.prompt_tokens + max_tokens,
+                          "input_tokens_details": {"cached_tokens": admitted.cached_tokens},
+                          "output_tokens_details": {"reasoning_tokens": 0}},
+            }),
+        };
+        return json_response(StatusCode::OK, &body, &name);
+    }
+
+    // Streaming: one SSE event per token, sent as chunked frames as the engine makes them.
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let model_json = Value::String(model).to_string();
+    tokio::spawn(async move {
+        let _lease = lease;
+        let send = |event: String| {
+            let tx = tx.clone();
+            async move { tx.send(Bytes::from(format!("data: {event}\n\n"))).await.is_ok() }
+        };
+        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let head = format!(r#""id":"{id}","object":"{object}","created":{created},"model":{model_json}"#);
+        if !sleep_unless_gone(&tx, admitted.first_token_at).await {
+            metrics.finished(FinishReason::Abort);
+            return;
+        }
+        let first = Instant::now();
+        metrics.ttft.record(first.duration_since(arrived).as_secs_f64());
+        if kind == Kind::Chat {
+            let role = format!(
+                r#"{{{head},"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}]}}"#
+            );
+            if !send(role).await {
+                metrics.finished(FinishReason::Abort);
+                return;
+            }
+        }
+        let mut at = first;
+        let mut last_sent = first;
+        for i in 0..max_tokens {
+            if i > 0 {
+                at += engine.decode_delay();
+                if !sleep_unless_gone(&tx, at).await {
+                    metrics.generation_tokens.increment(i as u64);
+                    metrics.finished(FinishReason::Abort);
+                    return;
+                }
+            }
+            let piece = output_piece(seed, i);
+            let finish = if i + 1 == max_tokens { r#""length""# } else { "null" };
+            let event = match kind {
+                Kind::Chat => format!(
+                    r#"{{{head},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"logprobs":null,"finish_reason":{finish}}}]}}"#
+                ),
+                _ => format!(
+                    r#"{{{head},"choices":[{{"index":0,"text":"{piece}","logprobs":null,"finish_reason":{finish},"stop_reason":null}}]}}"#
+                ),
+            };
+            if !send(event).await {
+                metrics.generation_tokens.increment(i as u64);
+                metrics.finished(FinishReason::Abort);
+                return;
+            }
+            let now = Instant::now();
+            if i > 0 {
+                metrics.itl.record(now.duration_since(last_sent).as_secs_f64());
+            }
+            last_sent = now;
+        }
+        metrics.generation_tokens.increment(max_tokens as u64);
+        metrics.decode_time.record(at.duration_since(first).as_secs_f64());
+        if include_usage {
+            let u = usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens);
+            if !send(format!(r#"{{{head},"choices":[],"usage":{u}}}"#)).await {
+                metrics.finished(FinishReason::Abort);
+                return;
+            }
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        metrics.e2e.record(arrived.elapsed().as_secs_f64());
+        metrics.finished(FinishReason::Length);
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = Response::new(StreamBody::new(stream).boxed());
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    if let Ok(v) = name.parse() {
+        h.insert("x-sim-engine", v);
+    }
+    r
+}
+
+/// Sleeps until `at`; false if the client went away (the stream's receiver was dropped).
+async fn sleep_unless_gone(tx: &mpsc::Sender<Bytes>, at: Instant) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep_until(at) => true,
+        _ = tx.closed() => false,
+    }
+}
+
+/// Inputs of an embeddings request: a string, strings, or token id lists.
+fn inputs(req: &Value, cpt: usize) -> Result<Vec<Vec<u32>>, String> {
+    match req.get("input") {
+        Some(Value::String(s)) => Ok(vec![tokens::tokenize(s, cpt)]),
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(tokens::tokenize(s, cpt)),
+                other => tokens::prompt_tokens(other, cpt),
+            })
+            .collect::<Result<_, _>>()
+            .or_else(|_| tokens::prompt_tokens(&Value::Array(items.clone()), cpt).map(|t| vec![t])),
+        _ => Err("`input` must be a string or a non-empty list".into()),
+    }
+}
+
+fn vector(tokens: &[u32], dim: usize) -> Vec<f64> {
+    let seed = tokens.iter().fold(0u64, |h, t| h.rotate_left(7) ^ u64::from(*t));
+    let raw: Vec<f64> = (0..dim)
+        .map(|i| (xxhash_rust::xxh3::xxh3_64_with_seed(&(i as u64).to_le_bytes(), seed) % 2001) as f64 / 1000.0 - 1.0)
+        .collect();
+    let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-9);
+    raw.into_iter().map(|x| x / norm).collect()
+}
+
+/// Runs the prefill cost of `prompt` and waits for it, as a pooling request would.
+async fn prefill(sim: &Sim, prompt: &[u32]) -> Result<(), AdmitError> {
+    let (lease, admitted) = sim.engine.admit(prompt, 1).await?;
+    tokio::time::sleep_until(admitted.first_token_at).await;
+    drop(lease);
+    Ok(())
+}
+
+async fn embeddings(sim: &Sim, model: String, req: &Value) -> Response<Body> {
+    let name = &sim.name;
+    let inputs = match inputs(req, sim.args.chars_per_token) {
+        Ok(i) => i,
+        Err(e) => return bad_request(e, name),
+    };
+    let mut data = Vec::new();
+    let mut total = 0;
+    for (index, t) in inputs.iter().enumerate() {
+        if let Err(e) = prefill(sim, t).await {
+            return admit_error(e, name);
+        }
+        total += t.len();
+        data.push(json!({"index": index, "object": "embedding", "embedding": vector(t, sim.args.embedding_dim)}));
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"id": format!("embd-{:016x}", sim.next_id()), "object": "list", "created": now_unix(),
+                "model": model, "data": data, "usage": usage(total, 0, 0)}),
+        name,
+    )
+}
+
+fn similarity(a: &[u32], b: &[u32], dim: usize) -> f64 {
+    let (va, vb) = (vector(a, dim), vector(b, dim));
+    (va.iter().zip(&vb).map(|(x, y)| x * y).sum::<f64>() + 1.0) / 2.0
+}
+
+async fn rerank(sim: &Sim, model: String, req: &Value) -> Response<Body> {
+    let name = &sim.name;
+    let cpt = sim.args.chars_per_token;
+    let (Some(query), Some(docs)) = (
+        req.get("query").and_then(Value::as_str),
+        req.get("documents").and_then(Value::as_array),
+    ) else {
+        return bad_request("`query` and `documents` are required", name);
+    };
+    let q = tokens::tokenize(query, cpt);
+    let mut results = Vec::new();
+    let mut total = 0;
+    for (index, d) in docs.iter().enumerate() {
+        let text = d.as_str().or_else(|| d.get("text").and_then(Value::as_str)).unwrap_or("");
+        let t = tokens::tokenize(text, cpt);
+        if let Err(e) = prefill(sim, &[q.clone(), t.clone()].concat()).await {
+            return admit_error(e, name);
+        }
+        total += q.len() + t.len();
+        results.push(json!({"index": index, "document": {"text": text},
+                            "relevance_score": similarity(&q, &t, sim.args.embedding_dim)}));
+    }
+    results.sort_by(|a, b| {
+        let s = |v: &Value| v["relevance_score"].as_f64().unwrap_or(0.0);
+        s(b).total_cmp(&s(a))
+    });
+    if let Some(n) = req.get("top_n").and_then(Value::as_u64) {
+        results.truncate(n as usize);
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"id": format!("rerank-{:016x}", sim.next_id()), "model": model,
+                "usage": {"total_tokens": total}, "results": results}),
+        name,
+    )
+}
+
+async fn score(sim: &Sim, model: String, req: &Value) -> Response<Body> {
+    let name = &sim.name;
+    let cpt = sim.args.chars_per_token;
+    let text = |k: &str| match req.get(k) {
+        Some(Value::String(s)) => Some(vec![s.clone()]),
+        Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()),
+        _ => None,
+    };
+    let (Some(left), Some(right)) = (text("text_1"), text("text_2")) else {
+        return bad_request("`text_1` and `text_2` are required", name);
+    };
+    let pairs: Vec<(String, String)> = if left.len() == 1 {
+        right.iter().map(|r| (left[0].clone(), r.clone())).collect()
+    } else {
+        left.into_iter().zip(right).collect()
+    };
+    let mut data = Vec::new();
+    let mut total = 0;
+    for (index, (a, b)) in pairs.iter().enumerate() {
+        let (ta, tb) = (tokens::tokenize(a, cpt), tokens::tokenize(b, cpt));
+        if let Err(e) = prefill(sim, &[ta.clone(), tb.clone()].concat()).await {
+            return admit_error(e, name);
+        }
+        total += ta.len() + tb.len();
+        data.push(json!({"index": index, "object": "score", "score": similarity(&ta, &tb, sim.args.embedding_dim)}));
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"id": format!("score-{:016x}", sim.next_id()), "object": "list", "created": now_unix(),
+                "model": model, "data": data, "usage": usage(total, 0, 0)}),
+        name,
+    )
+}

@@ -1,0 +1,281 @@
+//! The simulated engine's scheduler and cost model.
+//!
+//! - Admission: requests wait in FIFO order until a running slot (`max_num_seqs`) and KV
+//!   blocks for their prompt and output are free (cached blocks nobody holds are evicted).
+//! - Prefill: one prefill lane per engine, first come first served; a prompt takes
+//!   `prefill_base + prefill_per_token x uncached prompt tokens`, so time to first token
+//!   grows with the uncached prompt and with the prefills queued before it.
+//! - Decode: every output token takes `decode_base + decode_per_seq x (other running
+//!   sequences)`.
+//!
+//! It is a model of vLLM's behaviour under load, not of its kernels: no preemption, no
+//! chunked-prefill interleaving.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::kv::{BlockPool, block_hashes};
+use super::metrics::SimMetrics;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_num_seqs: usize,
+    pub max_model_len: usize,
+    pub prefill_base: Duration,
+    pub prefill_per_token: Duration,
+    pub decode_base: Duration,
+    pub decode_per_seq: Duration,
+}
+
+/// What admission decided for one request.
+#[derive(Clone, Copy, Debug)]
+pub struct Admitted {
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    pub queued: Duration,
+    /// When the first output token is ready (end of prefill).
+    pub first_token_at: Instant,
+}
+
+struct Pending {
+    hashes: Vec<u64>,
+    usable_hits: usize,
+    anonymous: usize,
+    prompt_len: usize,
+    arrived: Instant,
+    tx: oneshot::Sender<Admitted>,
+}
+
+struct State {
+    pool: BlockPool,
+    waiting: VecDeque<Pending>,
+    running: usize,
+    prefill_free_at: Instant,
+}
+
+pub struct Engine {
+    pub config: EngineConfig,
+    state: Mutex<State>,
+    running: AtomicUsize,
+    pub metrics: SimMetrics,
+}
+
+/// A running request's hold on its slot and blocks; dropping it finishes the request.
+pub struct Lease {
+    engine: Arc<Engine>,
+    hashes: Vec<u64>,
+    anonymous: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.engine.release(&self.hashes, self.anonymous);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error(
+        "This model's maximum context length is {max} tokens. However, you requested {total} tokens ({prompt} in the messages, {output} in the completion). Please reduce the length of the messages or completion."
+    )]
+    TooLong {
+        max: usize,
+        total: usize,
+        prompt: usize,
+        output: usize,
+    },
+    #[error("the request needs {needed} KV blocks, more than the {capacity} this engine has")]
+    TooBig { needed: usize, capacity: usize },
+    #[error("the engine is shutting down")]
+    Gone,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, metrics: SimMetrics) -> Arc<Self> {
+        let pool = BlockPool::new(config.num_blocks);
+        Arc::new(Self {
+            state: Mutex::new(State {
+                pool,
+                waiting: VecDeque::new(),
+                running: 0,
+                prefill_free_at: Instant::now(),
+            }),
+            running: AtomicUsize::new(0),
+            metrics,
+            config,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a request (waiting for room if needed) and schedules its prefill.
+    pub async fn admit(self: &Arc<Self>, tokens: &[u32], max_tokens: usize) -> Result<(Lease, Admitted), AdmitError> {
+        let c = &self.config;
+        let total = tokens.len() + max_tokens;
+        if total > c.max_model_len {
+            return Err(AdmitError::TooLong {
+                max: c.max_model_len,
+                total,
+                prompt: tokens.len(),
+                output: max_tokens,
+            });
+        }
+        let hashes = block_hashes(tokens, c.block_size);
+        let anonymous = total.div_ceil(c.block_size) - hashes.len();
+        if hashes.len() + anonymous > c.num_blocks {
+            return Err(AdmitError::TooBig {
+                needed: hashes.len() + anonymous,
+                capacity: c.num_blocks,
+            });
+        }
+        // Like vLLM, the last prompt token is always computed: a fully cached prompt still
+        // recomputes its last block.
+        let usable_hits = (tokens.len().saturating_sub(1)) / c.block_size;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            state.waiting.push_back(Pending {
+                hashes: hashes.clone(),
+                usable_hits,
+                anonymous,
+                prompt_len: tokens.len(),
+                arrived: Instant::now(),
+                tx,
+            });
+            self.schedule(&mut state);
+        }
+        let admitted = rx.await.map_err(|_| AdmitError::Gone)?;
+        Ok((
+            Lease {
+                engine: self.clone(),
+                hashes,
+                anonymous,
+            },
+            admitted,
+        ))
+    }
+
+    /// Admits waiting requests in order while they fit.
+    fn schedule(&self, state: &mut State) {
+        let c = &self.config;
+        while let Some(front) = state.waiting.front() {
+            if state.running >= c.max_num_seqs || !state.pool.fits(&front.hashes, front.usable_hits, front.anonymous) {
+                break;
+            }
+            let Some(p) = state.waiting.pop_front() else { break };
+            let alloc = state.pool.allocate(&p.hashes, p.usable_hits, p.anonymous);
+            let cached = alloc.hit_blocks * c.block_size;
+            let now = Instant::now();
+            let start = now.max(state.prefill_free_at);
+            let prefill = c.prefill_base + c.prefill_per_token * (p.prompt_len - cached) as u32;
+            state.prefill_free_at = start + prefill;
+            state.running += 1;
+            self.metrics.prompt(p.prompt_len, cached);
+            let admitted = Admitted {
+                prompt_tokens: p.prompt_len,
+                cached_tokens: cached,
+                queued: now.duration_since(p.arrived),
+                first_token_at: start + prefill,
+            };
+            if p.tx.send(admitted).is_err() {
+                // The request went away while waiting.
+                state.pool.release(&p.hashes, p.anonymous);
+                state.running -= 1;
+            }
+        }
+        self.running.store(state.running, Ordering::Relaxed);
+        self.metrics.state(state.running, state.waiting.len(), state.pool.in_use(), state.pool.capacity());
+    }
+
+    fn release(&self, hashes: &[u64], anonymous: usize) {
+        let mut state = self.lock();
+        state.pool.release(hashes, anonymous);
+        state.running -= 1;
+        self.schedule(&mut state);
+    }
+
+    /// Time for the next output token, given how many sequences run now.
+    pub fn decode_delay(&self) -> Duration {
+        let others = self.running.load(Ordering::Relaxed).saturating_sub(1);
+        self.config.decode_base + self.config.decode_per_seq * others as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(num_blocks: usize, max_num_seqs: usize) -> Arc<Engine> {
+        Engine::new(
+            EngineConfig {
+                block_size: 4,
+                num_blocks,
+                max_num_seqs,
+                max_model_len: 1000,
+                prefill_base: Duration::from_millis(1),
+                prefill_per_token: Duration::from_micros(100),
+                decode_base: Duration::from_millis(1),
+                decode_per_seq: Duration::from_micros(500),
+            },
+            SimMetrics::new("m", 4, num_blocks),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_prompt_prefills_faster() {
+        let e = engine(100, 4);
+        let tokens: Vec<u32> = (0..40).collect();
+        let t0 = Instant::now();
+        let (lease, first) = e.admit(&tokens, 4).await.unwrap();
+        assert_eq!(first.cached_tokens, 0);
+        assert_eq!(first.first_token_at - t0, Duration::from_millis(5));
+        tokio::time::sleep_until(first.first_token_at).await;
+        drop(lease);
+        let t1 = Instant::now();
+        let (_lease, second) = e.admit(&tokens, 4).await.unwrap();
+        assert_eq!(second.cached_tokens, 36);
+        assert_eq!(second.first_token_at - t1, Duration::from_micros(1400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_wait_for_a_running_slot() {
+        let e = engine(100, 1);
+        let (lease, _) = e.admit(&[1, 2, 3, 4, 5], 2).await.unwrap();
+        let e2 = e.clone();
+        let waiter = tokio::spawn(async move { e2.admit(&[9, 9, 9, 9, 9], 2).await.map(|(_, a)| a.queued) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(e.lock().waiting.len(), 1);
+        drop(lease);
+        let queued = waiter.await.unwrap().unwrap();
+        assert_eq!(queued, Duration::from_millis(10));
+        assert_eq!(e.lock().running, 0, "the waiter's lease was dropped with its task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn prefills_queue_behind_each_other() {
+        let e = engine(100, 4);
+        let a: Vec<u32> = (0..40).collect();
+        let b: Vec<u32> = (100..140).collect();
+        let t0 = Instant::now();
+        let (_la, first) = e.admit(&a, 1).await.unwrap();
+        let (_lb, second) = e.admit(&b, 1).await.unwrap();
+        assert_eq!(first.first_token_at - t0, Duration::from_millis(5));
+        assert_eq!(second.first_token_at - t0, Duration::from_millis(10));
+    }
+
+    #[tokio::test]
+    async fn oversized_requests_are_refused() {
+        let e = engine(3, 4);
+        assert!(matches!(e.admit(&[0; 40], 1).await, Err(AdmitError::TooBig { .. })));
+        assert!(matches!(e.admit(&[0; 990], 20).await, Err(AdmitError::TooLong { .. })));
+    }
+}
