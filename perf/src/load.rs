@@ -29,7 +29,11 @@ pub enum Mode {
 }
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "lmstack-load", version, about = "Closed-loop load for OpenAI endpoints")]
+#[command(
+    name = "lmstack-load",
+    version,
+    about = "Closed-loop load for OpenAI endpoints"
+)]
 pub struct LoadArgs {
     /// Base URL: http://host:port
     #[arg(long)]
@@ -236,7 +240,11 @@ async fn connect(host_port: &str) -> anyhow::Result<http1::SendRequest<Full<Byte
     Ok(sender)
 }
 
-async fn connection_loop(target: Arc<Target>, warm_at: Instant, end_at: Instant) -> anyhow::Result<Recorder> {
+async fn connection_loop(
+    target: Arc<Target>,
+    warm_at: Instant,
+    end_at: Instant,
+) -> anyhow::Result<Recorder> {
     let mut rec = Recorder::new()?;
     let mut sender: Option<http1::SendRequest<Full<Bytes>>> = None;
     while Instant::now() < end_at {
@@ -320,7 +328,17 @@ async fn exchange(
 pub fn print_table(rows: &[Summary]) {
     println!(
         "{:<28} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
-        "run", "req/s", "errors", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "ttfb p50", "ttfb p99", "gap p50", "gap p99"
+        "run",
+        "req/s",
+        "errors",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "ttfb p50",
+        "ttfb p99",
+        "gap p50",
+        "gap p99"
     );
     for s in rows {
         println!(

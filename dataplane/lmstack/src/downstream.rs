@@ -16,7 +16,9 @@ use futures_util::future::{Either, select};
 use lmstack_http::head::{HeadError, HeadLimits, HeadScanner, RequestHead, parse_request};
 use lmstack_http::{ChunkedDecoder, Framing};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller,
+};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
@@ -117,18 +119,21 @@ impl Reader {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => keepalive,
             };
+            // Decided before reading: a read cut short by the timeout takes the buffer along.
+            let idle = deadline.is_none() || self.buf.iter().all(u8::is_ascii_whitespace);
             match monoio::time::timeout(wait, self.fill(READ_CHUNK)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(NoRequest::Closed),
                 Ok(Ok(_)) => {
                     deadline.get_or_insert_with(|| Instant::now() + header_timeout);
                 }
-                Err(_) if deadline.is_none() || self.buf.iter().all(u8::is_ascii_whitespace) => {
-                    return Err(NoRequest::Closed);
-                }
+                Err(_) if idle => return Err(NoRequest::Closed),
                 Err(_) => {
                     return Err(NoRequest::Bad(ProxyError::new(
                         ErrorKind::RequestTimeout,
-                        format!("the request head did not arrive within {} ms", header_timeout.as_millis()),
+                        format!(
+                            "the request head did not arrive within {} ms",
+                            header_timeout.as_millis()
+                        ),
                     )));
                 }
             }
@@ -153,10 +158,18 @@ impl Reader {
         let timed_out = || {
             ProxyError::new(
                 ErrorKind::RequestTimeout,
-                format!("the request body did not arrive within {} ms", timeout.as_millis()),
+                format!(
+                    "the request body did not arrive within {} ms",
+                    timeout.as_millis()
+                ),
             )
         };
-        let closed = || ProxyError::new(ErrorKind::MalformedRequest, "the client closed the connection mid-body");
+        let closed = || {
+            ProxyError::new(
+                ErrorKind::MalformedRequest,
+                "the client closed the connection mid-body",
+            )
+        };
         match head.framing {
             Framing::Empty | Framing::UntilClose => Ok(Bytes::new()),
             Framing::Length(n) => {
@@ -195,7 +208,10 @@ impl Reader {
                                 }
                             })
                             .map_err(|e| {
-                                ProxyError::new(ErrorKind::MalformedRequest, format!("invalid chunked body: {e}"))
+                                ProxyError::new(
+                                    ErrorKind::MalformedRequest,
+                                    format!("invalid chunked body: {e}"),
+                                )
                             })?;
                         if over {
                             return Err(too_large());
@@ -219,7 +235,11 @@ impl Reader {
     /// (or reset) the connection first: `work` is then dropped, which abandons its engine
     /// connection and so cancels the request there. Bytes the client sends meanwhile are
     /// kept for its next request, up to `max_buffered`; beyond that the watch pauses.
-    pub async fn unless_client_leaves<F: Future>(&mut self, max_buffered: usize, work: F) -> Option<F::Output> {
+    pub async fn unless_client_leaves<F: Future>(
+        &mut self,
+        max_buffered: usize,
+        work: F,
+    ) -> Option<F::Output> {
         let mut work = pin!(work);
         loop {
             if self.buf.len() >= max_buffered {

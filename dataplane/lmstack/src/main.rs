@@ -46,7 +46,10 @@ fn main() -> ExitCode {
     if cli.check {
         match serde_yaml_ng::to_string(&config) {
             Ok(text) => {
-                println!("# lmstack configuration: valid ({} workers)\n{text}", config.worker_count());
+                println!(
+                    "# lmstack configuration: valid ({} workers)\n{text}",
+                    config.worker_count()
+                );
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
@@ -69,7 +72,10 @@ fn main() -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -139,7 +145,11 @@ fn run(config: Config) -> anyhow::Result<()> {
 
 /// One SO_REUSEPORT listener per worker, all on the same port (the first one's, when the
 /// configured port is 0).
-fn bind_listeners(addr: SocketAddr, workers: usize, backlog: u32) -> anyhow::Result<Vec<std::net::TcpListener>> {
+fn bind_listeners(
+    addr: SocketAddr,
+    workers: usize,
+    backlog: u32,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
     let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
     let mut addr = addr;
     for _ in 0..workers {

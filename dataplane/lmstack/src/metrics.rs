@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use metrics::{Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::ErrorKind;
@@ -38,14 +41,16 @@ pub const BUILD_INFO: &str = "lmstack_build_info";
 pub const WORKERS: &str = "lmstack_workers";
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
 ];
 const TTFT_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    20.0, 40.0, 80.0,
 ];
 const TBT_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-    0.75, 1.0, 2.5,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 ];
 
 /// Installs the global Prometheus recorder and describes every metric.
@@ -60,26 +65,68 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 }
 
 fn describe() {
-    describe_counter!(REQUESTS_TOTAL, "Requests answered, by model, endpoint and HTTP status (499: client went away).");
-    describe_histogram!(REQUEST_DURATION, "Time from a request's head to the end of its response, seconds.");
-    describe_gauge!(REQUESTS_RUNNING, "Requests dispatched to an endpoint and not finished.");
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by model, endpoint and HTTP status (499: client went away)."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        "Time from a request's head to the end of its response, seconds."
+    );
+    describe_gauge!(
+        REQUESTS_RUNNING,
+        "Requests dispatched to an endpoint and not finished."
+    );
     describe_gauge!(
         REQUESTS_AWAITING_FIRST_BYTE,
         "Dispatched requests that have no response byte (streaming: no token) yet: queued or prefilling in the engine."
     );
-    describe_gauge!(REQUESTS_QUEUED, "Requests waiting in the router for an endpoint under its in-flight limit.");
-    describe_histogram!(STREAM_TTFT, "Streaming requests: time from the request head to the first SSE data event, seconds.");
-    describe_histogram!(STREAM_TBT, "Streaming requests: time between reads that carry SSE data events, seconds.");
-    describe_counter!(STREAM_EVENTS_TOTAL, "SSE data events relayed (about one per token with vLLM's defaults).");
-    describe_counter!(UPSTREAM_ERRORS_TOTAL, "Failed attempts against an endpoint, by error kind.");
-    describe_counter!(UPSTREAM_RETRIES_TOTAL, "Attempts repeated after a failure before any response byte.");
-    describe_counter!(UPSTREAM_CONNECTS_TOTAL, "TCP connections opened to endpoints.");
-    describe_counter!(HTTP_ERRORS_TOTAL, "Requests answered with an error by the router itself, by error kind.");
+    describe_gauge!(
+        REQUESTS_QUEUED,
+        "Requests waiting in the router for an endpoint under its in-flight limit."
+    );
+    describe_histogram!(
+        STREAM_TTFT,
+        "Streaming requests: time from the request head to the first SSE data event, seconds."
+    );
+    describe_histogram!(
+        STREAM_TBT,
+        "Streaming requests: time between reads that carry SSE data events, seconds."
+    );
+    describe_counter!(
+        STREAM_EVENTS_TOTAL,
+        "SSE data events relayed (about one per token with vLLM's defaults)."
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS_TOTAL,
+        "Failed attempts against an endpoint, by error kind."
+    );
+    describe_counter!(
+        UPSTREAM_RETRIES_TOTAL,
+        "Attempts repeated after a failure before any response byte."
+    );
+    describe_counter!(
+        UPSTREAM_CONNECTS_TOTAL,
+        "TCP connections opened to endpoints."
+    );
+    describe_counter!(
+        HTTP_ERRORS_TOTAL,
+        "Requests answered with an error by the router itself, by error kind."
+    );
     describe_gauge!(HTTP_CONNECTIONS, "Open client connections.");
     describe_counter!(HTTP_CONNECTIONS_TOTAL, "Client connections accepted.");
-    describe_counter!(ROUTING_DECISIONS_TOTAL, "Routing decisions by model, policy and reason.");
-    describe_gauge!(ENDPOINT_HEALTHY, "1 when the endpoint is routable for the model, else 0.");
-    describe_counter!(HEALTH_CHECKS_TOTAL, "Health probes of endpoints, by endpoint and status (ok, fail).");
+    describe_counter!(
+        ROUTING_DECISIONS_TOTAL,
+        "Routing decisions by model, policy and reason."
+    );
+    describe_gauge!(
+        ENDPOINT_HEALTHY,
+        "1 when the endpoint is routable for the model, else 0."
+    );
+    describe_counter!(
+        HEALTH_CHECKS_TOTAL,
+        "Health probes of endpoints, by endpoint and status (ok, fail)."
+    );
     describe_gauge!(SNAPSHOT_VERSION, "Version of the routing snapshot in use.");
     describe_counter!(SNAPSHOT_UPDATES_TOTAL, "Routing snapshots applied.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
@@ -103,7 +150,10 @@ pub struct PairMetrics {
 
 impl PairMetrics {
     fn new(model: Arc<str>, endpoint: Arc<str>) -> Self {
-        let labels = [("model", model.to_string()), ("endpoint", endpoint.to_string())];
+        let labels = [
+            ("model", model.to_string()),
+            ("endpoint", endpoint.to_string()),
+        ];
         Self {
             duration: histogram!(REQUEST_DURATION, &labels),
             running: gauge!(REQUESTS_RUNNING, &labels),
@@ -152,12 +202,17 @@ impl PairMetrics {
     }
 }
 
+/// (model, endpoint)
+type PairKey = (Arc<str>, Arc<str>);
+/// (model, policy, reason)
+type DecisionKey = (Arc<str>, &'static str, &'static str);
+
 /// One worker's handle cache.
 #[derive(Default)]
 pub struct LocalMetrics {
-    pairs: RefCell<HashMap<(Arc<str>, Arc<str>), Rc<PairMetrics>>>,
+    pairs: RefCell<HashMap<PairKey, Rc<PairMetrics>>>,
     http_errors: RefCell<HashMap<ErrorKind, Counter>>,
-    decisions: RefCell<HashMap<(Arc<str>, &'static str, &'static str), Counter>>,
+    decisions: RefCell<HashMap<DecisionKey, Counter>>,
     queued: RefCell<HashMap<Arc<str>, Gauge>>,
 }
 

@@ -102,7 +102,10 @@ struct Forward<'a> {
 
 pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -> After {
     let started = Instant::now();
-    let client_id = head.headers.get_str(REQUEST_ID).filter(|id| id.len() <= 256);
+    let client_id = head
+        .headers
+        .get_str(REQUEST_ID)
+        .filter(|id| id.len() <= 256);
     let request_id = client_id.map_or_else(|| ctx.next_request_id(), str::to_owned);
     let lim = &ctx.limits;
 
@@ -121,14 +124,24 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         Target::Local(local) => {
             let (status, content_type, body) = admin::serve(ctx, local);
             let keep_alive = head.keep_alive && !ctx.draining();
-            let bytes = response::local(status, content_type, &body, keep_alive, head.version, Some(&request_id));
+            let bytes = response::local(
+                status,
+                content_type,
+                &body,
+                keep_alive,
+                head.version,
+                Some(&request_id),
+            );
             if !down.write(bytes, lim.write_timeout).await || !keep_alive {
                 return After::Close;
             }
             return After::KeepAlive;
         }
         Target::Missing(kind) => {
-            let e = ProxyError::new(kind, format!("{} {} is not served here", head.method(), head.path()));
+            let e = ProxyError::new(
+                kind,
+                format!("{} {} is not served here", head.method(), head.path()),
+            );
             return fail(ctx, down, &head, &request_id, &e, None).await;
         }
         Target::Model => {}
@@ -140,7 +153,9 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         Ok(p) => p,
         Err(e) => {
             let kind = match e {
-                lmstack_http::PeekError::InvalidJson(_) | lmstack_http::PeekError::NotAnObject => ErrorKind::InvalidJson,
+                lmstack_http::PeekError::InvalidJson(_) | lmstack_http::PeekError::NotAnObject => {
+                    ErrorKind::InvalidJson
+                }
                 _ => ErrorKind::InvalidRequest,
             };
             let mut err = ProxyError::new(kind, e.to_string());
@@ -149,7 +164,8 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
     };
     let Some(model) = peek.model.as_deref() else {
-        let e = ProxyError::new(ErrorKind::InvalidRequest, "the request must name a `model`").with_param("model");
+        let e = ProxyError::new(ErrorKind::InvalidRequest, "the request must name a `model`")
+            .with_param("model");
         return fail(ctx, down, &head, &request_id, &e, None).await;
     };
 
@@ -191,20 +207,34 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             record(&pm, CLIENT_CLOSED, started);
             After::Close
         }
-        Some(Outcome::Done { pm, status, keep_alive }) => {
+        Some(Outcome::Done {
+            pm,
+            status,
+            keep_alive,
+        }) => {
             record(&pm, status, started);
-            if keep_alive { After::KeepAlive } else { After::Close }
+            if keep_alive {
+                After::KeepAlive
+            } else {
+                After::Close
+            }
         }
         Some(Outcome::Aborted { pm, status }) => {
             record(&pm, status, started);
             After::Close
         }
-        Some(Outcome::Failed { error, pm }) => fail(ctx, down, &head, &request_id, &error, Some(&pm)).await,
+        Some(Outcome::Failed { error, pm }) => {
+            fail(ctx, down, &head, &request_id, &error, Some(&pm)).await
+        }
     }
 }
 
 /// The session key: the first configured header present, else the body field.
-fn session_key<'a>(head: &'a RequestHead, body_value: Option<&'a str>, config: &SessionConfig) -> Option<&'a str> {
+fn session_key<'a>(
+    head: &'a RequestHead,
+    body_value: Option<&'a str>,
+    config: &SessionConfig,
+) -> Option<&'a str> {
     config
         .headers
         .iter()
@@ -233,7 +263,11 @@ async fn fail(
     let bytes = response::error(error, keep_alive, head.version, Some(request_id));
     let written = down.write(bytes, ctx.limits.write_timeout).await;
     if error.kind.closes_connection() {
-        if written { After::CloseAfterError } else { After::Close }
+        if written {
+            After::CloseAfterError
+        } else {
+            After::Close
+        }
     } else if written && keep_alive {
         After::KeepAlive
     } else {
@@ -248,11 +282,18 @@ fn record(pm: &PairMetrics, status: u16, started: Instant) {
 
 enum Outcome {
     /// The response was relayed whole.
-    Done { pm: Rc<PairMetrics>, status: u16, keep_alive: bool },
+    Done {
+        pm: Rc<PairMetrics>,
+        status: u16,
+        keep_alive: bool,
+    },
     /// The response started but could not finish (engine failed, client left).
     Aborted { pm: Rc<PairMetrics>, status: u16 },
     /// Nothing was sent to the client: answer with this error.
-    Failed { error: ProxyError, pm: Rc<PairMetrics> },
+    Failed {
+        error: ProxyError,
+        pm: Rc<PairMetrics>,
+    },
 }
 
 /// Picks an endpoint and exchanges the request with it, retrying failures that happen
@@ -281,15 +322,24 @@ async fn forward(
         };
         let index = pool.endpoints[pick.index];
         let endpoint = &state.endpoints[index];
-        ctx.metrics
-            .decision(&pool.name, pool.policy.name().as_str(), pick.reason.as_str());
+        ctx.metrics.decision(
+            &pool.name,
+            pool.policy.name().as_str(),
+            pick.reason.as_str(),
+        );
         let pm = ctx.metrics.pair(&pool.name, &endpoint.url);
         if attempt > 0 {
             pm.retries.increment(1);
         }
         let _inflight = Inflight::start(ctx, endpoint, pm.clone());
         match exchange(ctx, endpoint, req, wr, &pm).await {
-            Exchange::Done { status, keep_alive } => return Outcome::Done { pm, status, keep_alive },
+            Exchange::Done { status, keep_alive } => {
+                return Outcome::Done {
+                    pm,
+                    status,
+                    keep_alive,
+                };
+            }
             Exchange::Aborted { status, error } => {
                 if let Some(e) = &error {
                     pm.upstream_error(e.kind);
@@ -337,7 +387,8 @@ async fn pick(
             admit: |e: usize| {
                 !excluded.contains(&e)
                     && (lim.max_inflight == 0
-                        || state.endpoints[e].load.inflight.load(Ordering::Relaxed) < lim.max_inflight)
+                        || state.endpoints[e].load.inflight.load(Ordering::Relaxed)
+                            < lim.max_inflight)
             },
         };
         let request = RouteRequest {
@@ -354,7 +405,10 @@ async fn pick(
         if !untried {
             return Err(ProxyError::new(
                 ErrorKind::NoHealthyEndpoint,
-                format!("no healthy endpoint serves the model `{}` right now", pool.name),
+                format!(
+                    "no healthy endpoint serves the model `{}` right now",
+                    pool.name
+                ),
             ));
         }
         // Every candidate is at its in-flight limit.
@@ -383,7 +437,9 @@ async fn pick(
         }
         // Woken by a request finishing on this worker, or after a short tick for slots
         // freed on other workers.
-        ctx.waiters.wait(left.min(std::time::Duration::from_millis(5))).await;
+        ctx.waiters
+            .wait(left.min(std::time::Duration::from_millis(5)))
+            .await;
     }
 }
 
@@ -438,12 +494,21 @@ impl Drop for Inflight<'_> {
 }
 
 enum Exchange {
-    Done { status: u16, keep_alive: bool },
+    Done {
+        status: u16,
+        keep_alive: bool,
+    },
     /// The response head went to the client, the rest did not.
-    Aborted { status: u16, error: Option<ProxyError> },
+    Aborted {
+        status: u16,
+        error: Option<ProxyError>,
+    },
     /// Nothing went to the client. `stale`: it failed on a reused pooled connection, so the
     /// endpoint itself is not suspect.
-    Failed { error: ProxyError, stale: bool },
+    Failed {
+        error: ProxyError,
+        stale: bool,
+    },
 }
 
 /// One attempt against one endpoint.
@@ -464,7 +529,12 @@ async fn exchange(
                     .increment(1);
                 conn
             }
-            Err(error) => return Exchange::Failed { error, stale: false },
+            Err(error) => {
+                return Exchange::Failed {
+                    error,
+                    stale: false,
+                };
+            }
         },
     };
     let reused = conn.reused;
@@ -490,7 +560,10 @@ async fn exchange(
                     lim.first_byte_timeout.as_millis()
                 ),
             );
-            return Exchange::Failed { error, stale: false };
+            return Exchange::Failed {
+                error,
+                stale: false,
+            };
         }
         Ok(Err(error)) => {
             let stale = reused && error.retryable;
@@ -510,15 +583,28 @@ async fn exchange(
     let dechunk = up.framing == Framing::Chunked && req.head.version == Version::Http10;
     let delimited = up.framing != Framing::UntilClose && !dechunk;
     let keep_alive = req.head.keep_alive && delimited && !ctx.draining();
-    let head_out = response::downstream_response(&up, dechunk, keep_alive, req.head.version, Some(req.request_id));
-    if relay::write(wr, head_out.into(), lim.write_timeout).await.is_err() {
+    let head_out = response::downstream_response(
+        &up,
+        dechunk,
+        keep_alive,
+        req.head.version,
+        Some(req.request_id),
+    );
+    if relay::write(wr, head_out.into(), lim.write_timeout)
+        .await
+        .is_err()
+    {
         return Exchange::Aborted {
             status: CLIENT_CLOSED,
             error: None,
         };
     }
     let mut clock = StreamClock::new(req.started, pm, &first_byte);
-    let out = if dechunk { OutFraming::Dechunk } else { OutFraming::PassThrough };
+    let out = if dechunk {
+        OutFraming::Dechunk
+    } else {
+        OutFraming::PassThrough
+    };
     let relayed = relay::relay_body(
         &mut conn,
         wr,
@@ -556,10 +642,25 @@ mod tests {
 
     #[test]
     fn targets() {
-        assert!(matches!(target("POST", "/v1/chat/completions"), Target::Model));
-        assert!(matches!(target("GET", "/v1/models"), Target::Local(Local::Models)));
-        assert!(matches!(target("GET", "/v1/completions"), Target::Missing(ErrorKind::MethodNotAllowed)));
-        assert!(matches!(target("POST", "/health"), Target::Missing(ErrorKind::MethodNotAllowed)));
-        assert!(matches!(target("GET", "/nope"), Target::Missing(ErrorKind::NotFound)));
+        assert!(matches!(
+            target("POST", "/v1/chat/completions"),
+            Target::Model
+        ));
+        assert!(matches!(
+            target("GET", "/v1/models"),
+            Target::Local(Local::Models)
+        ));
+        assert!(matches!(
+            target("GET", "/v1/completions"),
+            Target::Missing(ErrorKind::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            target("POST", "/health"),
+            Target::Missing(ErrorKind::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            target("GET", "/nope"),
+            Target::Missing(ErrorKind::NotFound)
+        ));
     }
 }

@@ -57,9 +57,14 @@ impl<'a> StreamClock<'a> {
         match self.last {
             None => {
                 self.first_byte.mark();
-                self.metrics.ttft.record(now.duration_since(self.start).as_secs_f64());
+                self.metrics
+                    .ttft
+                    .record(now.duration_since(self.start).as_secs_f64());
             }
-            Some(last) => self.metrics.tbt.record(now.duration_since(last).as_secs_f64()),
+            Some(last) => self
+                .metrics
+                .tbt
+                .record(now.duration_since(last).as_secs_f64()),
         }
         self.last = Some(now);
     }
@@ -127,7 +132,9 @@ pub async fn relay_body(
         _ => 0,
     };
     if framing == Framing::Empty {
-        return Ok(Relayed { reusable: up.buf.is_empty() });
+        return Ok(Relayed {
+            reusable: up.buf.is_empty(),
+        });
     }
     loop {
         if !up.buf.is_empty() {
@@ -194,7 +201,10 @@ pub async fn relay_body(
             Err(_) => {
                 return Err(RelayError::Upstream(ProxyError::new(
                     ErrorKind::UpstreamTimeout,
-                    format!("the engine sent nothing for {} ms", idle_timeout.as_millis()),
+                    format!(
+                        "the engine sent nothing for {} ms",
+                        idle_timeout.as_millis()
+                    ),
                 )));
             }
             Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(Relayed { reusable: false }),
@@ -216,7 +226,11 @@ pub async fn relay_body(
 }
 
 /// Writes to the client with a deadline; any failure means the client is gone.
-pub async fn write(wr: &mut OwnedWriteHalf<TcpStream>, bytes: Bytes, timeout: Duration) -> Result<(), RelayError> {
+pub async fn write(
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    bytes: Bytes,
+    timeout: Duration,
+) -> Result<(), RelayError> {
     match monoio::time::timeout(timeout, wr.write_all(bytes)).await {
         Ok((Ok(_), _)) => Ok(()),
         _ => Err(RelayError::Downstream),

@@ -13,7 +13,7 @@ use crate::error::ProxyError;
 pub const REQUEST_ID: &str = "x-request-id";
 
 /// Header names the sender listed in `Connection` (also hop-by-hop).
-fn connection_listed<'a>(headers: &'a Headers) -> Vec<&'a [u8]> {
+fn connection_listed(headers: &Headers) -> Vec<&[u8]> {
     headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
@@ -23,9 +23,9 @@ fn connection_listed<'a>(headers: &'a Headers) -> Vec<&'a [u8]> {
 
 fn forwardable<'a>(headers: &'a Headers) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
     let listed = connection_listed(headers);
-    headers
-        .iter()
-        .filter(move |(n, _)| !is_hop_by_hop(n) && !listed.iter().any(|l| l.eq_ignore_ascii_case(n)))
+    headers.iter().filter(move |(n, _)| {
+        !is_hop_by_hop(n) && !listed.iter().any(|l| l.eq_ignore_ascii_case(n))
+    })
 }
 
 fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -62,7 +62,11 @@ pub fn upstream_request(
     }
     let client = client.to_string();
     match forwarded_for {
-        Some(prior) => header(&mut out, b"x-forwarded-for", &[prior, b", ", client.as_bytes()].concat()),
+        Some(prior) => header(
+            &mut out,
+            b"x-forwarded-for",
+            &[prior, b", ", client.as_bytes()].concat(),
+        ),
         None => header(&mut out, b"x-forwarded-for", client.as_bytes()),
     }
     if let Some(id) = request_id {
@@ -138,7 +142,11 @@ pub fn local(
     let mut out = Vec::with_capacity(body.len() + 192);
     status_line(&mut out, status, b"");
     header(&mut out, b"content-type", content_type.as_bytes());
-    header(&mut out, b"content-length", body.len().to_string().as_bytes());
+    header(
+        &mut out,
+        b"content-length",
+        body.len().to_string().as_bytes(),
+    );
     if let Some(id) = request_id {
         header(&mut out, REQUEST_ID.as_bytes(), id.as_bytes());
     }
@@ -149,7 +157,12 @@ pub fn local(
 }
 
 /// The error response for `error` (the one place errors are turned into responses).
-pub fn error(error: &ProxyError, keep_alive: bool, client_version: Version, request_id: Option<&str>) -> Vec<u8> {
+pub fn error(
+    error: &ProxyError,
+    keep_alive: bool,
+    client_version: Version,
+    request_id: Option<&str>,
+) -> Vec<u8> {
     let keep_alive = keep_alive && !error.kind.closes_connection();
     local(
         error.kind.status(),
@@ -199,9 +212,13 @@ mod tests {
     };
 
     fn request(raw: &[u8]) -> RequestHead {
-        parse_request(&mut BytesMut::from(raw), &mut HeadScanner::default(), &LIMITS)
-            .unwrap()
-            .unwrap()
+        parse_request(
+            &mut BytesMut::from(raw),
+            &mut HeadScanner::default(),
+            &LIMITS,
+        )
+        .unwrap()
+        .unwrap()
     }
 
     #[test]
@@ -211,7 +228,13 @@ mod tests {
 X-Secret: 1\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer k\r\nX-Forwarded-For: 1.2.3.4\r\n\
 X-User-Id: u\r\n\r\n",
         );
-        let out = upstream_request(&head, "engine:8000", 5, Some("rid"), "10.0.0.9".parse().unwrap());
+        let out = upstream_request(
+            &head,
+            "engine:8000",
+            5,
+            Some("rid"),
+            "10.0.0.9".parse().unwrap(),
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/completions HTTP/1.1\r\nhost: engine:8000\r\n"));
         assert!(text.contains("Authorization: Bearer k\r\n"));
@@ -233,12 +256,20 @@ X-User-Id: u\r\n\r\n",
         let up = parse_response(&mut buf, &mut HeadScanner::default(), &LIMITS, false)
             .unwrap()
             .unwrap();
-        let text = String::from_utf8(downstream_response(&up, false, true, Version::Http11, Some("r"))).unwrap();
+        let text = String::from_utf8(downstream_response(
+            &up,
+            false,
+            true,
+            Version::Http11,
+            Some("r"),
+        ))
+        .unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-request-id: r\r\n\r\n"
         );
-        let text = String::from_utf8(downstream_response(&up, true, false, Version::Http10, None)).unwrap();
+        let text = String::from_utf8(downstream_response(&up, true, false, Version::Http10, None))
+            .unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
@@ -247,7 +278,15 @@ X-User-Id: u\r\n\r\n",
 
     #[test]
     fn local_responses_are_complete() {
-        let text = String::from_utf8(local(503, "application/json", b"{}", true, Version::Http10, None)).unwrap();
+        let text = String::from_utf8(local(
+            503,
+            "application/json",
+            b"{}",
+            true,
+            Version::Http10,
+            None,
+        ))
+        .unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\n{}"

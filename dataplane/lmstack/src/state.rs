@@ -51,7 +51,10 @@ pub struct ModelPool {
 
 impl ModelPool {
     pub fn healthy_count(&self, state: &RoutingState) -> usize {
-        self.endpoints.iter().filter(|&&i| state.endpoints[i].healthy).count()
+        self.endpoints
+            .iter()
+            .filter(|&&i| state.endpoints[i].healthy)
+            .count()
     }
 }
 
@@ -207,7 +210,9 @@ impl SnapshotCell {
         let mut names: Vec<&str> = snapshot.models.iter().map(|m| m.name.as_str()).collect();
         names.sort_unstable();
         for name in names {
-            let Some(m) = snapshot.model(name) else { continue };
+            let Some(m) = snapshot.model(name) else {
+                continue;
+            };
             let policy = Policy::new(self.routing.policy_for(&m.name), self.routing.policy);
             let name: Arc<str> = m.name.as_str().into();
             models.insert(
@@ -239,26 +244,40 @@ impl SnapshotCell {
     }
 }
 
+/// A worker's handle on a routing state. Cloning it per request is a plain (non-atomic)
+/// increment: the shared `Arc` is touched only when the version changes, so requests on
+/// different cores do not contend on its reference count.
+#[derive(Clone)]
+pub struct StateRef(#[allow(clippy::redundant_allocation)] Rc<Arc<RoutingState>>);
+
+impl std::ops::Deref for StateRef {
+    type Target = RoutingState;
+
+    fn deref(&self) -> &RoutingState {
+        &self.0
+    }
+}
+
 /// A worker's view of the current routing state: refreshed when the cell's version moves.
 pub struct LocalRouting {
     seen: Cell<u64>,
-    current: RefCell<Rc<Arc<RoutingState>>>,
+    current: RefCell<StateRef>,
 }
 
 impl LocalRouting {
     pub fn new(cell: &SnapshotCell) -> Self {
         Self {
             seen: Cell::new(cell.version()),
-            current: RefCell::new(Rc::new(cell.load())),
+            current: RefCell::new(StateRef(Rc::new(cell.load()))),
         }
     }
 
     /// The current state, and whether it changed since the last call.
-    pub fn current(&self, cell: &SnapshotCell) -> (Rc<Arc<RoutingState>>, bool) {
+    pub fn current(&self, cell: &SnapshotCell) -> (StateRef, bool) {
         let v = cell.version();
         let changed = v != self.seen.get();
         if changed {
-            *self.current.borrow_mut() = Rc::new(cell.load());
+            *self.current.borrow_mut() = StateRef(Rc::new(cell.load()));
             self.seen.set(v);
         }
         (self.current.borrow().clone(), changed)
@@ -294,10 +313,12 @@ mod tests {
     #[test]
     fn load_counters_survive_a_new_snapshot() {
         let cell = SnapshotCell::new(RoutingConfig::default());
-        cell.publish(&snapshot(1, &["http://a:1", "http://b:2"])).unwrap();
+        cell.publish(&snapshot(1, &["http://a:1", "http://b:2"]))
+            .unwrap();
         let a = cell.load().endpoints[0].load.clone();
         a.inflight.store(3, Ordering::Relaxed);
-        cell.publish(&snapshot(2, &["http://c:3", "http://a:1"])).unwrap();
+        cell.publish(&snapshot(2, &["http://c:3", "http://a:1"]))
+            .unwrap();
         let state = cell.load();
         assert_eq!(state.endpoints[1].url.as_ref(), "http://a:1");
         assert_eq!(state.endpoints[1].load.inflight.load(Ordering::Relaxed), 3);

@@ -120,7 +120,10 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn
     match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
         Err(_) => Err(ProxyError::new(
             ErrorKind::UpstreamConnectTimeout,
-            format!("connecting to the engine at {addr} took longer than {} ms", timeout.as_millis()),
+            format!(
+                "connecting to the engine at {addr} took longer than {} ms",
+                timeout.as_millis()
+            ),
         )
         .retryable()),
         Ok(Err(e)) => Err(ProxyError::new(
@@ -137,7 +140,11 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn
 }
 
 /// Sends a request head and body. A failure here means the engine cannot have answered.
-pub async fn send(conn: &mut UpstreamConn, mut head: Vec<u8>, body: &Bytes) -> Result<(), ProxyError> {
+pub async fn send(
+    conn: &mut UpstreamConn,
+    mut head: Vec<u8>,
+    body: &Bytes,
+) -> Result<(), ProxyError> {
     let result = if body.len() <= COALESCE_BODY_BYTES {
         head.extend_from_slice(body);
         conn.stream.write_all(head).await.0
@@ -148,7 +155,11 @@ pub async fn send(conn: &mut UpstreamConn, mut head: Vec<u8>, body: &Bytes) -> R
         }
     };
     result.map(|_| ()).map_err(|e| {
-        ProxyError::new(ErrorKind::UpstreamReset, format!("the engine closed the connection: {e}")).retryable()
+        ProxyError::new(
+            ErrorKind::UpstreamReset,
+            format!("the engine closed the connection: {e}"),
+        )
+        .retryable()
     })
 }
 

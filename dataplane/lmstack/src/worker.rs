@@ -23,7 +23,7 @@ use monoio::{FusionDriver, FusionRuntime, RuntimeBuilder};
 use crate::config::{Config, ms};
 use crate::downstream::{Downstream, NoRequest};
 use crate::metrics::{self, LocalMetrics};
-use crate::state::{LocalRouting, RoutingState, SnapshotCell};
+use crate::state::{LocalRouting, SnapshotCell, StateRef};
 use crate::upstream::Pool;
 use crate::{proxy, response};
 
@@ -133,7 +133,10 @@ impl WorkerCtx {
             id,
             limits: Limits::new(c, workers),
             routing: LocalRouting::new(&shared.cell),
-            pool: Pool::new(c.upstream.pool_max_idle_per_endpoint, ms(c.upstream.pool_idle_timeout_ms)),
+            pool: Pool::new(
+                c.upstream.pool_max_idle_per_endpoint,
+                ms(c.upstream.pool_idle_timeout_ms),
+            ),
             metrics: LocalMetrics::default(),
             waiters: Waiters::default(),
             ticket: Cell::new(id as u64),
@@ -146,15 +149,17 @@ impl WorkerCtx {
 
     /// The routing state to use for a request; on a new version, drops per-worker state of
     /// endpoints that are gone (idle connections, metric handles).
-    pub fn routing_state(&self) -> Rc<Arc<RoutingState>> {
+    pub fn routing_state(&self) -> StateRef {
         let (state, changed) = self.routing.current(&self.shared.cell);
         if changed {
-            self.pool.sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
+            self.pool
+                .sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
             self.metrics.retain_pairs(|model, endpoint| {
-                state
-                    .models
-                    .get(model)
-                    .is_some_and(|p| p.endpoints.iter().any(|&i| state.endpoints[i].url.as_ref() == endpoint))
+                state.models.get(model).is_some_and(|p| {
+                    p.endpoints
+                        .iter()
+                        .any(|&i| state.endpoints[i].url.as_ref() == endpoint)
+                })
             });
         }
         state
@@ -184,13 +189,20 @@ fn now_nanos() -> u128 {
 }
 
 /// Runs worker `id` on the current thread until the process exits.
-pub fn run(id: usize, workers: usize, listener: std::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+pub fn run(
+    id: usize,
+    workers: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+) -> std::io::Result<()> {
     if shared.config.pin_workers
         && let Err(e) = monoio::utils::bind_to_cpu_set([id % num_cpus()])
     {
         tracing::warn!(worker = id, "cannot pin worker to a core: {e}");
     }
-    let mut runtime = RuntimeBuilder::<FusionDriver>::new().enable_timer().build()?;
+    let mut runtime = RuntimeBuilder::<FusionDriver>::new()
+        .enable_timer()
+        .build()?;
     let driver = match &runtime {
         FusionRuntime::Uring(_) => "io_uring",
         FusionRuntime::Legacy(_) => "epoll",
@@ -246,7 +258,11 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx) 
     let mut down = Downstream::new(stream, peer);
     let lim = &ctx.limits;
     loop {
-        let head = match down.reader.read_head(&lim.head, lim.keepalive, lim.header_timeout).await {
+        let head = match down
+            .reader
+            .read_head(&lim.head, lim.keepalive, lim.header_timeout)
+            .await
+        {
             Ok(head) => head,
             Err(NoRequest::Closed) => break,
             Err(NoRequest::Bad(e)) => {
@@ -290,6 +306,7 @@ async fn housekeeping(ctx: Rc<WorkerCtx>) {
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
         let state = ctx.routing_state();
-        ctx.pool.sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
+        ctx.pool
+            .sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
     }
 }

@@ -34,19 +34,30 @@ pub struct Sim {
 }
 
 impl Sim {
-    pub fn new(args: SimArgs, bound: SocketAddr, engine: Arc<Engine>, prometheus: PrometheusHandle) -> Self {
+    pub fn new(
+        args: SimArgs,
+        bound: SocketAddr,
+        engine: Arc<Engine>,
+        prometheus: PrometheusHandle,
+    ) -> Self {
         Self {
             name: args.name.clone().unwrap_or_else(|| bound.to_string()),
             args,
             engine,
             prometheus,
-            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             seq: AtomicU64::new(1),
         }
     }
 
     fn serves(&self, model: &str) -> bool {
-        self.args.models.iter().chain(&self.args.loras).any(|m| m == model)
+        self.args
+            .models
+            .iter()
+            .chain(&self.args.loras)
+            .any(|m| m == model)
     }
 
     fn next_id(&self) -> u64 {
@@ -57,10 +68,17 @@ impl Sim {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>, engine: &str) -> Response<Body> {
+fn full(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+    engine: &str,
+) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -78,7 +96,13 @@ fn json_response(status: StatusCode, body: &Value, engine: &str) -> Response<Bod
 }
 
 /// vLLM's error shape: `{"error": {"message", "type", "param", "code"}}`.
-fn error(status: StatusCode, kind: &str, message: impl Into<String>, param: Option<&str>, engine: &str) -> Response<Body> {
+fn error(
+    status: StatusCode,
+    kind: &str,
+    message: impl Into<String>,
+    param: Option<&str>,
+    engine: &str,
+) -> Response<Body> {
     json_response(
         status,
         &json!({"error": {"message": message.into(), "type": kind, "param": param, "code": status.as_u16()}}),
@@ -87,7 +111,13 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>, param: Opti
 }
 
 fn bad_request(message: impl Into<String>, engine: &str) -> Response<Body> {
-    error(StatusCode::BAD_REQUEST, "BadRequestError", message, None, engine)
+    error(
+        StatusCode::BAD_REQUEST,
+        "BadRequestError",
+        message,
+        None,
+        engine,
+    )
 }
 
 pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -97,7 +127,11 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
     let response = match (parts.method.clone(), path.as_str()) {
         (Method::GET, "/health") => full(StatusCode::OK, "application/json", "", &name),
         (Method::GET, "/ping") => full(StatusCode::OK, "application/json", "", &name),
-        (Method::GET, "/version") => json_response(StatusCode::OK, &json!({"version": "0.32.0+lmstack-sim"}), &name),
+        (Method::GET, "/version") => json_response(
+            StatusCode::OK,
+            &json!({"version": "0.32.0+lmstack-sim"}),
+            &name,
+        ),
         (Method::GET, "/metrics") => full(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
@@ -125,7 +159,13 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
             };
             post(&sim, &path, request).await
         }
-        _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            "Not Found",
+            None,
+            &name,
+        ),
     };
     Ok(response)
 }
@@ -182,7 +222,9 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
             }
         }
         "/v1/chat/completions" => match req.get("messages").map(tokens::render_chat) {
-            Some(Ok(text)) => generate(sim, Kind::Chat, model, tokens::tokenize(&text, cpt), &req).await,
+            Some(Ok(text)) => {
+                generate(sim, Kind::Chat, model, tokens::tokenize(&text, cpt), &req).await
+            }
             Some(Err(e)) => bad_request(e, name),
             None => bad_request("`messages` is required", name),
         },
@@ -196,7 +238,16 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
                 return bad_request("the simulator does not stream /v1/responses", name);
             }
             match text {
-                Ok(text) => generate(sim, Kind::Responses, model, tokens::tokenize(&text, cpt), &req).await,
+                Ok(text) => {
+                    generate(
+                        sim,
+                        Kind::Responses,
+                        model,
+                        tokens::tokenize(&text, cpt),
+                        &req,
+                    )
+                    .await
+                }
                 Err(e) => bad_request(e, name),
             }
         }
@@ -220,12 +271,22 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
         }
         "/detokenize" => match req.get("tokens").and_then(Value::as_array) {
             Some(ids) => {
-                let text: String = ids.iter().filter_map(Value::as_u64).map(|id| format!("<{id}>")).collect();
+                let text: String = ids
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(|id| format!("<{id}>"))
+                    .collect();
                 json_response(StatusCode::OK, &json!({"prompt": text}), name)
             }
             None => bad_request("`tokens` is required", name),
         },
-        _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, name),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            "Not Found",
+            None,
+            name,
+        ),
     }
 }
 
@@ -249,7 +310,13 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
-async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, req: &Value) -> Response<Body> {
+async fn generate(
+    sim: &Arc<Sim>,
+    kind: Kind,
+    model: String,
+    prompt: Vec<u32>,
+    req: &Value,
+) -> Response<Body> {
     let name = sim.name.clone();
     let max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
@@ -282,10 +349,16 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
     if !stream {
         tokio::time::sleep_until(admitted.first_token_at).await;
         let first = Instant::now();
-        metrics.ttft.record(first.duration_since(arrived).as_secs_f64());
         metrics
-            .prefill_time
-            .record(admitted.first_token_at.duration_since(arrived).as_secs_f64() - admitted.queued.as_secs_f64());
+            .ttft
+            .record(first.duration_since(arrived).as_secs_f64());
+        metrics.prefill_time.record(
+            admitted
+                .first_token_at
+                .duration_since(arrived)
+                .as_secs_f64()
+                - admitted.queued.as_secs_f64(),
+        );
         let mut text = String::new();
         let mut at = first;
         for i in 0..max_tokens {
@@ -296,7 +369,9 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
             text.push_str(&output_piece(seed, i));
         }
         metrics.generation_tokens.increment(max_tokens as u64);
-        metrics.decode_time.record(at.duration_since(first).as_secs_f64());
+        metrics
+            .decode_time
+            .record(at.duration_since(first).as_secs_f64());
         metrics.e2e.record(arrived.elapsed().as_secs_f64());
         metrics.finished(FinishReason::Length);
         drop(lease);
@@ -336,16 +411,27 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
         let _lease = lease;
         let send = |event: String| {
             let tx = tx.clone();
-            async move { tx.send(Bytes::from(format!("data: {event}\n\n"))).await.is_ok() }
+            async move {
+                tx.send(Bytes::from(format!("data: {event}\n\n")))
+                    .await
+                    .is_ok()
+            }
         };
-        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
-        let head = format!(r#""id":"{id}","object":"{object}","created":{created},"model":{model_json}"#);
+        let object = if kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let head =
+            format!(r#""id":"{id}","object":"{object}","created":{created},"model":{model_json}"#);
         if !sleep_unless_gone(&tx, admitted.first_token_at).await {
             metrics.finished(FinishReason::Abort);
             return;
         }
         let first = Instant::now();
-        metrics.ttft.record(first.duration_since(arrived).as_secs_f64());
+        metrics
+            .ttft
+            .record(first.duration_since(arrived).as_secs_f64());
         if kind == Kind::Chat {
             let role = format!(
                 r#"{{{head},"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}]}}"#
@@ -367,7 +453,11 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
                 }
             }
             let piece = output_piece(seed, i);
-            let finish = if i + 1 == max_tokens { r#""length""# } else { "null" };
+            let finish = if i + 1 == max_tokens {
+                r#""length""#
+            } else {
+                "null"
+            };
             let event = match kind {
                 Kind::Chat => format!(
                     r#"{{{head},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"logprobs":null,"finish_reason":{finish}}}]}}"#
@@ -383,12 +473,16 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
             }
             let now = Instant::now();
             if i > 0 {
-                metrics.itl.record(now.duration_since(last_sent).as_secs_f64());
+                metrics
+                    .itl
+                    .record(now.duration_since(last_sent).as_secs_f64());
             }
             last_sent = now;
         }
         metrics.generation_tokens.increment(max_tokens as u64);
-        metrics.decode_time.record(at.duration_since(first).as_secs_f64());
+        metrics
+            .decode_time
+            .record(at.duration_since(first).as_secs_f64());
         if include_usage {
             let u = usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens);
             if !send(format!(r#"{{{head},"choices":[],"usage":{u}}}"#)).await {
@@ -401,7 +495,9 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
         metrics.finished(FinishReason::Length);
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     let mut r = Response::new(StreamBody::new(stream).boxed());
     let h = r.headers_mut();
@@ -440,9 +536,15 @@ fn inputs(req: &Value, cpt: usize) -> Result<Vec<Vec<u32>>, String> {
 }
 
 fn vector(tokens: &[u32], dim: usize) -> Vec<f64> {
-    let seed = tokens.iter().fold(0u64, |h, t| h.rotate_left(7) ^ u64::from(*t));
+    let seed = tokens
+        .iter()
+        .fold(0u64, |h, t| h.rotate_left(7) ^ u64::from(*t));
     let raw: Vec<f64> = (0..dim)
-        .map(|i| (xxhash_rust::xxh3::xxh3_64_with_seed(&(i as u64).to_le_bytes(), seed) % 2001) as f64 / 1000.0 - 1.0)
+        .map(|i| {
+            (xxhash_rust::xxh3::xxh3_64_with_seed(&(i as u64).to_le_bytes(), seed) % 2001) as f64
+                / 1000.0
+                - 1.0
+        })
         .collect();
     let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-9);
     raw.into_iter().map(|x| x / norm).collect()
@@ -497,7 +599,10 @@ async fn rerank(sim: &Sim, model: String, req: &Value) -> Response<Body> {
     let mut results = Vec::new();
     let mut total = 0;
     for (index, d) in docs.iter().enumerate() {
-        let text = d.as_str().or_else(|| d.get("text").and_then(Value::as_str)).unwrap_or("");
+        let text = d
+            .as_str()
+            .or_else(|| d.get("text").and_then(Value::as_str))
+            .unwrap_or("");
         let t = tokens::tokenize(text, cpt);
         if let Err(e) = prefill(sim, &[q.clone(), t.clone()].concat()).await {
             return admit_error(e, name);
@@ -526,7 +631,11 @@ async fn score(sim: &Sim, model: String, req: &Value) -> Response<Body> {
     let cpt = sim.args.chars_per_token;
     let text = |k: &str| match req.get(k) {
         Some(Value::String(s)) => Some(vec![s.clone()]),
-        Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+        ),
         _ => None,
     };
     let (Some(left), Some(right)) = (text("text_1"), text("text_2")) else {

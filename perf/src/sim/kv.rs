@@ -76,7 +76,10 @@ impl BlockPool {
 
     /// Leading blocks of `hashes` present in the cache.
     pub fn cached_prefix(&self, hashes: &[u64]) -> usize {
-        hashes.iter().take_while(|h| self.blocks.contains_key(h)).count()
+        hashes
+            .iter()
+            .take_while(|h| self.blocks.contains_key(h))
+            .count()
     }
 
     /// Whether `hashes` (at most `usable` of them counted as hits) plus `anonymous` decode
@@ -103,7 +106,9 @@ impl BlockPool {
         let mut evicted = 0;
         let needed = hashes.len() - hits + anonymous;
         while self.blocks.len() + self.anonymous + needed > self.capacity {
-            let Some((_, victim)) = self.lru.pop_first() else { break };
+            let Some((_, victim)) = self.lru.pop_first() else {
+                break;
+            };
             self.blocks.remove(&victim);
             evicted += 1;
         }

@@ -25,13 +25,16 @@ pub const CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
 /// Installs the process-wide recorder (one engine per process).
 pub fn install() -> PrometheusHandle {
     let ttft = [
-        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+        20.0, 40.0, 80.0,
     ];
     let itl = [
-        0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+        0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+        20.0, 40.0, 80.0,
     ];
     let latency = [
-        0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
+        0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+        240.0, 480.0, 960.0,
     ];
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(TTFT.into()), &ttft)
@@ -68,9 +71,7 @@ pub struct SimMetrics {
 impl SimMetrics {
     pub fn new(model: &str, block_size: usize, num_blocks: usize) -> Self {
         let labels = [("model_name", model.to_owned()), ("engine", "0".to_owned())];
-        let success = |reason: &'static str| {
-            counter!(REQUEST_SUCCESS, "model_name" => model.to_owned(), "engine" => "0", "finished_reason" => reason)
-        };
+        let success = |reason: &'static str| counter!(REQUEST_SUCCESS, "model_name" => model.to_owned(), "engine" => "0", "finished_reason" => reason);
         counter!(NUM_PREEMPTIONS, &labels).absolute(0);
         gauge!(
             CACHE_CONFIG_INFO,
@@ -113,7 +114,11 @@ impl SimMetrics {
     pub fn state(&self, running: usize, waiting: usize, blocks_in_use: usize, capacity: usize) {
         self.running.set(running as f64);
         self.waiting.set(waiting as f64);
-        self.kv_usage.set(if capacity == 0 { 0.0 } else { blocks_in_use as f64 / capacity as f64 });
+        self.kv_usage.set(if capacity == 0 {
+            0.0
+        } else {
+            blocks_in_use as f64 / capacity as f64
+        });
     }
 
     pub fn finished(&self, reason: FinishReason) {

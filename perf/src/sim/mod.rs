@@ -26,7 +26,11 @@ use self::engine::{Engine, EngineConfig};
 
 /// Every knob of the simulated engine.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "lmstack-sim", version, about = "A vLLM-compatible engine simulator")]
+#[command(
+    name = "lmstack-sim",
+    version,
+    about = "A vLLM-compatible engine simulator"
+)]
 pub struct SimArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -97,6 +101,7 @@ pub fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     anyhow::ensure!(args.block_size > 0, "--block-size must be positive");
@@ -104,7 +109,9 @@ pub fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.max_num_seqs > 0, "--max-num-seqs must be positive");
     anyhow::ensure!(!args.models.is_empty(), "--model is required");
     let runtime = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.threads)

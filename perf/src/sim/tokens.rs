@@ -22,7 +22,10 @@ pub fn render_chat(messages: &Value) -> Result<String, String> {
     }
     let mut out = String::new();
     for m in list {
-        let role = m.get("role").and_then(Value::as_str).ok_or("every message needs a `role`")?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or("every message needs a `role`")?;
         out.push_str("<|");
         out.push_str(role);
         out.push_str("|>\n");
@@ -60,7 +63,11 @@ pub fn prompt_tokens(prompt: &Value, chars_per_token: usize) -> Result<Vec<u32>,
 
 fn token_ids(ids: &[Value]) -> Result<Vec<u32>, String> {
     ids.iter()
-        .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(|| "token ids must be integers".to_owned()))
+        .map(|v| {
+            v.as_u64()
+                .map(|n| n as u32)
+                .ok_or_else(|| "token ids must be integers".to_owned())
+        })
         .collect()
 }
 
@@ -90,7 +97,10 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "hi"}]}
         ]))
         .unwrap();
-        assert_eq!(text, "<|system|>\nbe brief<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n");
+        assert_eq!(
+            text,
+            "<|system|>\nbe brief<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
+        );
         assert!(render_chat(&json!([])).is_err());
         assert!(render_chat(&json!([{"content": "x"}])).is_err());
     }

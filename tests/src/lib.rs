@@ -1,0 +1,703 @@
+//! The end-to-end test bed: starts the real binaries (`lmstack`, `lmstack-sim`) on loopback
+//! with ephemeral ports, waits for them by polling (never by sleeping), talks to them over
+//! real sockets, and stops them by PID when dropped.
+//!
+//! Also here: a blocking raw HTTP client for the cases no well-behaved client produces,
+//! fake engines that misbehave on purpose, and a Prometheus text reader.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use serde_json::{Value, json};
+
+/// How long anything in these tests may take to become true. Generous: CI machines are
+/// shared and slow; a passing test never waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The path of a workspace binary, built (once per test process) with the profile the tests
+/// were built with, so tests never run stale binaries.
+pub fn bin(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/<test> -> target/<profile>
+        let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "lmstack",
+            "-p",
+            "lmstack-perf",
+        ])
+        .current_dir(workspace_root());
+        if profile != "debug" {
+            cmd.args([
+                "--profile",
+                if profile == "release" {
+                    "release"
+                } else {
+                    &profile
+                },
+            ]);
+        }
+        let status = cmd.status().expect("running cargo build for the binaries");
+        assert!(status.success(), "building the binaries failed");
+        dir
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Polls `f` until it is true or the deadline passes.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if f() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A running child process, killed when dropped.
+pub struct Proc {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `program` and waits for the stdout line that says where it listens.
+    pub fn start(program: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let logs = workspace_root().join("target/e2e-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = logs.join(format!(
+            "{}-{}-{}.log",
+            program.file_name().unwrap().to_string_lossy(),
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let lines = lines.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                        let _ = tx.send(addr);
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(DEADLINE) {
+            Ok(a) => a.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("{} did not start:\n{log_text}", program.display());
+            }
+        };
+        Proc {
+            child,
+            addr,
+            log,
+            lines,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's PID has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a simulated engine on a free port; `extra` adds flags.
+pub fn sim(name: &str, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = ["--host", "127.0.0.1", "--port", "0", "--name", name]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    Proc::start(&bin("lmstack-sim"), &args, &[])
+}
+
+/// Starts the router on a free port with `args`.
+pub fn router(args: &[String]) -> Proc {
+    router_env(args, &[])
+}
+
+pub fn router_env(args: &[String], env: &[(&str, &str)]) -> Proc {
+    let mut all: Vec<String> = ["--host", "127.0.0.1", "--port", "0", "--workers", "2"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    all.extend(args.iter().cloned());
+    Proc::start(&bin("lmstack"), &all, env)
+}
+
+/// `--static-backends` for these engines.
+pub fn backends(engines: &[&Proc]) -> Vec<String> {
+    vec![
+        "--static-backends".into(),
+        engines
+            .iter()
+            .map(|e| e.url())
+            .collect::<Vec<_>>()
+            .join(","),
+    ]
+}
+
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Waits until the router's /health says it can route.
+pub fn wait_healthy(router: &Proc) {
+    wait_until("the router to report healthy", || {
+        get(router, "/health").status == 200
+    });
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(DEADLINE))
+        .build()
+        .into()
+}
+
+fn reply(mut r: ureq::http::Response<ureq::Body>) -> Reply {
+    let status = r.status().as_u16();
+    let headers = r
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = r.body_mut().read_to_string().unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub fn get(p: &Proc, path: &str) -> Reply {
+    reply(agent().get(format!("{}{path}", p.url())).call().unwrap())
+}
+
+pub fn post(p: &Proc, path: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
+    post_with(&agent(), p, path, body, headers)
+}
+
+pub fn post_with(
+    agent: &ureq::Agent,
+    p: &Proc,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = agent
+        .post(format!("{}{path}", p.url()))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    reply(req.send(body.to_string()).unwrap())
+}
+
+/// A metric's value from a Prometheus text page: the first sample of `name` whose labels
+/// include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, label_part) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric_name != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\"")));
+            if ok { value.parse().ok() } else { None }
+        })
+}
+
+/// The sum of all samples of `name` with all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, label_part) = series.split_once('{').unwrap_or((series, ""));
+            (metric_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+pub fn metrics_text(p: &Proc) -> String {
+    get(p, "/metrics").body
+}
+
+/// A raw HTTP/1.1 response as read off the wire.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The body ended properly (length reached or last chunk seen).
+    pub complete: bool,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// A raw client connection, for what well-behaved clients never send.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn connect(p: &Proc) -> Raw {
+        let stream = TcpStream::connect(p.addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> &mut Self {
+        self.stream.write_all(bytes).unwrap();
+        self
+    }
+
+    fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                n
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// Reads one response head, or None if the connection closed first.
+    pub fn read_head(&mut self) -> Option<(u16, Vec<(String, String)>)> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut res = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(n)) = res.parse(&self.buf) {
+                let status = res.code.unwrap();
+                let headers = res
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_owned(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                self.buf.drain(..n);
+                return Some((status, headers));
+            }
+            if self.fill() == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads one whole response (interim 1xx responses are returned too).
+    pub fn read_response(&mut self) -> Option<RawResponse> {
+        let (status, headers) = self.read_head()?;
+        let find = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        let mut complete = true;
+        if (100..200).contains(&status) || status == 204 {
+        } else if let Some(len) = find("content-length") {
+            let len: usize = len.trim().parse().unwrap();
+            while self.buf.len() < len {
+                if self.fill() == 0 {
+                    complete = false;
+                    break;
+                }
+            }
+            let take = len.min(self.buf.len());
+            body = self.buf.drain(..take).collect();
+        } else if find("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+            complete = self.read_chunked(&mut body);
+        } else {
+            while self.fill() > 0 {}
+            body = std::mem::take(&mut self.buf);
+        }
+        Some(RawResponse {
+            status,
+            headers,
+            body,
+            complete,
+        })
+    }
+
+    /// A chunked body, decoded by this independent little parser.
+    fn read_chunked(&mut self, body: &mut Vec<u8>) -> bool {
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                if self.fill() == 0 {
+                    return false;
+                }
+            };
+            let line = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+            let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16).unwrap();
+            self.buf.drain(..line_end + 2);
+            while self.buf.len() < size + 2 {
+                if self.fill() == 0 {
+                    body.append(&mut self.buf);
+                    return false;
+                }
+            }
+            if size == 0 {
+                self.buf.drain(..2);
+                return true;
+            }
+            body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+        }
+    }
+
+    /// Whether the server closed the connection (reads EOF within the deadline).
+    pub fn closed_by_peer(&mut self) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            let mut b = [0u8; 1024];
+            match self.stream.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    pub fn close(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// A request with a JSON body, as raw bytes.
+pub fn raw_post(path: &str, body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: lmstack\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// What a fake engine does with requests other than its health probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Misbehave {
+    /// Reads the request, then resets the connection.
+    Reset,
+    /// Reads the request and never answers.
+    Hang,
+    /// Sends a streaming response head and one event, then goes silent.
+    StallMidStream,
+    /// Answers correctly (Content-Length) but closes every connection afterwards
+    /// without saying so, so pooled connections go stale.
+    CloseAfterEachResponse,
+}
+
+/// A fake engine on a real socket: healthy to probes (`GET /health`), misbehaving otherwise.
+pub struct FakeEngine {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl FakeEngine {
+    pub fn start(how: Misbehave) -> FakeEngine {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicUsize::new(0));
+        listener.set_nonblocking(true).unwrap();
+        {
+            let stop = stop.clone();
+            let requests = requests.clone();
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            s.set_nonblocking(false).unwrap();
+                            let requests = requests.clone();
+                            thread::spawn(move || fake_connection(s, how, &requests));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+                // Dropping the listener refuses new connections from now on.
+            });
+        }
+        FakeEngine {
+            addr,
+            stop,
+            requests,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops listening: new connections are refused.
+    pub fn stop_listening(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let start = Instant::now();
+        while TcpStream::connect(self.addr).is_ok() && start.elapsed() < DEADLINE {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for FakeEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn fake_connection(mut s: TcpStream, how: Misbehave, requests: &AtomicUsize) {
+    let mut buf = Vec::new();
+    loop {
+        // Read one request head and its Content-Length body.
+        let (head_len, body_len, line) = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                break (end + 4, len, head.lines().next().unwrap_or("").to_owned());
+            }
+            let mut chunk = [0u8; 8192];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        while buf.len() < head_len + body_len {
+            let mut chunk = [0u8; 8192];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_len + body_len);
+        if line.starts_with("GET /health") {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            continue;
+        }
+        requests.fetch_add(1, Ordering::Relaxed);
+        match how {
+            Misbehave::Reset => {
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: setsockopt on a socket we own, with a correctly sized linger value.
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                }
+                return;
+            }
+            Misbehave::Hang => {
+                thread::sleep(DEADLINE * 2);
+                return;
+            }
+            Misbehave::StallMidStream => {
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+                      f\r\ndata: {\"a\":1}\n\n\r\n",
+                );
+                thread::sleep(DEADLINE * 2);
+                return;
+            }
+            Misbehave::CloseAfterEachResponse => {
+                let body =
+                    br#"{"id":"x","object":"text_completion","choices":[{"index":0,"text":"ok"}]}"#;
+                let _ = s.write_all(
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len())
+                        .as_bytes(),
+                );
+                let _ = s.write_all(body);
+                return;
+            }
+        }
+    }
+}
+
+/// A Python venv with the official `openai` SDK, made once under target/.
+pub fn python_with_openai() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let venv = workspace_root().join("target/e2e-venv");
+        let python = venv.join("bin/python");
+        let ok = |p: &Path| {
+            Command::new(p)
+                .args(["-c", "import openai"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&python) {
+            let status = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .unwrap();
+            assert!(status.success(), "python3 -m venv failed");
+            let status = Command::new(venv.join("bin/pip"))
+                .args([
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "openai>=1.50,<4",
+                ])
+                .status()
+                .unwrap();
+            assert!(status.success(), "pip install openai failed");
+            assert!(ok(&python), "openai does not import after installing it");
+        }
+        python
+    })
+    .clone()
+}
