@@ -29,11 +29,7 @@ pub enum Mode {
 }
 
 #[derive(Clone, Debug, Parser)]
-#[command(
-    name = "lmstack-load",
-    version,
-    about = "Closed-loop load for OpenAI endpoints"
-)]
+#[command(name = "lmstack-load", version, about = "Closed-loop load for OpenAI endpoints")]
 pub struct LoadArgs {
     /// Base URL: http://host:port
     #[arg(long)]
@@ -240,11 +236,7 @@ async fn connect(host_port: &str) -> anyhow::Result<http1::SendRequest<Full<Byte
     Ok(sender)
 }
 
-async fn connection_loop(
-    target: Arc<Target>,
-    warm_at: Instant,
-    end_at: Instant,
-) -> anyhow::Result<Recorder> {
+async fn connection_loop(target: Arc<Target>, warm_at: Instant, end_at: Instant) -> anyhow::Result<Recorder> {
     let mut rec = Recorder::new()?;
     let mut sender: Option<http1::SendRequest<Full<Bytes>>> = None;
     while Instant::now() < end_at {

@@ -38,25 +38,10 @@ pub fn bin(name: &str) -> PathBuf {
         let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "lmstack",
-            "-p",
-            "lmstack-perf",
-        ])
-        .current_dir(workspace_root());
+        cmd.args(["build", "--quiet", "--bins", "-p", "lmstack", "-p", "lmstack-perf"])
+            .current_dir(workspace_root());
         if profile != "debug" {
-            cmd.args([
-                "--profile",
-                if profile == "release" {
-                    "release"
-                } else {
-                    &profile
-                },
-            ]);
+            cmd.args(["--profile", if profile == "release" { "release" } else { &profile }]);
         }
         let status = cmd.status().expect("running cargo build for the binaries");
         assert!(status.success(), "building the binaries failed");
@@ -205,11 +190,7 @@ pub fn router_env(args: &[String], env: &[(&str, &str)]) -> Proc {
 pub fn backends(engines: &[&Proc]) -> Vec<String> {
     vec![
         "--static-backends".into(),
-        engines
-            .iter()
-            .map(|e| e.url())
-            .collect::<Vec<_>>()
-            .join(","),
+        engines.iter().map(|e| e.url()).collect::<Vec<_>>().join(","),
     ]
 }
 
@@ -219,9 +200,7 @@ pub fn args(list: &[&str]) -> Vec<String> {
 
 /// Waits until the router's /health says it can route.
 pub fn wait_healthy(router: &Proc) {
-    wait_until("the router to report healthy", || {
-        get(router, "/health").status == 200
-    });
+    wait_until("the router to report healthy", || get(router, "/health").status == 200);
 }
 
 pub struct Reply {
@@ -236,9 +215,7 @@ impl Reply {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
     }
 }
 
@@ -258,11 +235,7 @@ fn reply(mut r: ureq::http::Response<ureq::Body>) -> Reply {
         .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
         .collect();
     let body = r.body_mut().read_to_string().unwrap_or_default();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply { status, headers, body }
 }
 
 pub fn get(p: &Proc, path: &str) -> Reply {
@@ -273,13 +246,7 @@ pub fn post(p: &Proc, path: &str, body: &Value, headers: &[(&str, &str)]) -> Rep
     post_with(&agent(), p, path, body, headers)
 }
 
-pub fn post_with(
-    agent: &ureq::Agent,
-    p: &Proc,
-    path: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> Reply {
+pub fn post_with(agent: &ureq::Agent, p: &Proc, path: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
     let mut req = agent
         .post(format!("{}{path}", p.url()))
         .header("content-type", "application/json");
@@ -292,22 +259,18 @@ pub fn post_with(
 /// A metric's value from a Prometheus text page: the first sample of `name` whose labels
 /// include all of `labels`.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric_name, label_part) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric_name != name {
-                return None;
-            }
-            let ok = labels
-                .iter()
-                .all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\"")));
-            if ok { value.parse().ok() } else { None }
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric_name, label_part) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric_name != name {
+            return None;
+        }
+        let ok = labels.iter().all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\"")));
+        if ok { value.parse().ok() } else { None }
+    })
 }
 
 /// The sum of all samples of `name` with all of `labels`.
@@ -317,12 +280,9 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
             let (metric_name, label_part) = series.split_once('{').unwrap_or((series, ""));
-            (metric_name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
+            (metric_name == name && labels.iter().all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
         })
         .sum()
 }
@@ -354,8 +314,7 @@ impl RawResponse {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 }
 
@@ -402,12 +361,7 @@ impl Raw {
                 let headers = res
                     .headers
                     .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_owned(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
+                    .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
                     .collect();
                 self.buf.drain(..n);
                 return Some((status, headers));
@@ -557,11 +511,7 @@ impl FakeEngine {
                 // Dropping the listener refuses new connections from now on.
             });
         }
-        FakeEngine {
-            addr,
-            stop,
-            requests,
-        }
+        FakeEngine { addr, stop, requests }
     }
 
     pub fn url(&self) -> String {
@@ -651,11 +601,13 @@ fn fake_connection(mut s: TcpStream, how: Misbehave, requests: &AtomicUsize) {
                 return;
             }
             Misbehave::CloseAfterEachResponse => {
-                let body =
-                    br#"{"id":"x","object":"text_completion","choices":[{"index":0,"text":"ok"}]}"#;
+                let body = br#"{"id":"x","object":"text_completion","choices":[{"index":0,"text":"ok"}]}"#;
                 let _ = s.write_all(
-                    format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len())
-                        .as_bytes(),
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .as_bytes(),
                 );
                 let _ = s.write_all(body);
                 return;
@@ -686,12 +638,7 @@ pub fn python_with_openai() -> PathBuf {
                 .unwrap();
             assert!(status.success(), "python3 -m venv failed");
             let status = Command::new(venv.join("bin/pip"))
-                .args([
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "openai>=1.50,<4",
-                ])
+                .args(["install", "--quiet", "--disable-pip-version-check", "openai>=1.50,<4"])
                 .status()
                 .unwrap();
             assert!(status.success(), "pip install openai failed");

@@ -23,11 +23,7 @@ fn check_prints_the_whole_configuration_and_exits() {
         "--session-key",
         "x-user-id",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("valid"));
     assert!(text.contains("policy: session"));
@@ -42,10 +38,7 @@ fn check_prints_the_whole_configuration_and_exits() {
 fn invalid_configuration_fails_at_start_with_a_clear_message() {
     let cases: [(&[&str], &str); 5] = [
         (&["--check"], "no backends"),
-        (
-            &["--check", "--static-backends", "https://a:1"],
-            "only http://",
-        ),
+        (&["--check", "--static-backends", "https://a:1"], "only http://"),
         (
             &[
                 "--check",
@@ -106,10 +99,6 @@ fn a_config_file_with_unknown_keys_is_refused() {
     )
     .unwrap();
     let out = lmstack(&["--check", "--config", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -42,10 +42,7 @@ fn malformed_http_is_400_and_closes() {
         b"POST /v1/completions HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
     );
     openai_error(&resp, 400, "malformed_request");
-    let (resp, _) = one(
-        &r,
-        b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-    );
+    let (resp, _) = one(&r, b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n");
     openai_error(&resp, 501, "unsupported_transfer_encoding");
     let (resp, _) = one(
         &r,
@@ -72,11 +69,7 @@ fn bad_bodies_are_400_and_keep_the_connection() {
     c.send(&raw_post("/v1/completions", r#"{"prompt":"x"}"#, ""));
     let e = openai_error(&c.read_response().unwrap(), 400, "invalid_request");
     assert_eq!(e["param"], "model");
-    c.send(&raw_post(
-        "/v1/completions",
-        r#"{"model":7,"prompt":"x"}"#,
-        "",
-    ));
+    c.send(&raw_post("/v1/completions", r#"{"model":7,"prompt":"x"}"#, ""));
     let e = openai_error(&c.read_response().unwrap(), 400, "invalid_request");
     assert_eq!(e["param"], "model");
     // The same connection still works.
@@ -95,11 +88,7 @@ fn unknown_models_are_404_listing_what_is_served() {
     wait_healthy(&r);
     let (resp, _) = one(
         &r,
-        &raw_post(
-            "/v1/chat/completions",
-            r#"{"model":"gamma","messages":[]}"#,
-            "",
-        ),
+        &raw_post("/v1/chat/completions", r#"{"model":"gamma","messages":[]}"#, ""),
     );
     let e = openai_error(&resp, 404, "model_not_found");
     let message = e["message"].as_str().unwrap();
@@ -141,9 +130,7 @@ fn bodies_over_the_limit_are_413() {
     // Chunked: the limit applies to the decoded size.
     let chunk = "y".repeat(600);
     let body = format!("258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n");
-    let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
-    );
+    let req = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
     let (resp, _) = one(&r, req.as_bytes());
     openai_error(&resp, 413, "body_too_large");
 }
@@ -165,7 +152,11 @@ fn slow_heads_time_out_with_408() {
     let dir = std::env::temp_dir().join(format!("lmstack-408-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("c.yaml");
-    std::fs::write(&config, "server:\n  header_timeout_ms: 300\ndiscovery:\n  backends: [{url: 'http://127.0.0.1:9'}]\n").unwrap();
+    std::fs::write(
+        &config,
+        "server:\n  header_timeout_ms: 300\ndiscovery:\n  backends: [{url: 'http://127.0.0.1:9'}]\n",
+    )
+    .unwrap();
     let r = router(&args(&["--config", config.to_str().unwrap()]));
     let mut c = Raw::connect(&r);
     c.send(b"GET /health HTTP/1.1\r\nHost: x\r\n");
@@ -187,16 +178,10 @@ fn no_healthy_endpoint_is_503() {
     });
     assert_eq!(get(&r, "/health").status, 503);
     assert_eq!(get(&r, "/health").json()["status"], "no_healthy_endpoint");
-    let (resp, _) = one(
-        &r,
-        &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""),
-    );
+    let (resp, _) = one(&r, &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""));
     openai_error(&resp, 503, "no_healthy_endpoint");
     let m = metrics_text(&r);
-    assert_eq!(
-        metric(&m, "lmstack_endpoint_healthy", &[("model", "m")]),
-        Some(0.0)
-    );
+    assert_eq!(metric(&m, "lmstack_endpoint_healthy", &[("model", "m")]), Some(0.0));
 }
 
 #[test]
@@ -212,10 +197,7 @@ fn refused_upstreams_are_502() {
     ]));
     wait_healthy(&r);
     fake.stop_listening();
-    let (resp, _) = one(
-        &r,
-        &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""),
-    );
+    let (resp, _) = one(&r, &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""));
     openai_error(&resp, 502, "upstream_connect");
     let m = metrics_text(&r);
     assert!(
@@ -239,10 +221,7 @@ fn reset_upstreams_are_502() {
         "60000",
     ]));
     wait_healthy(&r);
-    let (resp, _) = one(
-        &r,
-        &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""),
-    );
+    let (resp, _) = one(&r, &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""));
     openai_error(&resp, 502, "upstream_reset");
 }
 
@@ -259,10 +238,7 @@ fn silent_upstreams_are_504() {
     ]));
     wait_healthy(&r);
     let start = std::time::Instant::now();
-    let (resp, _) = one(
-        &r,
-        &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""),
-    );
+    let (resp, _) = one(&r, &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""));
     openai_error(&resp, 504, "upstream_timeout");
     assert!(start.elapsed().as_millis() >= 300);
     // A timeout is not retried: the engine may still be working on it.
@@ -283,17 +259,10 @@ fn a_stream_that_stalls_is_cut_after_the_idle_timeout() {
     wait_healthy(&r);
     let (resp, _) = one(
         &r,
-        &raw_post(
-            "/v1/completions",
-            r#"{"model":"m","prompt":"x","stream":true}"#,
-            "",
-        ),
+        &raw_post("/v1/completions", r#"{"model":"m","prompt":"x","stream":true}"#, ""),
     );
     assert_eq!(resp.status, 200);
-    assert!(
-        !resp.complete,
-        "the client must see the stream end abnormally"
-    );
+    assert!(!resp.complete, "the client must see the stream end abnormally");
     assert!(resp.text().contains("data: {\"a\":1}"));
     let m = metrics_text(&r);
     assert!(

@@ -18,11 +18,7 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     let slow = r#"{"model":"sim-model","prompt":"slow","max_tokens":30}"#;
     let fast = r#"{"model":"sim-model","prompt":"fast","max_tokens":1}"#;
     let mut batch = raw_post("/v1/completions", slow, "X-Request-Id: first\r\n");
-    batch.extend(raw_post(
-        "/v1/completions",
-        fast,
-        "X-Request-Id: second\r\n",
-    ));
+    batch.extend(raw_post("/v1/completions", fast, "X-Request-Id: second\r\n"));
     batch.extend(b"GET /version HTTP/1.1\r\nHost: x\r\nX-Request-Id: third\r\n\r\n");
     c.send(&batch);
     let ids: Vec<String> = (0..3)
@@ -39,10 +35,7 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     // One client connection, and the engine saw pooled connections reused.
     let m = metrics_text(&r);
     let connects = metric_sum(&m, "lmstack_upstream_connects_total", &[]);
-    assert!(
-        connects <= 3.0,
-        "engine connections were not reused: {connects}"
-    );
+    assert!(connects <= 3.0, "engine connections were not reused: {connects}");
 }
 
 #[test]
@@ -123,9 +116,7 @@ fn a_client_that_leaves_cancels_its_request_at_the_engine() {
     let _ = c.stream.read(&mut buf).unwrap();
     assert_eq!(running(), 1.0);
     c.close();
-    wait_until("the engine to drop the streaming request", || {
-        running() == 0.0
-    });
+    wait_until("the engine to drop the streaming request", || running() == 0.0);
     let abort = [("finished_reason", "abort")];
     assert_eq!(
         metric(&metrics_text(&e1), "vllm:request_success_total", &abort),
@@ -139,11 +130,7 @@ fn a_client_that_leaves_cancels_its_request_at_the_engine() {
     wait_until("the engine to run the request", || running() == 1.0);
     c.close();
     wait_until("the router to drop its engine connection", || {
-        metric_sum(
-            &metrics_text(&r),
-            "lmstack_requests_total",
-            &[("status", "499")],
-        ) == 2.0
+        metric_sum(&metrics_text(&r), "lmstack_requests_total", &[("status", "499")]) == 2.0
     });
     let m = metrics_text(&r);
     assert_eq!(metric_sum(&m, "lmstack_requests_running", &[]), 0.0);
@@ -182,13 +169,7 @@ fn failures_before_the_first_byte_are_retried_elsewhere() {
     );
     let m = metrics_text(&r);
     assert!(metric_sum(&m, "lmstack_upstream_retries_total", &[]) >= 5.0);
-    assert!(
-        metric_sum(
-            &m,
-            "lmstack_upstream_errors_total",
-            &[("error_kind", "upstream_reset")]
-        ) >= 5.0
-    );
+    assert!(metric_sum(&m, "lmstack_upstream_errors_total", &[("error_kind", "upstream_reset")]) >= 5.0);
 }
 
 #[test]
@@ -207,12 +188,7 @@ fn stale_pooled_connections_are_retried_transparently() {
     wait_healthy(&r);
     for _ in 0..10 {
         let (status, body) = {
-            let reply = post(
-                &r,
-                "/v1/completions",
-                &json!({"model": "m", "prompt": "x"}),
-                &[],
-            );
+            let reply = post(&r, "/v1/completions", &json!({"model": "m", "prompt": "x"}), &[]);
             (reply.status, reply.body)
         };
         assert_eq!(status, 200, "{body}");
@@ -220,23 +196,14 @@ fn stale_pooled_connections_are_retried_transparently() {
     }
     // The pooled connection was tried and found dead, and the request went out again.
     let m = metrics_text(&r);
-    assert!(
-        metric_sum(&m, "lmstack_upstream_retries_total", &[]) >= 5.0,
-        "{m}"
-    );
+    assert!(metric_sum(&m, "lmstack_upstream_retries_total", &[]) >= 5.0, "{m}");
 }
 
 #[test]
 fn unhealthy_endpoints_leave_rotation_and_come_back() {
     let e1 = sim("e1", &[]);
     let e2 = sim("e2", &[]);
-    let r = router(
-        &[
-            backends(&[&e1, &e2]),
-            args(&["--health-check-interval-ms", "100"]),
-        ]
-        .concat(),
-    );
+    let r = router(&[backends(&[&e1, &e2]), args(&["--health-check-interval-ms", "100"])].concat());
     wait_until("both healthy", || {
         get(&r, "/health").json()["models"][0]["healthy_endpoints"] == 2
     });

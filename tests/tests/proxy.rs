@@ -22,11 +22,7 @@ fn completions_and_chat_pass_through_unchanged() {
     assert_eq!(p["object"], "text_completion");
     assert_eq!(p["usage"], d["usage"]);
     assert_eq!(p["choices"][0]["finish_reason"], "length");
-    assert!(
-        proxied
-            .header("x-request-id")
-            .is_some_and(|id| id.starts_with("lms-"))
-    );
+    assert!(proxied.header("x-request-id").is_some_and(|id| id.starts_with("lms-")));
 
     let chat = post(
         &r,
@@ -79,11 +75,7 @@ fn streams_arrive_as_the_engine_sends_them() {
         "events were buffered: first after {first:?}, all after {total:?}"
     );
     let text = String::from_utf8_lossy(&raw);
-    assert_eq!(
-        text.matches("data: ").count(),
-        12,
-        "10 tokens, usage, [DONE]:\n{text}"
-    );
+    assert_eq!(text.matches("data: ").count(), 12, "10 tokens, usage, [DONE]:\n{text}");
     assert!(text.contains("\"usage\""));
     assert!(text.contains("data: [DONE]"));
 }
@@ -92,24 +84,12 @@ fn streams_arrive_as_the_engine_sends_them() {
 fn round_robin_spreads_requests_evenly() {
     let e1 = sim("e1", &[]);
     let e2 = sim("e2", &[]);
-    let r = router(
-        &[
-            backends(&[&e1, &e2]),
-            args(&["--routing-logic", "roundrobin"]),
-        ]
-        .concat(),
-    );
+    let r = router(&[backends(&[&e1, &e2]), args(&["--routing-logic", "roundrobin"])].concat());
     wait_healthy(&r);
     let agent = agent();
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..40 {
-        let reply = post_with(
-            &agent,
-            &r,
-            "/v1/completions",
-            &completion("sim-model", false),
-            &[],
-        );
+        let reply = post_with(&agent, &r, "/v1/completions", &completion("sim-model", false), &[]);
         assert_eq!(reply.status, 200);
         *counts
             .entry(reply.header("x-sim-engine").unwrap().to_owned())
@@ -146,10 +126,7 @@ fn sessions_stick_to_one_endpoint() {
         }
     }
     let distinct: std::collections::HashSet<&String> = homes.values().collect();
-    assert!(
-        distinct.len() >= 2,
-        "all sessions on one endpoint: {homes:?}"
-    );
+    assert!(distinct.len() >= 2, "all sessions on one endpoint: {homes:?}");
 
     // The body's `user` field is a session key too, when no header is given.
     let by_body = |u: &str| {
@@ -192,10 +169,7 @@ fn many_models_behind_one_address() {
         .iter()
         .find(|m| m["id"] == "llama-sql")
         .unwrap();
-    assert_eq!(
-        lora["parent"], "llama",
-        "the engine's own model card is served"
-    );
+    assert_eq!(lora["parent"], "llama", "the engine's own model card is served");
 
     for (model, engine) in [
         ("llama", "llama-engine"),
@@ -228,10 +202,7 @@ fn other_openai_routes_are_forwarded_by_model() {
     let r = router(&backends(&[&e1]));
     wait_healthy(&r);
     let cases = [
-        (
-            "/v1/embeddings",
-            json!({"model": "sim-model", "input": ["a", "b"]}),
-        ),
+        ("/v1/embeddings", json!({"model": "sim-model", "input": ["a", "b"]})),
         (
             "/v1/rerank",
             json!({"model": "sim-model", "query": "q", "documents": ["x", "y"]}),
@@ -240,22 +211,13 @@ fn other_openai_routes_are_forwarded_by_model() {
             "/rerank",
             json!({"model": "sim-model", "query": "q", "documents": ["x"]}),
         ),
-        (
-            "/v1/score",
-            json!({"model": "sim-model", "text_1": "a", "text_2": "b"}),
-        ),
+        ("/v1/score", json!({"model": "sim-model", "text_1": "a", "text_2": "b"})),
         (
             "/score",
             json!({"model": "sim-model", "text_1": "a", "text_2": ["b", "c"]}),
         ),
-        (
-            "/tokenize",
-            json!({"model": "sim-model", "prompt": "hello world"}),
-        ),
-        (
-            "/detokenize",
-            json!({"model": "sim-model", "tokens": [1, 2]}),
-        ),
+        ("/tokenize", json!({"model": "sim-model", "prompt": "hello world"})),
+        ("/detokenize", json!({"model": "sim-model", "tokens": [1, 2]})),
         (
             "/v1/responses",
             json!({"model": "sim-model", "input": "hi", "max_output_tokens": 2}),
@@ -269,13 +231,7 @@ fn other_openai_routes_are_forwarded_by_model() {
         let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&d), keys(&p), "{path}");
     }
-    let emb = post(
-        &r,
-        "/v1/embeddings",
-        &json!({"model": "sim-model", "input": "a"}),
-        &[],
-    )
-    .json();
+    let emb = post(&r, "/v1/embeddings", &json!({"model": "sim-model", "input": "a"}), &[]).json();
     assert_eq!(emb["data"][0]["embedding"].as_array().unwrap().len(), 32);
 }
 
@@ -299,35 +255,16 @@ fn router_endpoints_report_health_version_and_metrics() {
     let labels = [("model", "sim-model"), ("endpoint", url.as_str())];
     let ok = [labels[0], labels[1], ("status", "200")];
     assert_eq!(metric(&m, "lmstack_requests_total", &ok), Some(2.0));
-    assert_eq!(
-        metric(&m, "lmstack_request_duration_seconds_count", &labels),
-        Some(2.0)
-    );
-    assert_eq!(
-        metric(&m, "lmstack_stream_ttft_seconds_count", &labels),
-        Some(1.0)
-    );
+    assert_eq!(metric(&m, "lmstack_request_duration_seconds_count", &labels), Some(2.0));
+    assert_eq!(metric(&m, "lmstack_stream_ttft_seconds_count", &labels), Some(1.0));
     // 5 tokens: 4 gaps between them.
-    assert_eq!(
-        metric(&m, "lmstack_stream_tbt_seconds_count", &labels),
-        Some(4.0)
-    );
-    assert_eq!(
-        metric(&m, "lmstack_stream_events_total", &labels),
-        Some(5.0)
-    );
+    assert_eq!(metric(&m, "lmstack_stream_tbt_seconds_count", &labels), Some(4.0));
+    assert_eq!(metric(&m, "lmstack_stream_events_total", &labels), Some(5.0));
     assert_eq!(metric(&m, "lmstack_requests_running", &labels), Some(0.0));
-    assert_eq!(
-        metric(&m, "lmstack_requests_awaiting_first_byte", &labels),
-        Some(0.0)
-    );
+    assert_eq!(metric(&m, "lmstack_requests_awaiting_first_byte", &labels), Some(0.0));
     assert_eq!(metric(&m, "lmstack_endpoint_healthy", &labels), Some(1.0));
     assert_eq!(
-        metric(
-            &m,
-            "lmstack_routing_decisions_total",
-            &[("policy", "round_robin")]
-        ),
+        metric(&m, "lmstack_routing_decisions_total", &[("policy", "round_robin")]),
         Some(2.0)
     );
     assert!(metric(&m, "lmstack_workers", &[]).is_some());

@@ -71,11 +71,7 @@ pub enum SnapshotError {
     #[error("model {0} appears twice")]
     DuplicateModel(String),
     #[error("model {model} refers to endpoint #{index}, but there are only {count}")]
-    BadEndpointIndex {
-        model: String,
-        index: u32,
-        count: usize,
-    },
+    BadEndpointIndex { model: String, index: u32, count: usize },
     #[error("model {0} lists the same endpoint twice")]
     RepeatedEndpoint(String),
     #[error("a model has an empty name")]
@@ -129,11 +125,9 @@ impl Snapshot {
 
     /// Models with at least one healthy endpoint.
     pub fn routable_models(&self) -> impl Iterator<Item = &Model> {
-        self.models.iter().filter(|m| {
-            m.endpoints
-                .iter()
-                .any(|&i| self.endpoints[i as usize].healthy)
-        })
+        self.models
+            .iter()
+            .filter(|m| m.endpoints.iter().any(|&i| self.endpoints[i as usize].healthy))
     }
 }
 
@@ -177,31 +171,19 @@ mod tests {
         ));
         let mut s = snapshot();
         s.models[0].endpoints.push(0);
-        assert_eq!(
-            s.validate(),
-            Err(SnapshotError::RepeatedEndpoint("m".into()))
-        );
+        assert_eq!(s.validate(), Err(SnapshotError::RepeatedEndpoint("m".into())));
         let mut s = snapshot();
         s.endpoints[1].url = "http://a:1".into();
-        assert!(matches!(
-            s.validate(),
-            Err(SnapshotError::DuplicateEndpoint(_))
-        ));
+        assert!(matches!(s.validate(), Err(SnapshotError::DuplicateEndpoint(_))));
         let mut s = snapshot();
         s.models.push(s.models[0].clone());
-        assert!(matches!(
-            s.validate(),
-            Err(SnapshotError::DuplicateModel(_))
-        ));
+        assert!(matches!(s.validate(), Err(SnapshotError::DuplicateModel(_))));
         let mut s = snapshot();
         s.endpoints[0].engine = Some(EngineStats {
             kv_cache_usage: 1.5,
             ..Default::default()
         });
-        assert!(matches!(
-            s.validate(),
-            Err(SnapshotError::BadEngineStats(_))
-        ));
+        assert!(matches!(s.validate(), Err(SnapshotError::BadEngineStats(_))));
     }
 
     #[test]
@@ -209,10 +191,7 @@ mod tests {
         let s = snapshot();
         let text = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Snapshot>(&text).unwrap(), s);
-        assert!(
-            serde_json::from_str::<Snapshot>(r#"{"version":1,"endpoints":[],"models":[],"x":1}"#)
-                .is_err()
-        );
+        assert!(serde_json::from_str::<Snapshot>(r#"{"version":1,"endpoints":[],"models":[],"x":1}"#).is_err());
     }
 
     #[test]

@@ -86,11 +86,7 @@ impl ChunkedDecoder {
     }
 
     /// Feeds `input`; calls `on_data` with every payload slice found in it, in order.
-    pub fn decode(
-        &mut self,
-        input: &[u8],
-        mut on_data: impl FnMut(&[u8]),
-    ) -> Result<Decoded, ChunkedError> {
+    pub fn decode(&mut self, input: &[u8], mut on_data: impl FnMut(&[u8])) -> Result<Decoded, ChunkedError> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -171,11 +167,7 @@ impl ChunkedDecoder {
                     i += 1;
                 }
                 State::TrailerStart => {
-                    self.state = if b == b'\r' {
-                        State::EndLf
-                    } else {
-                        State::TrailerLine
-                    };
+                    self.state = if b == b'\r' { State::EndLf } else { State::TrailerLine };
                     self.trailer_bytes += 1;
                     i += 1;
                 }
@@ -286,14 +278,8 @@ mod tests {
     fn rejects_bad_framing() {
         assert_eq!(decode_all(b"x\r\n").unwrap_err(), ChunkedError::InvalidSize);
         assert_eq!(decode_all(b"\r\n").unwrap_err(), ChunkedError::InvalidSize);
-        assert_eq!(
-            decode_all(b"3\nabc").unwrap_err(),
-            ChunkedError::InvalidSize
-        );
-        assert_eq!(
-            decode_all(b"3\r\nabcX").unwrap_err(),
-            ChunkedError::MissingCrlf
-        );
+        assert_eq!(decode_all(b"3\nabc").unwrap_err(), ChunkedError::InvalidSize);
+        assert_eq!(decode_all(b"3\r\nabcX").unwrap_err(), ChunkedError::MissingCrlf);
         assert_eq!(
             decode_all(b"11111111111111111\r\n").unwrap_err(),
             ChunkedError::SizeOverflow
@@ -303,10 +289,7 @@ mod tests {
         assert_eq!(decode_all(&long).unwrap_err(), ChunkedError::LineTooLong);
         let mut trailer = b"0\r\nX: ".to_vec();
         trailer.extend(std::iter::repeat_n(b'a', MAX_TRAILER_BYTES + 10));
-        assert_eq!(
-            decode_all(&trailer).unwrap_err(),
-            ChunkedError::TrailerTooLarge
-        );
+        assert_eq!(decode_all(&trailer).unwrap_err(), ChunkedError::TrailerTooLarge);
     }
 
     #[test]

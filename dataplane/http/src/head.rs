@@ -186,8 +186,7 @@ impl HeadScanner {
         for lf in memchr::memchr_iter(b'\n', &buf[from..]) {
             let i = from + lf;
             // LF LF, or LF CR LF: the line before this LF was empty.
-            let blank_line =
-                (i >= 1 && buf[i - 1] == b'\n') || (i >= 2 && &buf[i - 2..i] == b"\n\r");
+            let blank_line = (i >= 1 && buf[i - 1] == b'\n') || (i >= 2 && &buf[i - 2..i] == b"\n\r");
             if blank_line {
                 self.scanned = 0;
                 return Some(i + 1);
@@ -244,8 +243,7 @@ fn framing_headers(headers: &[httparse::Header<'_>]) -> Result<FramingHeaders, H
     for h in headers {
         if h.name.eq_ignore_ascii_case("content-length") {
             for token in tokens(h.value) {
-                let n =
-                    parse_decimal(token).ok_or(HeadError::Malformed("invalid content-length"))?;
+                let n = parse_decimal(token).ok_or(HeadError::Malformed("invalid content-length"))?;
                 match out.content_length {
                     Some(prev) if prev != n => {
                         return Err(HeadError::Malformed("conflicting content-length values"));
@@ -276,9 +274,7 @@ fn framing_headers(headers: &[httparse::Header<'_>]) -> Result<FramingHeaders, H
         return Err(HeadError::UnsupportedTransferEncoding);
     }
     if out.chunked && out.content_length.is_some() {
-        return Err(HeadError::Malformed(
-            "both content-length and transfer-encoding",
-        ));
+        return Err(HeadError::Malformed("both content-length and transfer-encoding"));
     }
     Ok(out)
 }
@@ -287,9 +283,9 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    digits.iter().try_fold(0u64, |acc, d| {
-        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
+    digits
+        .iter()
+        .try_fold(0u64, |acc, d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 fn keep_alive(version: Version, f: &FramingHeaders) -> bool {
@@ -330,16 +326,11 @@ pub fn parse_request(
     let raw = buf.split_to(end).freeze();
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
     let mut req = httparse::Request::new(&mut []);
-    let result = req.parse_with_uninit_headers(
-        &raw,
-        &mut headers[..limits.max_headers.min(MAX_HEADERS_CAP)],
-    );
+    let result = req.parse_with_uninit_headers(&raw, &mut headers[..limits.max_headers.min(MAX_HEADERS_CAP)]);
     let parsed = match result {
         Ok(httparse::Status::Complete(_)) => {
             let method = req.method.ok_or(HeadError::Malformed("missing method"))?;
-            let target = req
-                .path
-                .ok_or(HeadError::Malformed("missing request target"))?;
+            let target = req.path.ok_or(HeadError::Malformed("missing request target"))?;
             let version = version_of(req.version);
             let framing_h = framing_headers(req.headers)?;
             let mut expect_continue = false;
@@ -412,8 +403,7 @@ pub fn parse_response(
             let status = res.code.ok_or(HeadError::Malformed("missing status"))?;
             let version = version_of(res.version);
             let framing_h = framing_headers(res.headers)?;
-            let no_body =
-                head_request || (100..200).contains(&status) || status == 204 || status == 304;
+            let no_body = head_request || (100..200).contains(&status) || status == 204 || status == 304;
             let framing = if no_body {
                 Framing::Empty
             } else if framing_h.chunked {
@@ -488,10 +478,9 @@ mod tests {
 
     #[test]
     fn parses_a_post_with_content_length() {
-        let head =
-            req(b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n")
-                .unwrap()
-                .unwrap();
+        let head = req(b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(head.method(), "POST");
         assert_eq!(head.path(), "/v1/completions");
         assert_eq!(head.target(), "/v1/completions?x=1");
@@ -576,10 +565,9 @@ mod tests {
 
     #[test]
     fn chunked_and_expect() {
-        let head =
-            req(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue\r\n\r\n")
-                .unwrap()
-                .unwrap();
+        let head = req(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(head.framing, Framing::Chunked);
         assert!(head.expect_continue);
         assert_eq!(
@@ -626,14 +614,8 @@ mod tests {
 
     #[test]
     fn response_framing() {
-        let r = res(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
-            false,
-        );
-        assert_eq!(
-            (r.status, r.framing, r.keep_alive),
-            (200, Framing::Chunked, true)
-        );
+        let r = res(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", false);
+        assert_eq!((r.status, r.framing, r.keep_alive), (200, Framing::Chunked, true));
         assert_eq!(r.reason(), b"OK");
         let r = res(b"HTTP/1.1 200 OK\r\n\r\n", false);
         assert_eq!((r.framing, r.keep_alive), (Framing::UntilClose, false));

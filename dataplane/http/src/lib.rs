@@ -12,8 +12,6 @@ pub mod peek;
 pub mod sse;
 
 pub use chunked::{ChunkedDecoder, ChunkedError, Decoded};
-pub use head::{
-    Framing, HeadError, HeadLimits, HeadScanner, Headers, RequestHead, ResponseHead, Version,
-};
+pub use head::{Framing, HeadError, HeadLimits, HeadScanner, Headers, RequestHead, ResponseHead, Version};
 pub use peek::{Peek, PeekError, peek};
 pub use sse::{SseCounter, SseEvents};

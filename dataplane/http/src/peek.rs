@@ -256,7 +256,8 @@ mod tests {
 
     #[test]
     fn finds_routing_fields_and_keeps_the_prompt_raw() {
-        let body = br#"{"model":"llama","prompt":["a\n", "b"],"max_tokens":5,"stream":true,"user":"u1","x":{"y":[1,2]}}"#;
+        let body =
+            br#"{"model":"llama","prompt":["a\n", "b"],"max_tokens":5,"stream":true,"user":"u1","x":{"y":[1,2]}}"#;
         let p = peek(body, Some("user")).unwrap();
         assert_eq!(p.model.as_deref(), Some("llama"));
         assert!(p.stream);
@@ -269,10 +270,7 @@ mod tests {
     fn chat_messages_stay_raw() {
         let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"m"}"#;
         let p = peek(body, None).unwrap();
-        assert_eq!(
-            p.messages.unwrap().get(),
-            r#"[{"role":"user","content":"hi"}]"#
-        );
+        assert_eq!(p.messages.unwrap().get(), r#"[{"role":"user","content":"hi"}]"#);
         assert!(!p.stream);
     }
 
@@ -297,19 +295,10 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_request_object() {
-        assert!(matches!(
-            peek(b"{\"model\":", None),
-            Err(PeekError::InvalidJson(_))
-        ));
+        assert!(matches!(peek(b"{\"model\":", None), Err(PeekError::InvalidJson(_))));
         assert!(matches!(peek(b"", None), Err(PeekError::InvalidJson(_))));
-        assert!(matches!(
-            peek(b"{} x", None),
-            Err(PeekError::InvalidJson(_))
-        ));
-        assert!(matches!(
-            peek(b"{\"a\":tru}", None),
-            Err(PeekError::InvalidJson(_))
-        ));
+        assert!(matches!(peek(b"{} x", None), Err(PeekError::InvalidJson(_))));
+        assert!(matches!(peek(b"{\"a\":tru}", None), Err(PeekError::InvalidJson(_))));
         assert_eq!(peek(b"[1,2]", None).unwrap_err(), PeekError::NotAnObject);
         assert_eq!(peek(b"\"s\"", None).unwrap_err(), PeekError::NotAnObject);
         assert_eq!(
@@ -334,10 +323,7 @@ mod tests {
 
     #[test]
     fn syntax_errors_after_a_field_error_are_still_syntax_errors() {
-        assert!(matches!(
-            peek(br#"{"model":5,"#, None),
-            Err(PeekError::InvalidJson(_))
-        ));
+        assert!(matches!(peek(br#"{"model":5,"#, None), Err(PeekError::InvalidJson(_))));
     }
 
     proptest! {

@@ -163,25 +163,13 @@ data: [DONE]\n\n";
 
     #[test]
     fn counts_vllm_events() {
-        assert_eq!(
-            count(VLLM),
-            SseEvents {
-                data: 2,
-                done: true
-            }
-        );
+        assert_eq!(count(VLLM), SseEvents { data: 2, done: true });
     }
 
     #[test]
     fn crlf_and_comments_and_other_fields() {
         let s = b": keep-alive\r\n\r\nevent: x\r\ndata: 1\r\nid: 3\r\n\r\nretry: 10\r\n\r\n";
-        assert_eq!(
-            count(s),
-            SseEvents {
-                data: 1,
-                done: false
-            }
-        );
+        assert_eq!(count(s), SseEvents { data: 1, done: false });
     }
 
     #[test]
@@ -191,35 +179,11 @@ data: [DONE]\n\n";
 
     #[test]
     fn done_must_be_the_whole_value() {
-        assert_eq!(
-            count(b"data: [DONE]x\n\n"),
-            SseEvents {
-                data: 1,
-                done: false
-            }
-        );
-        assert_eq!(
-            count(b"data:[DONE]\n\n"),
-            SseEvents {
-                data: 0,
-                done: true
-            }
-        );
-        assert_eq!(
-            count(b"data: [DON\n\n"),
-            SseEvents {
-                data: 1,
-                done: false
-            }
-        );
+        assert_eq!(count(b"data: [DONE]x\n\n"), SseEvents { data: 1, done: false });
+        assert_eq!(count(b"data:[DONE]\n\n"), SseEvents { data: 0, done: true });
+        assert_eq!(count(b"data: [DON\n\n"), SseEvents { data: 1, done: false });
         assert_eq!(count(b"datax: 1\n\n"), SseEvents::default());
-        assert_eq!(
-            count(b"data: [DONE]\ndata: x\n\n"),
-            SseEvents {
-                data: 1,
-                done: false
-            }
-        );
+        assert_eq!(count(b"data: [DONE]\ndata: x\n\n"), SseEvents { data: 1, done: false });
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct ServerConfig {
     pub keepalive_timeout_ms: u64,
     /// Time a single write to a client may block (a client that stops reading).
     pub write_timeout_ms: u64,
+    /// Time a request runs before the router starts watching its client for a disconnect
+    /// (one read, cancelled if the response ends first). Quicker requests cost no extra IO;
+    /// a client that leaves is noticed at most this much later. 0: watch from the start.
+    pub client_watch_delay_ms: u64,
     /// Open client connections across all workers; beyond it, accepting pauses.
     pub max_connections: usize,
     /// Time to let in-flight requests finish after SIGTERM/SIGINT.
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             body_timeout_ms: 60_000,
             keepalive_timeout_ms: 75_000,
             write_timeout_ms: 60_000,
+            client_watch_delay_ms: 1,
             max_connections: 65_536,
             shutdown_grace_ms: 10_000,
         }
@@ -337,10 +342,7 @@ pub enum ServiceDiscoveryFlag {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: {0}")]
@@ -396,8 +398,7 @@ impl Config {
             let urls: Vec<&String> = urls.iter().filter(|u| !u.trim().is_empty()).collect();
             let models = match &cli.static_models {
                 Some(models) => {
-                    let models: Vec<&String> =
-                        models.iter().filter(|m| !m.trim().is_empty()).collect();
+                    let models: Vec<&String> = models.iter().filter(|m| !m.trim().is_empty()).collect();
                     if models.len() != urls.len() {
                         return Err(invalid(format!(
                             "--static-models lists {} models for {} backends; give one per backend, in the same order",
@@ -405,10 +406,7 @@ impl Config {
                             urls.len()
                         )));
                     }
-                    models
-                        .into_iter()
-                        .map(|m| vec![m.trim().to_owned()])
-                        .collect()
+                    models.into_iter().map(|m| vec![m.trim().to_owned()]).collect()
                 }
                 None => vec![Vec::new(); urls.len()],
             };
@@ -424,9 +422,7 @@ impl Config {
             return Err(invalid("--static-models needs --static-backends"));
         }
         if let Some(name) = &cli.routing_logic {
-            self.routing.policy = name
-                .parse()
-                .map_err(|e| invalid(format!("--routing-logic: {e}")))?;
+            self.routing.policy = name.parse().map_err(|e| invalid(format!("--routing-logic: {e}")))?;
         }
         if let Some(header) = &cli.session_key {
             self.routing.session.headers = vec![header.clone()];
@@ -460,47 +456,26 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
-            (
-                "server.max_header_bytes",
-                self.server.max_header_bytes as u64,
-            ),
+            ("server.max_header_bytes", self.server.max_header_bytes as u64),
             ("server.max_headers", self.server.max_headers as u64),
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
             ("server.header_timeout_ms", self.server.header_timeout_ms),
             ("server.body_timeout_ms", self.server.body_timeout_ms),
-            (
-                "server.keepalive_timeout_ms",
-                self.server.keepalive_timeout_ms,
-            ),
+            ("server.keepalive_timeout_ms", self.server.keepalive_timeout_ms),
             ("server.write_timeout_ms", self.server.write_timeout_ms),
             ("server.max_connections", self.server.max_connections as u64),
             ("listen.backlog", u64::from(self.listen.backlog)),
-            (
-                "upstream.connect_timeout_ms",
-                self.upstream.connect_timeout_ms,
-            ),
-            (
-                "upstream.first_byte_timeout_ms",
-                self.upstream.first_byte_timeout_ms,
-            ),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
             ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
-            (
-                "upstream.pool_idle_timeout_ms",
-                self.upstream.pool_idle_timeout_ms,
-            ),
+            ("upstream.pool_idle_timeout_ms", self.upstream.pool_idle_timeout_ms),
             (
                 "upstream.max_response_header_bytes",
                 self.upstream.max_response_header_bytes as u64,
             ),
             ("upstream.queue_timeout_ms", self.upstream.queue_timeout_ms),
-            (
-                "discovery.health.interval_ms",
-                self.discovery.health.interval_ms,
-            ),
-            (
-                "discovery.health.timeout_ms",
-                self.discovery.health.timeout_ms,
-            ),
+            ("discovery.health.interval_ms", self.discovery.health.interval_ms),
+            ("discovery.health.timeout_ms", self.discovery.health.timeout_ms),
             (
                 "discovery.health.unhealthy_after",
                 u64::from(self.discovery.health.unhealthy_after),
@@ -516,9 +491,7 @@ impl Config {
             }
         }
         if self.server.max_headers > MAX_HEADERS_CAP {
-            return Err(invalid(format!(
-                "server.max_headers must be at most {MAX_HEADERS_CAP}"
-            )));
+            return Err(invalid(format!("server.max_headers must be at most {MAX_HEADERS_CAP}")));
         }
         if self.server.max_header_bytes > u32::MAX as usize / 2 {
             return Err(invalid("server.max_header_bytes is too large"));
@@ -534,8 +507,7 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for b in &self.discovery.backends {
-            let parsed = BackendUrl::parse(&b.url)
-                .map_err(|e| invalid(format!("backend {:?}: {e}", b.url)))?;
+            let parsed = BackendUrl::parse(&b.url).map_err(|e| invalid(format!("backend {:?}: {e}", b.url)))?;
             if !seen.insert(parsed.base.clone()) {
                 return Err(invalid(format!("backend {} is listed twice", parsed.base)));
             }
@@ -544,14 +516,8 @@ impl Config {
             }
         }
         for h in &self.routing.session.headers {
-            if h.is_empty()
-                || !h
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
-            {
-                return Err(invalid(format!(
-                    "routing.session.headers: {h:?} is not a header name"
-                )));
+            if h.is_empty() || !h.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)) {
+                return Err(invalid(format!("routing.session.headers: {h:?} is not a header name")));
             }
         }
         if self.routing.session.body_field.as_deref() == Some("") {
@@ -567,19 +533,9 @@ impl Config {
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         (self.listen.host.as_str(), self.listen.port)
             .to_socket_addrs()
-            .map_err(|e| {
-                invalid(format!(
-                    "listen address {}:{}: {e}",
-                    self.listen.host, self.listen.port
-                ))
-            })?
+            .map_err(|e| invalid(format!("listen address {}:{}: {e}", self.listen.host, self.listen.port)))?
             .next()
-            .ok_or_else(|| {
-                invalid(format!(
-                    "listen address {} resolves to nothing",
-                    self.listen.host
-                ))
-            })
+            .ok_or_else(|| invalid(format!("listen address {} resolves to nothing", self.listen.host)))
     }
 
     pub fn worker_count(&self) -> usize {
@@ -608,8 +564,7 @@ pub struct BackendUrl {
 impl BackendUrl {
     pub fn parse(url: &str) -> Result<BackendUrl, String> {
         let rest = url.strip_prefix("http://").ok_or_else(|| {
-            "only http:// backends are supported (engines speak plain HTTP inside the cluster)"
-                .to_owned()
+            "only http:// backends are supported (engines speak plain HTTP inside the cluster)".to_owned()
         })?;
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains('/') {
@@ -702,21 +657,12 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown routing policy")
         );
-        assert!(
-            Config::load(&cli(&[
-                "--static-backends",
-                "http://a:1",
-                "--routing-logic",
-                "kvaware"
-            ]))
-            .is_err()
-        );
+        assert!(Config::load(&cli(&["--static-backends", "http://a:1", "--routing-logic", "kvaware"])).is_err());
     }
 
     #[test]
     fn yaml_and_defaults_agree() {
-        let c = Config::from_yaml("discovery:\n  backends:\n    - url: http://localhost:8000\n")
-            .unwrap();
+        let c = Config::from_yaml("discovery:\n  backends:\n    - url: http://localhost:8000\n").unwrap();
         assert_eq!(c.server, ServerConfig::default());
         assert_eq!(c.upstream.pool_idle_timeout_ms, 4_000);
         c.validate().unwrap();
@@ -735,13 +681,7 @@ mod tests {
             "listen: {port: 7000}\ndiscovery: {backends: [{url: 'http://a:1'}]}\n",
         )
         .unwrap();
-        let c = Config::load(&cli(&[
-            "--config",
-            path.to_str().unwrap(),
-            "--port",
-            "7001",
-        ]))
-        .unwrap();
+        let c = Config::load(&cli(&["--config", path.to_str().unwrap(), "--port", "7001"])).unwrap();
         assert_eq!(c.listen.port, 7001);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -750,20 +690,12 @@ mod tests {
     fn zero_limits_are_rejected() {
         let mut c = Config::from_yaml("discovery: {backends: [{url: 'http://a:1'}]}").unwrap();
         c.upstream.connect_timeout_ms = 0;
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("connect_timeout_ms")
-        );
+        assert!(c.validate().unwrap_err().to_string().contains("connect_timeout_ms"));
     }
 
     #[test]
     fn backend_urls() {
-        assert_eq!(
-            BackendUrl::parse("http://e:8000/").unwrap().base,
-            "http://e:8000"
-        );
+        assert_eq!(BackendUrl::parse("http://e:8000/").unwrap().base, "http://e:8000");
         assert_eq!(BackendUrl::parse("http://e").unwrap().port, 80);
         assert_eq!(BackendUrl::parse("http://[::1]:9").unwrap().host, "[::1]");
         assert!(BackendUrl::parse("https://e:1").is_err());

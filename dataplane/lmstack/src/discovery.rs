@@ -147,8 +147,7 @@ fn probe_backend(b: &Backend, health: &HealthCheckConfig) -> ProbeResult {
 
 /// The model ids (and cards) of an OpenAI `/v1/models` response.
 fn parse_models(body: &[u8]) -> Result<Vec<(String, serde_json::Value)>, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("/v1/models: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("/v1/models: {e}"))?;
     let data = v
         .get("data")
         .and_then(|d| d.as_array())
@@ -200,12 +199,7 @@ fn apply(b: &mut Backend, r: ProbeResult, health: &HealthCheckConfig) {
     }
     b.probed = true;
     match r.models {
-        Some(Ok(models)) => {
-            b.models = models
-                .into_iter()
-                .map(|(id, card)| (id, Some(card)))
-                .collect()
-        }
+        Some(Ok(models)) => b.models = models.into_iter().map(|(id, card)| (id, Some(card))).collect(),
         Some(Err(e)) => tracing::warn!(endpoint = %b.url.base, "cannot list models: {e}"),
         None => {}
     }
@@ -271,10 +265,7 @@ mod tests {
 
     #[test]
     fn snapshots_group_endpoints_by_model() {
-        let s = build(&[
-            backend("http://a:1", 1, &["m", "n"]),
-            backend("http://b:2", 2, &["m"]),
-        ]);
+        let s = build(&[backend("http://a:1", 1, &["m", "n"]), backend("http://b:2", 2, &["m"])]);
         s.validate().unwrap();
         assert_eq!(s.model("m").unwrap().endpoints, vec![0, 1]);
         assert_eq!(s.model("n").unwrap().endpoints, vec![0]);

@@ -16,9 +16,7 @@ use futures_util::future::{Either, select};
 use lmstack_http::head::{HeadError, HeadLimits, HeadScanner, RequestHead, parse_request};
 use lmstack_http::{ChunkedDecoder, Framing};
 use monoio::buf::IoBufMut;
-use monoio::io::{
-    AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller,
-};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
@@ -158,18 +156,10 @@ impl Reader {
         let timed_out = || {
             ProxyError::new(
                 ErrorKind::RequestTimeout,
-                format!(
-                    "the request body did not arrive within {} ms",
-                    timeout.as_millis()
-                ),
+                format!("the request body did not arrive within {} ms", timeout.as_millis()),
             )
         };
-        let closed = || {
-            ProxyError::new(
-                ErrorKind::MalformedRequest,
-                "the client closed the connection mid-body",
-            )
-        };
+        let closed = || ProxyError::new(ErrorKind::MalformedRequest, "the client closed the connection mid-body");
         match head.framing {
             Framing::Empty | Framing::UntilClose => Ok(Bytes::new()),
             Framing::Length(n) => {
@@ -208,10 +198,7 @@ impl Reader {
                                 }
                             })
                             .map_err(|e| {
-                                ProxyError::new(
-                                    ErrorKind::MalformedRequest,
-                                    format!("invalid chunked body: {e}"),
-                                )
+                                ProxyError::new(ErrorKind::MalformedRequest, format!("invalid chunked body: {e}"))
                             })?;
                         if over {
                             return Err(too_large());
@@ -235,12 +222,21 @@ impl Reader {
     /// (or reset) the connection first: `work` is then dropped, which abandons its engine
     /// connection and so cancels the request there. Bytes the client sends meanwhile are
     /// kept for its next request, up to `max_buffered`; beyond that the watch pauses.
+    ///
+    /// The watch (a read, and its cancellation when `work` ends first) starts only after
+    /// `arm_after`: exchanges that finish sooner cost no extra IO.
     pub async fn unless_client_leaves<F: Future>(
         &mut self,
         max_buffered: usize,
+        arm_after: Duration,
         work: F,
     ) -> Option<F::Output> {
         let mut work = pin!(work);
+        if !arm_after.is_zero()
+            && let Either::Left((output, _)) = select(work.as_mut(), pin!(monoio::time::sleep(arm_after))).await
+        {
+            return Some(output);
+        }
         loop {
             if self.buf.len() >= max_buffered {
                 return Some(work.await);

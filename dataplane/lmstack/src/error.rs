@@ -66,9 +66,7 @@ impl ErrorKind {
             ErrorKind::ExpectationFailed => 417,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::UnsupportedTransferEncoding => 501,
-            ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset | ErrorKind::UpstreamProtocol => {
-                502
-            }
+            ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset | ErrorKind::UpstreamProtocol => 502,
             ErrorKind::NoHealthyEndpoint | ErrorKind::Overloaded => 503,
             ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnectTimeout => 504,
         }
@@ -190,16 +188,14 @@ mod tests {
 
     #[test]
     fn bodies_have_the_openai_shape() {
-        let e =
-            ProxyError::new(ErrorKind::InvalidRequest, "`model` is required").with_param("model");
+        let e = ProxyError::new(ErrorKind::InvalidRequest, "`model` is required").with_param("model");
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(v["error"]["message"], "`model` is required");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["param"], "model");
         assert_eq!(v["error"]["code"], "invalid_request");
         let v: serde_json::Value =
-            serde_json::from_slice(&ProxyError::new(ErrorKind::UpstreamTimeout, "slow").body())
-                .unwrap();
+            serde_json::from_slice(&ProxyError::new(ErrorKind::UpstreamTimeout, "slow").body()).unwrap();
         assert_eq!(v["error"]["type"], "server_error");
         assert!(v["error"]["param"].is_null());
     }

@@ -145,11 +145,7 @@ fn run(config: Config) -> anyhow::Result<()> {
 
 /// One SO_REUSEPORT listener per worker, all on the same port (the first one's, when the
 /// configured port is 0).
-fn bind_listeners(
-    addr: SocketAddr,
-    workers: usize,
-    backlog: u32,
-) -> anyhow::Result<Vec<std::net::TcpListener>> {
+fn bind_listeners(addr: SocketAddr, workers: usize, backlog: u32) -> anyhow::Result<Vec<std::net::TcpListener>> {
     let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
     let mut addr = addr;
     for _ in 0..workers {
@@ -157,9 +153,7 @@ fn bind_listeners(
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
-        socket
-            .bind(&addr.into())
-            .with_context(|| format!("binding {addr}"))?;
+        socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
         socket.listen(backlog.min(i32::MAX as u32) as i32)?;
         let listener: std::net::TcpListener = socket.into();
         addr = listener.local_addr()?;

@@ -11,8 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use metrics::{
-    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram,
-    gauge, histogram,
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -41,16 +40,14 @@ pub const BUILD_INFO: &str = "lmstack_build_info";
 pub const WORKERS: &str = "lmstack_workers";
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 const TTFT_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
-    20.0, 40.0, 80.0,
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
 ];
 const TBT_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-    0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.75, 1.0, 2.5,
 ];
 
 /// Installs the global Prometheus recorder and describes every metric.
@@ -73,10 +70,7 @@ fn describe() {
         REQUEST_DURATION,
         "Time from a request's head to the end of its response, seconds."
     );
-    describe_gauge!(
-        REQUESTS_RUNNING,
-        "Requests dispatched to an endpoint and not finished."
-    );
+    describe_gauge!(REQUESTS_RUNNING, "Requests dispatched to an endpoint and not finished.");
     describe_gauge!(
         REQUESTS_AWAITING_FIRST_BYTE,
         "Dispatched requests that have no response byte (streaming: no token) yet: queued or prefilling in the engine."
@@ -105,10 +99,7 @@ fn describe() {
         UPSTREAM_RETRIES_TOTAL,
         "Attempts repeated after a failure before any response byte."
     );
-    describe_counter!(
-        UPSTREAM_CONNECTS_TOTAL,
-        "TCP connections opened to endpoints."
-    );
+    describe_counter!(UPSTREAM_CONNECTS_TOTAL, "TCP connections opened to endpoints.");
     describe_counter!(
         HTTP_ERRORS_TOTAL,
         "Requests answered with an error by the router itself, by error kind."
@@ -150,10 +141,7 @@ pub struct PairMetrics {
 
 impl PairMetrics {
     fn new(model: Arc<str>, endpoint: Arc<str>) -> Self {
-        let labels = [
-            ("model", model.to_string()),
-            ("endpoint", endpoint.to_string()),
-        ];
+        let labels = [("model", model.to_string()), ("endpoint", endpoint.to_string())];
         Self {
             duration: histogram!(REQUEST_DURATION, &labels),
             running: gauge!(REQUESTS_RUNNING, &labels),

@@ -37,11 +37,7 @@ pub fn get(
 ) -> io::Result<ProbeResponse> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    let left = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-    };
+    let left = || deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
     stream.set_write_timeout(Some(left().ok_or_else(timed_out)?))?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nhost: {authority}\r\nuser-agent: lmstack-probe\r\naccept: application/json\r\nconnection: close\r\n\r\n"
@@ -58,8 +54,8 @@ pub fn get(
     };
     let mut scanner = HeadScanner::default();
     let head = loop {
-        if let Some(head) = parse_response(&mut buf, &mut scanner, &LIMITS, false)
-            .map_err(|e| invalid(e.to_string()))?
+        if let Some(head) =
+            parse_response(&mut buf, &mut scanner, &LIMITS, false).map_err(|e| invalid(e.to_string()))?
         {
             if !head.is_interim() {
                 break head;

@@ -102,10 +102,7 @@ struct Forward<'a> {
 
 pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -> After {
     let started = Instant::now();
-    let client_id = head
-        .headers
-        .get_str(REQUEST_ID)
-        .filter(|id| id.len() <= 256);
+    let client_id = head.headers.get_str(REQUEST_ID).filter(|id| id.len() <= 256);
     let request_id = client_id.map_or_else(|| ctx.next_request_id(), str::to_owned);
     let lim = &ctx.limits;
 
@@ -124,24 +121,14 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         Target::Local(local) => {
             let (status, content_type, body) = admin::serve(ctx, local);
             let keep_alive = head.keep_alive && !ctx.draining();
-            let bytes = response::local(
-                status,
-                content_type,
-                &body,
-                keep_alive,
-                head.version,
-                Some(&request_id),
-            );
+            let bytes = response::local(status, content_type, &body, keep_alive, head.version, Some(&request_id));
             if !down.write(bytes, lim.write_timeout).await || !keep_alive {
                 return After::Close;
             }
             return After::KeepAlive;
         }
         Target::Missing(kind) => {
-            let e = ProxyError::new(
-                kind,
-                format!("{} {} is not served here", head.method(), head.path()),
-            );
+            let e = ProxyError::new(kind, format!("{} {} is not served here", head.method(), head.path()));
             return fail(ctx, down, &head, &request_id, &e, None).await;
         }
         Target::Model => {}
@@ -164,8 +151,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
     };
     let Some(model) = peek.model.as_deref() else {
-        let e = ProxyError::new(ErrorKind::InvalidRequest, "the request must name a `model`")
-            .with_param("model");
+        let e = ProxyError::new(ErrorKind::InvalidRequest, "the request must name a `model`").with_param("model");
         return fail(ctx, down, &head, &request_id, &e, None).await;
     };
 
@@ -197,44 +183,35 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     let max_buffered = lim.head.max_bytes;
     let Downstream { reader, wr, .. } = down;
     let outcome = reader
-        .unless_client_leaves(max_buffered, forward(ctx, &state, pool, &request, wr))
+        .unless_client_leaves(
+            max_buffered,
+            lim.client_watch_delay,
+            forward(ctx, &state, pool, &request, wr),
+        )
         .await;
 
     // 7. Record, and decide about the connection.
     match outcome {
         None => {
+            tracing::debug!(request_id, "the client left before the response ended");
             let pm = ctx.metrics.pair(&pool.name, &"".into());
             record(&pm, CLIENT_CLOSED, started);
             After::Close
         }
-        Some(Outcome::Done {
-            pm,
-            status,
-            keep_alive,
-        }) => {
+        Some(Outcome::Done { pm, status, keep_alive }) => {
             record(&pm, status, started);
-            if keep_alive {
-                After::KeepAlive
-            } else {
-                After::Close
-            }
+            if keep_alive { After::KeepAlive } else { After::Close }
         }
         Some(Outcome::Aborted { pm, status }) => {
             record(&pm, status, started);
             After::Close
         }
-        Some(Outcome::Failed { error, pm }) => {
-            fail(ctx, down, &head, &request_id, &error, Some(&pm)).await
-        }
+        Some(Outcome::Failed { error, pm }) => fail(ctx, down, &head, &request_id, &error, Some(&pm)).await,
     }
 }
 
 /// The session key: the first configured header present, else the body field.
-fn session_key<'a>(
-    head: &'a RequestHead,
-    body_value: Option<&'a str>,
-    config: &SessionConfig,
-) -> Option<&'a str> {
+fn session_key<'a>(head: &'a RequestHead, body_value: Option<&'a str>, config: &SessionConfig) -> Option<&'a str> {
     config
         .headers
         .iter()
@@ -263,11 +240,7 @@ async fn fail(
     let bytes = response::error(error, keep_alive, head.version, Some(request_id));
     let written = down.write(bytes, ctx.limits.write_timeout).await;
     if error.kind.closes_connection() {
-        if written {
-            After::CloseAfterError
-        } else {
-            After::Close
-        }
+        if written { After::CloseAfterError } else { After::Close }
     } else if written && keep_alive {
         After::KeepAlive
     } else {
@@ -290,10 +263,7 @@ enum Outcome {
     /// The response started but could not finish (engine failed, client left).
     Aborted { pm: Rc<PairMetrics>, status: u16 },
     /// Nothing was sent to the client: answer with this error.
-    Failed {
-        error: ProxyError,
-        pm: Rc<PairMetrics>,
-    },
+    Failed { error: ProxyError, pm: Rc<PairMetrics> },
 }
 
 /// Picks an endpoint and exchanges the request with it, retrying failures that happen
@@ -322,11 +292,8 @@ async fn forward(
         };
         let index = pool.endpoints[pick.index];
         let endpoint = &state.endpoints[index];
-        ctx.metrics.decision(
-            &pool.name,
-            pool.policy.name().as_str(),
-            pick.reason.as_str(),
-        );
+        ctx.metrics
+            .decision(&pool.name, pool.policy.name().as_str(), pick.reason.as_str());
         let pm = ctx.metrics.pair(&pool.name, &endpoint.url);
         if attempt > 0 {
             pm.retries.increment(1);
@@ -334,11 +301,7 @@ async fn forward(
         let _inflight = Inflight::start(ctx, endpoint, pm.clone());
         match exchange(ctx, endpoint, req, wr, &pm).await {
             Exchange::Done { status, keep_alive } => {
-                return Outcome::Done {
-                    pm,
-                    status,
-                    keep_alive,
-                };
+                return Outcome::Done { pm, status, keep_alive };
             }
             Exchange::Aborted { status, error } => {
                 if let Some(e) = &error {
@@ -387,8 +350,7 @@ async fn pick(
             admit: |e: usize| {
                 !excluded.contains(&e)
                     && (lim.max_inflight == 0
-                        || state.endpoints[e].load.inflight.load(Ordering::Relaxed)
-                            < lim.max_inflight)
+                        || state.endpoints[e].load.inflight.load(Ordering::Relaxed) < lim.max_inflight)
             },
         };
         let request = RouteRequest {
@@ -405,10 +367,7 @@ async fn pick(
         if !untried {
             return Err(ProxyError::new(
                 ErrorKind::NoHealthyEndpoint,
-                format!(
-                    "no healthy endpoint serves the model `{}` right now",
-                    pool.name
-                ),
+                format!("no healthy endpoint serves the model `{}` right now", pool.name),
             ));
         }
         // Every candidate is at its in-flight limit.
@@ -437,9 +396,7 @@ async fn pick(
         }
         // Woken by a request finishing on this worker, or after a short tick for slots
         // freed on other workers.
-        ctx.waiters
-            .wait(left.min(std::time::Duration::from_millis(5)))
-            .await;
+        ctx.waiters.wait(left.min(std::time::Duration::from_millis(5))).await;
     }
 }
 
@@ -530,10 +487,7 @@ async fn exchange(
                 conn
             }
             Err(error) => {
-                return Exchange::Failed {
-                    error,
-                    stale: false,
-                };
+                return Exchange::Failed { error, stale: false };
             }
         },
     };
@@ -560,10 +514,7 @@ async fn exchange(
                     lim.first_byte_timeout.as_millis()
                 ),
             );
-            return Exchange::Failed {
-                error,
-                stale: false,
-            };
+            return Exchange::Failed { error, stale: false };
         }
         Ok(Err(error)) => {
             let stale = reused && error.retryable;
@@ -583,31 +534,17 @@ async fn exchange(
     let dechunk = up.framing == Framing::Chunked && req.head.version == Version::Http10;
     let delimited = up.framing != Framing::UntilClose && !dechunk;
     let keep_alive = req.head.keep_alive && delimited && !ctx.draining();
-    let head_out = response::downstream_response(
-        &up,
-        dechunk,
-        keep_alive,
-        req.head.version,
-        Some(req.request_id),
-    );
-    if relay::write(wr, head_out.into(), lim.write_timeout)
-        .await
-        .is_err()
-    {
-        return Exchange::Aborted {
-            status: CLIENT_CLOSED,
-            error: None,
-        };
-    }
+    let head_out = response::downstream_response(&up, dechunk, keep_alive, req.head.version, Some(req.request_id));
     let mut clock = StreamClock::new(req.started, pm, &first_byte);
     let out = if dechunk {
         OutFraming::Dechunk
     } else {
         OutFraming::PassThrough
     };
-    let relayed = relay::relay_body(
+    let relayed = relay::relay(
         &mut conn,
         wr,
+        head_out,
         up.framing,
         out,
         sse.then_some(&mut clock),
@@ -642,14 +579,8 @@ mod tests {
 
     #[test]
     fn targets() {
-        assert!(matches!(
-            target("POST", "/v1/chat/completions"),
-            Target::Model
-        ));
-        assert!(matches!(
-            target("GET", "/v1/models"),
-            Target::Local(Local::Models)
-        ));
+        assert!(matches!(target("POST", "/v1/chat/completions"), Target::Model));
+        assert!(matches!(target("GET", "/v1/models"), Target::Local(Local::Models)));
         assert!(matches!(
             target("GET", "/v1/completions"),
             Target::Missing(ErrorKind::MethodNotAllowed)
@@ -658,9 +589,6 @@ mod tests {
             target("POST", "/health"),
             Target::Missing(ErrorKind::MethodNotAllowed)
         ));
-        assert!(matches!(
-            target("GET", "/nope"),
-            Target::Missing(ErrorKind::NotFound)
-        ));
+        assert!(matches!(target("GET", "/nope"), Target::Missing(ErrorKind::NotFound)));
     }
 }

@@ -57,14 +57,9 @@ impl<'a> StreamClock<'a> {
         match self.last {
             None => {
                 self.first_byte.mark();
-                self.metrics
-                    .ttft
-                    .record(now.duration_since(self.start).as_secs_f64());
+                self.metrics.ttft.record(now.duration_since(self.start).as_secs_f64());
             }
-            Some(last) => self
-                .metrics
-                .tbt
-                .record(now.duration_since(last).as_secs_f64()),
+            Some(last) => self.metrics.tbt.record(now.duration_since(last).as_secs_f64()),
         }
         self.last = Some(now);
     }
@@ -115,10 +110,17 @@ pub struct Relayed {
     pub reusable: bool,
 }
 
-/// Relays the body of a response with `framing` from `up` to `wr`.
-pub async fn relay_body(
+/// Bytes of body copied behind the response head so both leave in one write.
+const COALESCE_BYTES: usize = 32 * 1024;
+
+/// Relays a response: `head` (the response head for the client), then the body with
+/// `framing` from `up` to `wr`. The head leaves at once when no body bytes are waiting (a
+/// stream's first token may be far off), or in the same write as those that are.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay(
     up: &mut UpstreamConn,
     wr: &mut OwnedWriteHalf<TcpStream>,
+    head: Vec<u8>,
     framing: Framing,
     out: OutFraming,
     mut clock: Option<&mut StreamClock<'_>>,
@@ -131,10 +133,16 @@ pub async fn relay_body(
         Framing::Length(n) => n,
         _ => 0,
     };
-    if framing == Framing::Empty {
-        return Ok(Relayed {
-            reusable: up.buf.is_empty(),
-        });
+    let mut head = Some(head);
+    if framing == Framing::Empty || up.buf.is_empty() {
+        if let Some(h) = head.take() {
+            write(wr, Bytes::from(h), write_timeout).await?;
+        }
+        if framing == Framing::Empty {
+            return Ok(Relayed {
+                reusable: up.buf.is_empty(),
+            });
+        }
     }
     loop {
         if !up.buf.is_empty() {
@@ -181,14 +189,25 @@ pub async fn relay_body(
             if let Some(c) = clock.as_deref_mut() {
                 c.on_events(events, now);
             }
-            match pieces {
-                Some(pieces) => {
-                    for p in pieces {
-                        write(wr, p, write_timeout).await?;
+            match (head.take(), pieces) {
+                (Some(mut h), None) if consumed <= COALESCE_BYTES => {
+                    h.extend_from_slice(&data[..consumed]);
+                    write(wr, Bytes::from(h), write_timeout).await?;
+                }
+                (h, pieces) => {
+                    if let Some(h) = h {
+                        write(wr, Bytes::from(h), write_timeout).await?;
+                    }
+                    match pieces {
+                        Some(pieces) => {
+                            for p in pieces {
+                                write(wr, p, write_timeout).await?;
+                            }
+                        }
+                        None if consumed > 0 => write(wr, data.slice(..consumed), write_timeout).await?,
+                        None => {}
                     }
                 }
-                None if consumed > 0 => write(wr, data.slice(..consumed), write_timeout).await?,
-                None => {}
             }
             if done {
                 // Bytes past the end of the response mean the engine broke framing.
@@ -201,10 +220,7 @@ pub async fn relay_body(
             Err(_) => {
                 return Err(RelayError::Upstream(ProxyError::new(
                     ErrorKind::UpstreamTimeout,
-                    format!(
-                        "the engine sent nothing for {} ms",
-                        idle_timeout.as_millis()
-                    ),
+                    format!("the engine sent nothing for {} ms", idle_timeout.as_millis()),
                 )));
             }
             Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(Relayed { reusable: false }),
@@ -226,11 +242,7 @@ pub async fn relay_body(
 }
 
 /// Writes to the client with a deadline; any failure means the client is gone.
-pub async fn write(
-    wr: &mut OwnedWriteHalf<TcpStream>,
-    bytes: Bytes,
-    timeout: Duration,
-) -> Result<(), RelayError> {
+pub async fn write(wr: &mut OwnedWriteHalf<TcpStream>, bytes: Bytes, timeout: Duration) -> Result<(), RelayError> {
     match monoio::time::timeout(timeout, wr.write_all(bytes)).await {
         Ok((Ok(_), _)) => Ok(()),
         _ => Err(RelayError::Downstream),

@@ -23,9 +23,9 @@ fn connection_listed(headers: &Headers) -> Vec<&[u8]> {
 
 fn forwardable<'a>(headers: &'a Headers) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
     let listed = connection_listed(headers);
-    headers.iter().filter(move |(n, _)| {
-        !is_hop_by_hop(n) && !listed.iter().any(|l| l.eq_ignore_ascii_case(n))
-    })
+    headers
+        .iter()
+        .filter(move |(n, _)| !is_hop_by_hop(n) && !listed.iter().any(|l| l.eq_ignore_ascii_case(n)))
 }
 
 fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -142,11 +142,7 @@ pub fn local(
     let mut out = Vec::with_capacity(body.len() + 192);
     status_line(&mut out, status, b"");
     header(&mut out, b"content-type", content_type.as_bytes());
-    header(
-        &mut out,
-        b"content-length",
-        body.len().to_string().as_bytes(),
-    );
+    header(&mut out, b"content-length", body.len().to_string().as_bytes());
     if let Some(id) = request_id {
         header(&mut out, REQUEST_ID.as_bytes(), id.as_bytes());
     }
@@ -157,12 +153,7 @@ pub fn local(
 }
 
 /// The error response for `error` (the one place errors are turned into responses).
-pub fn error(
-    error: &ProxyError,
-    keep_alive: bool,
-    client_version: Version,
-    request_id: Option<&str>,
-) -> Vec<u8> {
+pub fn error(error: &ProxyError, keep_alive: bool, client_version: Version, request_id: Option<&str>) -> Vec<u8> {
     let keep_alive = keep_alive && !error.kind.closes_connection();
     local(
         error.kind.status(),
@@ -212,13 +203,9 @@ mod tests {
     };
 
     fn request(raw: &[u8]) -> RequestHead {
-        parse_request(
-            &mut BytesMut::from(raw),
-            &mut HeadScanner::default(),
-            &LIMITS,
-        )
-        .unwrap()
-        .unwrap()
+        parse_request(&mut BytesMut::from(raw), &mut HeadScanner::default(), &LIMITS)
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
@@ -228,13 +215,7 @@ mod tests {
 X-Secret: 1\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer k\r\nX-Forwarded-For: 1.2.3.4\r\n\
 X-User-Id: u\r\n\r\n",
         );
-        let out = upstream_request(
-            &head,
-            "engine:8000",
-            5,
-            Some("rid"),
-            "10.0.0.9".parse().unwrap(),
-        );
+        let out = upstream_request(&head, "engine:8000", 5, Some("rid"), "10.0.0.9".parse().unwrap());
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/completions HTTP/1.1\r\nhost: engine:8000\r\n"));
         assert!(text.contains("Authorization: Bearer k\r\n"));
@@ -256,20 +237,12 @@ X-User-Id: u\r\n\r\n",
         let up = parse_response(&mut buf, &mut HeadScanner::default(), &LIMITS, false)
             .unwrap()
             .unwrap();
-        let text = String::from_utf8(downstream_response(
-            &up,
-            false,
-            true,
-            Version::Http11,
-            Some("r"),
-        ))
-        .unwrap();
+        let text = String::from_utf8(downstream_response(&up, false, true, Version::Http11, Some("r"))).unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-request-id: r\r\n\r\n"
         );
-        let text = String::from_utf8(downstream_response(&up, true, false, Version::Http10, None))
-            .unwrap();
+        let text = String::from_utf8(downstream_response(&up, true, false, Version::Http10, None)).unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
@@ -278,15 +251,7 @@ X-User-Id: u\r\n\r\n",
 
     #[test]
     fn local_responses_are_complete() {
-        let text = String::from_utf8(local(
-            503,
-            "application/json",
-            b"{}",
-            true,
-            Version::Http10,
-            None,
-        ))
-        .unwrap();
+        let text = String::from_utf8(local(503, "application/json", b"{}", true, Version::Http10, None)).unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\n{}"

@@ -51,10 +51,7 @@ pub struct ModelPool {
 
 impl ModelPool {
     pub fn healthy_count(&self, state: &RoutingState) -> usize {
-        self.endpoints
-            .iter()
-            .filter(|&&i| state.endpoints[i].healthy)
-            .count()
+        self.endpoints.iter().filter(|&&i| state.endpoints[i].healthy).count()
     }
 }
 
@@ -313,12 +310,10 @@ mod tests {
     #[test]
     fn load_counters_survive_a_new_snapshot() {
         let cell = SnapshotCell::new(RoutingConfig::default());
-        cell.publish(&snapshot(1, &["http://a:1", "http://b:2"]))
-            .unwrap();
+        cell.publish(&snapshot(1, &["http://a:1", "http://b:2"])).unwrap();
         let a = cell.load().endpoints[0].load.clone();
         a.inflight.store(3, Ordering::Relaxed);
-        cell.publish(&snapshot(2, &["http://c:3", "http://a:1"]))
-            .unwrap();
+        cell.publish(&snapshot(2, &["http://c:3", "http://a:1"])).unwrap();
         let state = cell.load();
         assert_eq!(state.endpoints[1].url.as_ref(), "http://a:1");
         assert_eq!(state.endpoints[1].load.inflight.load(Ordering::Relaxed), 3);

@@ -140,11 +140,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn
 }
 
 /// Sends a request head and body. A failure here means the engine cannot have answered.
-pub async fn send(
-    conn: &mut UpstreamConn,
-    mut head: Vec<u8>,
-    body: &Bytes,
-) -> Result<(), ProxyError> {
+pub async fn send(conn: &mut UpstreamConn, mut head: Vec<u8>, body: &Bytes) -> Result<(), ProxyError> {
     let result = if body.len() <= COALESCE_BODY_BYTES {
         head.extend_from_slice(body);
         conn.stream.write_all(head).await.0

@@ -45,6 +45,7 @@ pub struct Limits {
     pub body_timeout: Duration,
     pub keepalive: Duration,
     pub write_timeout: Duration,
+    pub client_watch_delay: Duration,
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
@@ -71,6 +72,7 @@ impl Limits {
             body_timeout: ms(c.server.body_timeout_ms),
             keepalive: ms(c.server.keepalive_timeout_ms),
             write_timeout: ms(c.server.write_timeout_ms),
+            client_watch_delay: ms(c.server.client_watch_delay_ms),
             max_connections: c.server.max_connections.div_ceil(workers).max(1),
             connect_timeout: ms(c.upstream.connect_timeout_ms),
             first_byte_timeout: ms(c.upstream.first_byte_timeout_ms),
@@ -152,14 +154,12 @@ impl WorkerCtx {
     pub fn routing_state(&self) -> StateRef {
         let (state, changed) = self.routing.current(&self.shared.cell);
         if changed {
-            self.pool
-                .sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
+            self.pool.sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
             self.metrics.retain_pairs(|model, endpoint| {
-                state.models.get(model).is_some_and(|p| {
-                    p.endpoints
-                        .iter()
-                        .any(|&i| state.endpoints[i].url.as_ref() == endpoint)
-                })
+                state
+                    .models
+                    .get(model)
+                    .is_some_and(|p| p.endpoints.iter().any(|&i| state.endpoints[i].url.as_ref() == endpoint))
             });
         }
         state
@@ -189,25 +189,18 @@ fn now_nanos() -> u128 {
 }
 
 /// Runs worker `id` on the current thread until the process exits.
-pub fn run(
-    id: usize,
-    workers: usize,
-    listener: std::net::TcpListener,
-    shared: Arc<Shared>,
-) -> std::io::Result<()> {
+pub fn run(id: usize, workers: usize, listener: std::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
     if shared.config.pin_workers
         && let Err(e) = monoio::utils::bind_to_cpu_set([id % num_cpus()])
     {
         tracing::warn!(worker = id, "cannot pin worker to a core: {e}");
     }
-    let mut runtime = RuntimeBuilder::<FusionDriver>::new()
-        .enable_timer()
-        .build()?;
+    let (mut runtime, ring) = build_runtime(id)?;
     let driver = match &runtime {
         FusionRuntime::Uring(_) => "io_uring",
         FusionRuntime::Legacy(_) => "epoll",
     };
-    tracing::info!(worker = id, driver, "worker started");
+    tracing::info!(worker = id, driver, ring, "worker started");
     ::metrics::gauge!(metrics::WORKERS, "driver" => driver).increment(1.0);
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
@@ -215,6 +208,32 @@ pub fn run(
         monoio::spawn(housekeeping(ctx.clone()));
         accept_loop(listener, ctx).await
     })
+}
+
+/// The worker's runtime: io_uring where the kernel has it, else epoll. The ring is set up
+/// for one thread that alone submits (`SINGLE_ISSUER`) and collects completions when it
+/// waits (`DEFER_TASKRUN`, `COOP_TASKRUN`), instead of being interrupted for each; kernels
+/// older than 6.1 refuse those flags and get a plain ring.
+type Runtime =
+    FusionRuntime<monoio::time::TimeDriver<monoio::IoUringDriver>, monoio::time::TimeDriver<monoio::LegacyDriver>>;
+
+fn build_runtime(id: usize) -> std::io::Result<(Runtime, &'static str)> {
+    if monoio::utils::detect_uring() {
+        let mut ring = io_uring::IoUring::builder();
+        ring.setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun();
+        match RuntimeBuilder::<FusionDriver>::new()
+            .uring_builder(ring)
+            .enable_timer()
+            .build()
+        {
+            Ok(rt) => return Ok((rt, "single_issuer+defer_taskrun")),
+            Err(e) => tracing::info!(
+                worker = id,
+                "io_uring refused the thread-per-core flags ({e}); using a plain ring"
+            ),
+        }
+    }
+    Ok((RuntimeBuilder::<FusionDriver>::new().enable_timer().build()?, "default"))
 }
 
 fn num_cpus() -> usize {
@@ -306,7 +325,6 @@ async fn housekeeping(ctx: Rc<WorkerCtx>) {
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
         let state = ctx.routing_state();
-        ctx.pool
-            .sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
+        ctx.pool.sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
     }
 }

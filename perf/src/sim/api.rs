@@ -34,30 +34,19 @@ pub struct Sim {
 }
 
 impl Sim {
-    pub fn new(
-        args: SimArgs,
-        bound: SocketAddr,
-        engine: Arc<Engine>,
-        prometheus: PrometheusHandle,
-    ) -> Self {
+    pub fn new(args: SimArgs, bound: SocketAddr, engine: Arc<Engine>, prometheus: PrometheusHandle) -> Self {
         Self {
             name: args.name.clone().unwrap_or_else(|| bound.to_string()),
             args,
             engine,
             prometheus,
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             seq: AtomicU64::new(1),
         }
     }
 
     fn serves(&self, model: &str) -> bool {
-        self.args
-            .models
-            .iter()
-            .chain(&self.args.loras)
-            .any(|m| m == model)
+        self.args.models.iter().chain(&self.args.loras).any(|m| m == model)
     }
 
     fn next_id(&self) -> u64 {
@@ -68,17 +57,10 @@ impl Sim {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn full(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-    engine: &str,
-) -> Response<Body> {
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>, engine: &str) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -111,13 +93,7 @@ fn error(
 }
 
 fn bad_request(message: impl Into<String>, engine: &str) -> Response<Body> {
-    error(
-        StatusCode::BAD_REQUEST,
-        "BadRequestError",
-        message,
-        None,
-        engine,
-    )
+    error(StatusCode::BAD_REQUEST, "BadRequestError", message, None, engine)
 }
 
 pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -127,11 +103,7 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
     let response = match (parts.method.clone(), path.as_str()) {
         (Method::GET, "/health") => full(StatusCode::OK, "application/json", "", &name),
         (Method::GET, "/ping") => full(StatusCode::OK, "application/json", "", &name),
-        (Method::GET, "/version") => json_response(
-            StatusCode::OK,
-            &json!({"version": "0.32.0+lmstack-sim"}),
-            &name,
-        ),
+        (Method::GET, "/version") => json_response(StatusCode::OK, &json!({"version": "0.32.0+lmstack-sim"}), &name),
         (Method::GET, "/metrics") => full(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
@@ -159,13 +131,7 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
             };
             post(&sim, &path, request).await
         }
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "NotFoundError",
-            "Not Found",
-            None,
-            &name,
-        ),
+        _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
     };
     Ok(response)
 }
@@ -222,9 +188,7 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
             }
         }
         "/v1/chat/completions" => match req.get("messages").map(tokens::render_chat) {
-            Some(Ok(text)) => {
-                generate(sim, Kind::Chat, model, tokens::tokenize(&text, cpt), &req).await
-            }
+            Some(Ok(text)) => generate(sim, Kind::Chat, model, tokens::tokenize(&text, cpt), &req).await,
             Some(Err(e)) => bad_request(e, name),
             None => bad_request("`messages` is required", name),
         },
@@ -238,16 +202,7 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
                 return bad_request("the simulator does not stream /v1/responses", name);
             }
             match text {
-                Ok(text) => {
-                    generate(
-                        sim,
-                        Kind::Responses,
-                        model,
-                        tokens::tokenize(&text, cpt),
-                        &req,
-                    )
-                    .await
-                }
+                Ok(text) => generate(sim, Kind::Responses, model, tokens::tokenize(&text, cpt), &req).await,
                 Err(e) => bad_request(e, name),
             }
         }
@@ -280,13 +235,7 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
             }
             None => bad_request("`tokens` is required", name),
         },
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "NotFoundError",
-            "Not Found",
-            None,
-            name,
-        ),
+        _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, name),
     }
 }
 
@@ -310,13 +259,7 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
-async fn generate(
-    sim: &Arc<Sim>,
-    kind: Kind,
-    model: String,
-    prompt: Vec<u32>,
-    req: &Value,
-) -> Response<Body> {
+async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, req: &Value) -> Response<Body> {
     let name = sim.name.clone();
     let max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
@@ -349,16 +292,10 @@ async fn generate(
     if !stream {
         tokio::time::sleep_until(admitted.first_token_at).await;
         let first = Instant::now();
+        metrics.ttft.record(first.duration_since(arrived).as_secs_f64());
         metrics
-            .ttft
-            .record(first.duration_since(arrived).as_secs_f64());
-        metrics.prefill_time.record(
-            admitted
-                .first_token_at
-                .duration_since(arrived)
-                .as_secs_f64()
-                - admitted.queued.as_secs_f64(),
-        );
+            .prefill_time
+            .record(admitted.first_token_at.duration_since(arrived).as_secs_f64() - admitted.queued.as_secs_f64());
         let mut text = String::new();
         let mut at = first;
         for i in 0..max_tokens {
@@ -369,9 +306,7 @@ async fn generate(
             text.push_str(&output_piece(seed, i));
         }
         metrics.generation_tokens.increment(max_tokens as u64);
-        metrics
-            .decode_time
-            .record(at.duration_since(first).as_secs_f64());
+        metrics.decode_time.record(at.duration_since(first).as_secs_f64());
         metrics.e2e.record(arrived.elapsed().as_secs_f64());
         metrics.finished(FinishReason::Length);
         drop(lease);
@@ -411,27 +346,20 @@ async fn generate(
         let _lease = lease;
         let send = |event: String| {
             let tx = tx.clone();
-            async move {
-                tx.send(Bytes::from(format!("data: {event}\n\n")))
-                    .await
-                    .is_ok()
-            }
+            async move { tx.send(Bytes::from(format!("data: {event}\n\n"))).await.is_ok() }
         };
         let object = if kind == Kind::Chat {
             "chat.completion.chunk"
         } else {
             "text_completion"
         };
-        let head =
-            format!(r#""id":"{id}","object":"{object}","created":{created},"model":{model_json}"#);
+        let head = format!(r#""id":"{id}","object":"{object}","created":{created},"model":{model_json}"#);
         if !sleep_unless_gone(&tx, admitted.first_token_at).await {
             metrics.finished(FinishReason::Abort);
             return;
         }
         let first = Instant::now();
-        metrics
-            .ttft
-            .record(first.duration_since(arrived).as_secs_f64());
+        metrics.ttft.record(first.duration_since(arrived).as_secs_f64());
         if kind == Kind::Chat {
             let role = format!(
                 r#"{{{head},"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}]}}"#
@@ -453,11 +381,7 @@ async fn generate(
                 }
             }
             let piece = output_piece(seed, i);
-            let finish = if i + 1 == max_tokens {
-                r#""length""#
-            } else {
-                "null"
-            };
+            let finish = if i + 1 == max_tokens { r#""length""# } else { "null" };
             let event = match kind {
                 Kind::Chat => format!(
                     r#"{{{head},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"logprobs":null,"finish_reason":{finish}}}]}}"#
@@ -473,16 +397,12 @@ async fn generate(
             }
             let now = Instant::now();
             if i > 0 {
-                metrics
-                    .itl
-                    .record(now.duration_since(last_sent).as_secs_f64());
+                metrics.itl.record(now.duration_since(last_sent).as_secs_f64());
             }
             last_sent = now;
         }
         metrics.generation_tokens.increment(max_tokens as u64);
-        metrics
-            .decode_time
-            .record(at.duration_since(first).as_secs_f64());
+        metrics.decode_time.record(at.duration_since(first).as_secs_f64());
         if include_usage {
             let u = usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens);
             if !send(format!(r#"{{{head},"choices":[],"usage":{u}}}"#)).await {
@@ -495,9 +415,7 @@ async fn generate(
         metrics.finished(FinishReason::Length);
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     let mut r = Response::new(StreamBody::new(stream).boxed());
     let h = r.headers_mut();
@@ -536,15 +454,9 @@ fn inputs(req: &Value, cpt: usize) -> Result<Vec<Vec<u32>>, String> {
 }
 
 fn vector(tokens: &[u32], dim: usize) -> Vec<f64> {
-    let seed = tokens
-        .iter()
-        .fold(0u64, |h, t| h.rotate_left(7) ^ u64::from(*t));
+    let seed = tokens.iter().fold(0u64, |h, t| h.rotate_left(7) ^ u64::from(*t));
     let raw: Vec<f64> = (0..dim)
-        .map(|i| {
-            (xxhash_rust::xxh3::xxh3_64_with_seed(&(i as u64).to_le_bytes(), seed) % 2001) as f64
-                / 1000.0
-                - 1.0
-        })
+        .map(|i| (xxhash_rust::xxh3::xxh3_64_with_seed(&(i as u64).to_le_bytes(), seed) % 2001) as f64 / 1000.0 - 1.0)
         .collect();
     let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-9);
     raw.into_iter().map(|x| x / norm).collect()
@@ -631,11 +543,7 @@ async fn score(sim: &Sim, model: String, req: &Value) -> Response<Body> {
     let cpt = sim.args.chars_per_token;
     let text = |k: &str| match req.get(k) {
         Some(Value::String(s)) => Some(vec![s.clone()]),
-        Some(Value::Array(a)) => Some(
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect(),
-        ),
+        Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()),
         _ => None,
     };
     let (Some(left), Some(right)) = (text("text_1"), text("text_2")) else {

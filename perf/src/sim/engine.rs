@@ -118,11 +118,7 @@ impl Engine {
     }
 
     /// Admits a request (waiting for room if needed) and schedules its prefill.
-    pub async fn admit(
-        self: &Arc<Self>,
-        tokens: &[u32],
-        max_tokens: usize,
-    ) -> Result<(Lease, Admitted), AdmitError> {
+    pub async fn admit(self: &Arc<Self>, tokens: &[u32], max_tokens: usize) -> Result<(Lease, Admitted), AdmitError> {
         let c = &self.config;
         let total = tokens.len() + max_tokens;
         if total > c.max_model_len {
@@ -172,11 +168,7 @@ impl Engine {
     fn schedule(&self, state: &mut State) {
         let c = &self.config;
         while let Some(front) = state.waiting.front() {
-            if state.running >= c.max_num_seqs
-                || !state
-                    .pool
-                    .fits(&front.hashes, front.usable_hits, front.anonymous)
-            {
+            if state.running >= c.max_num_seqs || !state.pool.fits(&front.hashes, front.usable_hits, front.anonymous) {
                 break;
             }
             let Some(p) = state.waiting.pop_front() else {
@@ -266,18 +258,13 @@ mod tests {
         let e = engine(100, 1);
         let (lease, _) = e.admit(&[1, 2, 3, 4, 5], 2).await.unwrap();
         let e2 = e.clone();
-        let waiter =
-            tokio::spawn(async move { e2.admit(&[9, 9, 9, 9, 9], 2).await.map(|(_, a)| a.queued) });
+        let waiter = tokio::spawn(async move { e2.admit(&[9, 9, 9, 9, 9], 2).await.map(|(_, a)| a.queued) });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(e.lock().waiting.len(), 1);
         drop(lease);
         let queued = waiter.await.unwrap().unwrap();
         assert_eq!(queued, Duration::from_millis(10));
-        assert_eq!(
-            e.lock().running,
-            0,
-            "the waiter's lease was dropped with its task"
-        );
+        assert_eq!(e.lock().running, 0, "the waiter's lease was dropped with its task");
     }
 
     #[tokio::test(start_paused = true)]
@@ -295,13 +282,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_requests_are_refused() {
         let e = engine(3, 4);
-        assert!(matches!(
-            e.admit(&[0; 40], 1).await,
-            Err(AdmitError::TooBig { .. })
-        ));
-        assert!(matches!(
-            e.admit(&[0; 990], 20).await,
-            Err(AdmitError::TooLong { .. })
-        ));
+        assert!(matches!(e.admit(&[0; 40], 1).await, Err(AdmitError::TooBig { .. })));
+        assert!(matches!(e.admit(&[0; 990], 20).await, Err(AdmitError::TooLong { .. })));
     }
 }

@@ -76,10 +76,7 @@ impl BlockPool {
 
     /// Leading blocks of `hashes` present in the cache.
     pub fn cached_prefix(&self, hashes: &[u64]) -> usize {
-        hashes
-            .iter()
-            .take_while(|h| self.blocks.contains_key(h))
-            .count()
+        hashes.iter().take_while(|h| self.blocks.contains_key(h)).count()
     }
 
     /// Whether `hashes` (at most `usable` of them counted as hits) plus `anonymous` decode

@@ -26,11 +26,7 @@ use self::engine::{Engine, EngineConfig};
 
 /// Every knob of the simulated engine.
 #[derive(Clone, Debug, Parser)]
-#[command(
-    name = "lmstack-sim",
-    version,
-    about = "A vLLM-compatible engine simulator"
-)]
+#[command(name = "lmstack-sim", version, about = "A vLLM-compatible engine simulator")]
 pub struct SimArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -109,9 +105,7 @@ pub fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.max_num_seqs > 0, "--max-num-seqs must be positive");
     anyhow::ensure!(!args.models.is_empty(), "--model is required");
     let runtime = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.threads)

@@ -171,19 +171,10 @@ mod tests {
 
     #[test]
     fn names_and_aliases() {
-        assert_eq!(
-            "roundrobin".parse::<PolicyName>(),
-            Ok(PolicyName::RoundRobin)
-        );
-        assert_eq!(
-            "round_robin".parse::<PolicyName>(),
-            Ok(PolicyName::RoundRobin)
-        );
+        assert_eq!("roundrobin".parse::<PolicyName>(), Ok(PolicyName::RoundRobin));
+        assert_eq!("round_robin".parse::<PolicyName>(), Ok(PolicyName::RoundRobin));
         assert_eq!("session".parse::<PolicyName>(), Ok(PolicyName::Session));
-        assert!(matches!(
-            "random".parse::<PolicyName>(),
-            Err(PolicyError::Unknown(_))
-        ));
+        assert!(matches!("random".parse::<PolicyName>(), Err(PolicyError::Unknown(_))));
         for n in PolicyName::ALL {
             assert_eq!(n.as_str().parse::<PolicyName>(), Ok(n));
         }

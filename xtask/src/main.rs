@@ -1,0 +1,81 @@
+//! `cargo xtask`: everything in lmstack that is not plain cargo.
+//!
+//! - `demo`: the router in front of simulated engines, with sample traffic.
+//! - `test`: what CI runs: formatting, lints and every test.
+//! - `perf`: the latency and throughput benchmark against nginx, results under perf/results.
+//! - `real-vllm`: an opt-in compatibility check against real vLLM engines on CPU.
+
+mod demo;
+mod perf;
+mod real_vllm;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "lmstack's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run the router in front of simulated engines, send sample traffic, print URLs to try.
+    Demo(demo::DemoArgs),
+    /// Formatting, lints and all tests (what CI runs).
+    Test(test::TestArgs),
+    /// Benchmark lmstack against a direct connection and nginx; write perf/results/.
+    Perf(perf::PerfArgs),
+    /// Check compatibility against real vLLM engines on CPU (opt-in; downloads ~3 GB once).
+    RealVllm(real_vllm::RealVllmArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Demo(a) => demo::run(&a),
+        Task::Test(a) => test::run(&a),
+        Task::Perf(a) => perf::run(&a),
+        Task::RealVllm(a) => real_vllm::run(&a),
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command, failing with its description if it fails.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let desc = format!("{cmd:?}");
+    eprintln!("$ {desc}");
+    let status = cmd.status().with_context(|| format!("starting {desc}"))?;
+    if !status.success() {
+        bail!("{desc} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds the binaries with `profile` and returns their directory.
+pub fn build_bins(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--bins", "-p", "lmstack", "-p", "lmstack-perf"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_cmd(&mut cmd)?;
+    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root().join("target"), PathBuf::from);
+    Ok(target.join(if release { "release" } else { "debug" }))
+}

@@ -1,0 +1,407 @@
+//! `cargo xtask perf`: what lmstack adds to a request, measured against a direct connection
+//! and against nginx as a plain keep-alive reverse proxy, in one run on the same engines.
+//!
+//! 1. Throughput: small non-streaming completions at `--concurrency` connections (a) straight
+//!    to one engine, (b) through lmstack over two engines, (c) through nginx over the same
+//!    two engines. Engines answer at once (no simulated GPU time), so the proxies and the
+//!    engines' HTTP handling are what is measured.
+//! 2. Streaming: time to the first chunk and the gaps between chunks, direct and through both
+//!    proxies, over one engine that emits a token every 5 ms.
+//!
+//! Scenarios are interleaved over `--rounds` and the median of each figure reported, so slow
+//! drift of a shared machine hits all targets alike. Results: a table, and JSON under
+//! target/perf/ (or `--out`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use lmstack_e2e::{Proc, agent};
+use serde_json::{Value, json};
+
+use crate::{build_bins, root};
+
+#[derive(Args)]
+pub struct PerfArgs {
+    /// Measured seconds per scenario and round.
+    #[arg(long, default_value_t = 10.0)]
+    duration_s: f64,
+    /// Unmeasured seconds before each measurement.
+    #[arg(long, default_value_t = 2.0)]
+    warmup_s: f64,
+    /// Connections for the throughput scenario.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Concurrent streams for the streaming scenario.
+    #[arg(long, default_value_t = 16)]
+    stream_concurrency: usize,
+    /// Interleaved repetitions; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Skip nginx (when it cannot be installed).
+    #[arg(long)]
+    no_nginx: bool,
+    /// Where to write the JSON results (default: target/perf/proxy-<time>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
+    let bins = build_bins(true)?;
+    let nginx = if args.no_nginx { None } else { Some(ensure_nginx()?) };
+    let work = root().join("target/perf");
+    std::fs::create_dir_all(&work)?;
+
+    let instant = [
+        "--prefill-base-ms",
+        "0",
+        "--prefill-us-per-token",
+        "0",
+        "--decode-base-ms",
+        "0",
+        "--decode-us-per-seq",
+        "0",
+    ];
+    let sim = |name: &str, extra: &[&str]| {
+        let mut a = vec![
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--name",
+            name,
+            "--max-num-seqs",
+            "4096",
+        ];
+        a.extend_from_slice(extra);
+        Proc::start(&bins.join("lmstack-sim"), &strings(&a), &[])
+    };
+    let router = |engines: &[&Proc]| {
+        let list = engines.iter().map(|e| e.url()).collect::<Vec<_>>().join(",");
+        Proc::start(
+            &bins.join("lmstack"),
+            &strings(&[
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--static-backends",
+                &list,
+                "--log-level",
+                "warn",
+            ]),
+            &[],
+        )
+    };
+
+    // Throughput.
+    let e1 = sim("e1", &instant);
+    let e2 = sim("e2", &instant);
+    let lm = router(&[&e1, &e2]);
+    let ng = match &nginx {
+        Some(bin) => Some(Nginx::start(bin, &work.join("nginx-throughput"), &[&e1, &e2])?),
+        None => None,
+    };
+    wait_ready(&lm.url())?;
+    let mut targets = vec![("direct-1-engine", e1.url()), ("lmstack-2-engines", lm.url())];
+    if let Some(n) = &ng {
+        targets.push(("nginx-2-engines", n.url()));
+    }
+    let throughput = measure(&bins, args, &targets, "completions", args.concurrency, 1)?;
+    drop((ng, lm, e1, e2));
+
+    // Streaming.
+    let e3 = sim(
+        "e3",
+        &[
+            "--prefill-base-ms",
+            "0",
+            "--prefill-us-per-token",
+            "0",
+            "--decode-base-ms",
+            "5",
+            "--decode-us-per-seq",
+            "0",
+        ],
+    );
+    let lm = router(&[&e3]);
+    let ng = match &nginx {
+        Some(bin) => Some(Nginx::start(bin, &work.join("nginx-stream"), &[&e3])?),
+        None => None,
+    };
+    wait_ready(&lm.url())?;
+    let mut targets = vec![("direct-stream", e3.url()), ("lmstack-stream", lm.url())];
+    if let Some(n) = &ng {
+        targets.push(("nginx-stream", n.url()));
+    }
+    let streaming = measure(&bins, args, &targets, "stream", args.stream_concurrency, 16)?;
+    drop((ng, lm, e3));
+
+    let report = json!({
+        "when_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "commit": command_output("git", &["rev-parse", "--short", "HEAD"]),
+        "kernel": command_output("uname", &["-r"]),
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "nginx": nginx.as_ref().map(|n| command_output(&n.to_string_lossy(), &["-v"])),
+        "settings": {"duration_s": args.duration_s, "warmup_s": args.warmup_s, "rounds": args.rounds,
+                     "concurrency": args.concurrency, "stream_concurrency": args.stream_concurrency},
+        "throughput": throughput,
+        "streaming": streaming,
+    });
+    print_report(&report);
+    let out = args.out.clone().unwrap_or_else(|| {
+        let t = report["when_unix"].as_u64().unwrap_or(0);
+        work.join(format!("proxy-{t}.json"))
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("\nresults: {}", out.display());
+    Ok(())
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            String::from_utf8_lossy(&text).trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_ready(url: &str) -> anyhow::Result<()> {
+    let http = agent();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if http
+            .get(format!("{url}/health"))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{url} never became healthy")
+}
+
+/// Runs every target `rounds` times, interleaved, and returns per-target medians.
+fn measure(
+    bins: &Path,
+    args: &PerfArgs,
+    targets: &[(&str, String)],
+    mode: &str,
+    concurrency: usize,
+    max_tokens: usize,
+) -> anyhow::Result<Value> {
+    let mut runs: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
+    for round in 0..args.rounds {
+        for (i, (label, url)) in targets.iter().enumerate() {
+            eprintln!("round {}/{}: {label}", round + 1, args.rounds);
+            let out = Command::new(bins.join("lmstack-load"))
+                .args(["--url", url, "--mode", mode, "--json", "--label", label])
+                .args([
+                    "--concurrency",
+                    &concurrency.to_string(),
+                    "--max-tokens",
+                    &max_tokens.to_string(),
+                ])
+                .args([
+                    "--duration-s",
+                    &args.duration_s.to_string(),
+                    "--warmup-s",
+                    &args.warmup_s.to_string(),
+                ])
+                .stderr(Stdio::inherit())
+                .output()
+                .context("running lmstack-load")?;
+            anyhow::ensure!(out.status.success(), "lmstack-load failed for {label}");
+            runs[i].push(serde_json::from_slice(&out.stdout).context("reading lmstack-load's JSON")?);
+        }
+    }
+    let fields = [
+        "rps",
+        "errors",
+        "latency_ms.p50",
+        "latency_ms.p90",
+        "latency_ms.p99",
+        "latency_ms.p999",
+        "ttfb_ms.p50",
+        "ttfb_ms.p99",
+        "ttfb_ms.p999",
+        "gap_ms.p50",
+        "gap_ms.p99",
+        "gap_ms.p999",
+    ];
+    let mut result = serde_json::Map::new();
+    for ((label, _), rounds) in targets.iter().zip(&runs) {
+        let mut medians = serde_json::Map::new();
+        for f in fields {
+            let mut values: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| f.split('.').try_fold(r, |v, k| v.get(k)).and_then(Value::as_f64))
+                .collect();
+            values.sort_by(f64::total_cmp);
+            if let Some(m) = values.get(values.len() / 2) {
+                medians.insert(f.to_owned(), json!(m));
+            }
+        }
+        medians.insert("rounds".into(), json!(rounds));
+        result.insert((*label).to_owned(), Value::Object(medians));
+    }
+    Ok(Value::Object(result))
+}
+
+fn print_report(report: &Value) {
+    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    println!(
+        "\nthroughput ({} connections, non-streaming, medians)",
+        report["settings"]["concurrency"]
+    );
+    println!(
+        "{:<20} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "target", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "errors"
+    );
+    if let Some(t) = report["throughput"].as_object() {
+        for (label, v) in t {
+            println!(
+                "{label:<20} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9}",
+                f(v, "rps"),
+                f(v, "latency_ms.p50"),
+                f(v, "latency_ms.p99"),
+                f(v, "latency_ms.p999"),
+                f(v, "errors")
+            );
+        }
+    }
+    println!(
+        "\nstreaming ({} streams of 16 tokens, 5 ms apart, medians)",
+        report["settings"]["stream_concurrency"]
+    );
+    println!(
+        "{:<20} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        "target", "ttfb p50", "ttfb p99", "ttfb p99.9", "gap p50", "gap p99", "gap p99.9"
+    );
+    if let Some(t) = report["streaming"].as_object() {
+        for (label, v) in t {
+            println!(
+                "{label:<20} {:>10.3} {:>10.3} {:>10.3} {:>9.3} {:>9.3} {:>9.3}",
+                f(v, "ttfb_ms.p50"),
+                f(v, "ttfb_ms.p99"),
+                f(v, "ttfb_ms.p999"),
+                f(v, "gap_ms.p50"),
+                f(v, "gap_ms.p99"),
+                f(v, "gap_ms.p999")
+            );
+        }
+    }
+    let t = &report["throughput"];
+    if t.get("nginx-2-engines").is_some() {
+        let (l, n) = (&t["lmstack-2-engines"], &t["nginx-2-engines"]);
+        println!(
+            "\nlmstack / nginx: req/s x{:.2}, p99 x{:.2}, p99.9 x{:.2}",
+            f(l, "rps") / f(n, "rps"),
+            f(l, "latency_ms.p99") / f(n, "latency_ms.p99"),
+            f(l, "latency_ms.p999") / f(n, "latency_ms.p999")
+        );
+    }
+    let s = &report["streaming"];
+    println!(
+        "streaming: lmstack adds {:+.3} ms to time to first byte at p50, {:+.3} ms at p99",
+        f(&s["lmstack-stream"], "ttfb_ms.p50") - f(&s["direct-stream"], "ttfb_ms.p50"),
+        f(&s["lmstack-stream"], "ttfb_ms.p99") - f(&s["direct-stream"], "ttfb_ms.p99")
+    );
+    if s.get("nginx-stream").is_some() {
+        println!(
+            "           nginx adds   {:+.3} ms at p50, {:+.3} ms at p99",
+            f(&s["nginx-stream"], "ttfb_ms.p50") - f(&s["direct-stream"], "ttfb_ms.p50"),
+            f(&s["nginx-stream"], "ttfb_ms.p99") - f(&s["direct-stream"], "ttfb_ms.p99")
+        );
+    }
+}
+
+/// nginx from Debian's packages, installed when missing (needs root).
+fn ensure_nginx() -> anyhow::Result<PathBuf> {
+    let candidates = [PathBuf::from("/usr/sbin/nginx"), PathBuf::from("/usr/bin/nginx")];
+    if let Some(p) = candidates.iter().find(|p| p.exists()) {
+        return Ok(p.clone());
+    }
+    eprintln!("nginx is missing: installing it from Debian's packages");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let installed = apt(&["update", "-q"])
+        && (apt(&["install", "-y", "-q", "nginx-light"]) || apt(&["install", "-y", "-q", "nginx"]));
+    match candidates.iter().find(|p| p.exists()) {
+        Some(p) if installed => Ok(p.clone()),
+        _ => bail!("cannot install nginx (run as root with apt, or pass --no-nginx)"),
+    }
+}
+
+/// nginx as a plain keep-alive reverse proxy, in the foreground, stopped by PID on drop.
+struct Nginx {
+    child: Child,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(bin: &Path, dir: &Path, engines: &[&Proc]) -> anyhow::Result<Nginx> {
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let servers: String = engines.iter().map(|e| format!("    server {};\n", e.addr)).collect();
+        let conf = format!(
+            "worker_processes {workers};\nerror_log {dir}/logs/error.log warn;\npid {dir}/nginx.pid;\n\
+events {{ worker_connections 8192; }}\n\
+http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+  upstream engines {{\n{servers}    keepalive 256;\n  }}\n\
+  server {{\n    listen 127.0.0.1:{port} reuseport;\n    client_max_body_size 64m;\n\
+    location / {{\n      proxy_pass http://engines;\n      proxy_http_version 1.1;\n\
+      proxy_set_header Connection \"\";\n      proxy_buffering off;\n      proxy_read_timeout 600s;\n    }}\n  }}\n}}\n",
+            workers = std::thread::available_parallelism().map_or(1, |n| n.get()),
+            dir = dir.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting nginx")?;
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Nginx { child, port })
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's PID; SIGQUIT is nginx's graceful stop.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGQUIT);
+        }
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,225 @@
+//! `cargo xtask real-vllm`: lmstack in front of real vLLM engines (CPU build, a tiny local
+//! model), checked with the same kinds of requests as the simulator tests. Opt-in: it needs
+//! the workplace's `real-vllm.sh` (vLLM on CPU, ~3 GB installed once) and minutes to start.
+//!
+//! It checks that lmstack discovers the models, proxies completions and chat (streaming or
+//! not) byte-compatibly, keeps sessions on one engine, and that what it measures agrees with
+//! the engines' own `/metrics`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use lmstack_e2e::{Proc, agent, metric, metric_sum};
+use serde_json::{Value, json};
+
+use crate::{build_bins, root, run_cmd};
+
+#[derive(Args)]
+pub struct RealVllmArgs {
+    /// The script that runs real vLLM engines (default: ../shared/tools/real-vllm.sh).
+    #[arg(long, env = "LMSTACK_REAL_VLLM")]
+    script: Option<PathBuf>,
+    /// Engine ports.
+    #[arg(long, value_delimiter = ',', default_value = "8101,8102")]
+    ports: Vec<u16>,
+    /// Leave the engines running afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+struct Engines {
+    script: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = Command::new(&self.script).arg("stop").status();
+        }
+    }
+}
+
+pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
+    let script = args
+        .script
+        .clone()
+        .unwrap_or_else(|| root().join("../shared/tools/real-vllm.sh"));
+    if !script.exists() {
+        bail!(
+            "{} is missing: this check needs the workplace's real-vllm.sh (set LMSTACK_REAL_VLLM)",
+            script.display()
+        );
+    }
+    let bins = build_bins(false)?;
+    let ports: Vec<String> = args.ports.iter().map(u16::to_string).collect();
+    let mut start = Command::new(&script);
+    start.arg("start").args(&ports).env("BLOCK_SIZE", "32");
+    run_cmd(&mut start)?;
+    let _engines = Engines {
+        script: script.clone(),
+        keep: args.keep,
+    };
+    let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let router = Proc::start(
+        &bins.join("lmstack"),
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--static-backends",
+            &urls.join(","),
+            "--routing-logic",
+            "session",
+            "--health-check-interval-ms",
+            "1000",
+        ]
+        .map(str::to_owned),
+        &[],
+    );
+    let url = router.url();
+    let http = agent();
+    let ready = std::time::Instant::now();
+    loop {
+        let ok = http
+            .get(format!("{url}/health"))
+            .call()
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            break;
+        }
+        anyhow::ensure!(
+            ready.elapsed() < Duration::from_secs(120),
+            "lmstack never saw a healthy engine"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut report = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: String| {
+        println!("{} {name}: {detail}", if ok { "ok  " } else { "FAIL" });
+        report.push((name.to_owned(), ok));
+    };
+
+    // Models come from the engines' /v1/models.
+    let models: Value = http.get(format!("{url}/v1/models")).call()?.body_mut().read_json()?;
+    let model = models["data"][0]["id"].as_str().unwrap_or("").to_owned();
+    check("models discovered", !model.is_empty(), format!("{}", models["data"]));
+
+    // Non-streaming completion, compared with a direct request.
+    let body = json!({"model": model, "prompt": "Hello, my name is", "max_tokens": 8, "ignore_eos": true});
+    let direct: Value = http
+        .post(format!("{}/v1/completions", urls[0]))
+        .send_json(&body)?
+        .body_mut()
+        .read_json()?;
+    let mut r = http.post(format!("{url}/v1/completions")).send_json(&body)?;
+    let proxied: Value = r.body_mut().read_json()?;
+    let keys = |v: &Value| {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    check(
+        "completion",
+        proxied["usage"]["completion_tokens"] == 8 && keys(&proxied) == keys(&direct),
+        format!("{}", proxied["usage"]),
+    );
+
+    // Streaming chat: every token arrives as its own event, [DONE] last.
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "Count to five."}],
+                      "max_tokens": 12, "ignore_eos": true, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let text = http
+        .post(format!("{url}/v1/chat/completions"))
+        .send_json(&body)?
+        .body_mut()
+        .read_to_string()?;
+    let events = text.matches("data: ").count();
+    check(
+        "streaming chat",
+        text.trim_end().ends_with("data: [DONE]") && events >= 13,
+        format!("{events} events"),
+    );
+
+    // The OpenAI SDK, unchanged.
+    let python = root().join("target/e2e-venv/bin/python");
+    if python.exists() {
+        let script = format!(
+            "from openai import OpenAI\nc=OpenAI(base_url='{url}/v1',api_key='x')\n\
+             r=c.chat.completions.create(model='{model}',messages=[{{'role':'user','content':'hi'}}],max_tokens=5,extra_body={{'ignore_eos':True}})\n\
+             assert r.usage.completion_tokens==5\n\
+             n=sum(1 for ch in c.completions.create(model='{model}',prompt='a',max_tokens=5,stream=True,extra_body={{'ignore_eos':True}}))\n\
+             assert n>=5, n\nprint('OK')"
+        );
+        let out = Command::new(&python).arg("-c").arg(script).output()?;
+        check(
+            "openai SDK",
+            String::from_utf8_lossy(&out.stdout).contains("OK"),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_owned(),
+        );
+    } else {
+        println!("skip openai SDK: run `cargo xtask test` once to create target/e2e-venv");
+    }
+
+    // Sessions stay on one engine: the engines' own request counters say where they went.
+    let served = |u: &str| -> anyhow::Result<f64> {
+        let text = http.get(format!("{u}/metrics")).call()?.body_mut().read_to_string()?;
+        Ok(metric_sum(&text, "vllm:request_success_total", &[]))
+    };
+    let before: Vec<f64> = urls.iter().map(|u| served(u)).collect::<anyhow::Result<_>>()?;
+    let prompt = "You are a helpful assistant. ".repeat(40);
+    for _ in 0..6 {
+        http.post(format!("{url}/v1/completions"))
+            .header("x-user-id", "alice")
+            .send_json(json!({"model": model, "prompt": prompt, "max_tokens": 2, "ignore_eos": true}))?
+            .body_mut()
+            .read_to_string()?;
+    }
+    let after: Vec<f64> = urls.iter().map(|u| served(u)).collect::<anyhow::Result<_>>()?;
+    let moved: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    check(
+        "session affinity",
+        moved.iter().filter(|&&d| d > 0.0).count() == 1,
+        format!("{moved:?}"),
+    );
+
+    // The repeated prompt hit the engine's prefix cache.
+    let hits: f64 = urls
+        .iter()
+        .map(|u| -> anyhow::Result<f64> {
+            let text = http.get(format!("{u}/metrics")).call()?.body_mut().read_to_string()?;
+            Ok(metric(&text, "vllm:prefix_cache_hits_total", &[]).unwrap_or(0.0))
+        })
+        .sum::<anyhow::Result<f64>>()?;
+    check("prefix cache hits", hits > 0.0, format!("{hits} cached tokens"));
+
+    // lmstack's own counts match.
+    let m = http.get(format!("{url}/metrics")).call()?.body_mut().read_to_string()?;
+    let ok = metric_sum(&m, "lmstack_requests_total", &[("status", "200")]);
+    check(
+        "lmstack counted the requests",
+        ok >= 9.0,
+        format!("{ok} requests with status 200"),
+    );
+    let ttft = metric_sum(&m, "lmstack_stream_ttft_seconds_count", &[]);
+    check(
+        "lmstack timed the streams",
+        ttft >= 1.0,
+        format!("{ttft} streams timed"),
+    );
+
+    let failed: Vec<&String> = report.iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
+    if !failed.is_empty() {
+        bail!("real vLLM compatibility failed: {failed:?}");
+    }
+    println!("\nlmstack works in front of real vLLM ({} checks)", report.len());
+    Ok(())
+}
