@@ -291,6 +291,17 @@ pub fn metrics_text(p: &Proc) -> String {
     get(p, "/metrics").body
 }
 
+/// The router's metrics once `ready` holds for them: workers hand their figures to the
+/// exporter every 100 ms, so what was just recorded may take that long to show.
+pub fn metrics_when(p: &Proc, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let mut text = String::new();
+    wait_until(what, || {
+        text = metrics_text(p);
+        ready(&text)
+    });
+    text
+}
+
 /// A raw HTTP/1.1 response as read off the wire.
 #[derive(Debug)]
 pub struct RawResponse {

@@ -137,6 +137,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         r.body_mut().read_to_string()?
     );
 
+    // Workers hand their figures to the exporter every 100 ms.
+    std::thread::sleep(Duration::from_millis(250));
     let metrics = http.get(format!("{url}/metrics")).call()?.body_mut().read_to_string()?;
     let requests: f64 = engines
         .iter()

@@ -201,7 +201,8 @@ pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
         .sum::<anyhow::Result<f64>>()?;
     check("prefix cache hits", hits > 0.0, format!("{hits} cached tokens"));
 
-    // lmstack's own counts match.
+    // lmstack's own counts match (workers flush their figures every 100 ms).
+    std::thread::sleep(Duration::from_millis(250));
     let m = http.get(format!("{url}/metrics")).call()?.body_mut().read_to_string()?;
     let ok = metric_sum(&m, "lmstack_requests_total", &[("status", "200")]);
     check(

@@ -22,11 +22,15 @@ pub fn serve(ctx: &WorkerCtx, local: Local) -> (u16, &'static str, Bytes) {
             let body = serde_json::json!({"name": "lmstack", "version": env!("CARGO_PKG_VERSION")});
             (200, JSON, Bytes::from(body.to_string()))
         }
-        Local::Metrics => (
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(ctx.shared.prometheus.render()),
-        ),
+        Local::Metrics => {
+            // This worker's figures are current; others' lag by at most a flush interval.
+            ctx.metrics.flush();
+            (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                Bytes::from(ctx.shared.prometheus.render()),
+            )
+        }
         Local::Models => (200, JSON, ctx.routing_state().models_body.clone()),
     }
 }
@@ -36,9 +40,7 @@ pub fn serve(ctx: &WorkerCtx, local: Local) -> (u16, &'static str, Bytes) {
 fn health(ctx: &WorkerCtx) -> (u16, &'static str, Bytes) {
     let state = ctx.routing_state();
     let models: Vec<serde_json::Value> = state
-        .model_names()
-        .into_iter()
-        .filter_map(|name| state.models.get(name))
+        .pools()
         .map(|pool| {
             serde_json::json!({
                 "model": pool.name.as_ref(),

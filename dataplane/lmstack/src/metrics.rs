@@ -2,11 +2,12 @@
 //!
 //! Every name the binary exports lives here as a const; label keys come from a closed set
 //! (`model`, `endpoint`, `policy`, `reason`, `status`, `error_kind`, `driver`, `version`).
-//! Handles are looked up once per (model, endpoint) per worker and kept, so the request
-//! path does no registry lookups. Not here: what to record when (the pipeline decides).
+//! Each worker resolves its handles once per routing state and accumulates values in its
+//! own memory, flushing them to the shared exporter every [`FLUSH_INTERVAL`]: the request
+//! path does no registry lookup and touches no cache line another core writes. Not here:
+//! what to record when (the pipeline decides).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -16,6 +17,11 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::ErrorKind;
+use crate::state::RoutingState;
+
+/// How often workers hand their accumulated metrics to the exporter; what `/metrics` shows
+/// lags by at most this (plus the scrape), far below any scrape interval.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub const REQUESTS_TOTAL: &str = "lmstack_requests_total";
 pub const REQUEST_DURATION: &str = "lmstack_request_duration_seconds";
@@ -124,19 +130,54 @@ fn describe() {
     describe_gauge!(WORKERS, "Worker threads, by IO driver (io_uring or epoll).");
 }
 
-/// Handles for one (model, endpoint) pair, on one worker.
+/// Histogram samples a worker buffers per metric before recording them early.
+const MAX_PENDING_SAMPLES: usize = 1024;
+
+/// Everything recorded for one (model, endpoint) pair on one worker since the last flush.
+#[derive(Default)]
+struct Pending {
+    statuses: Vec<(u16, u64)>,
+    errors: Vec<(ErrorKind, u64)>,
+    running: i64,
+    awaiting_first_byte: i64,
+    events: u64,
+    retries: u64,
+    duration: Vec<f64>,
+    ttft: Vec<f64>,
+    tbt: Vec<f64>,
+}
+
+/// One (model, endpoint) pair's metrics on one worker. Recording touches only this
+/// worker's memory; [`flush`](Self::flush) hands the totals to the shared exporter.
 pub struct PairMetrics {
     model: Arc<str>,
     endpoint: Arc<str>,
+    duration: Histogram,
+    running: Gauge,
+    awaiting_first_byte: Gauge,
+    ttft: Histogram,
+    tbt: Histogram,
+    events: Counter,
+    retries: Counter,
     statuses: RefCell<Vec<(u16, Counter)>>,
     errors: RefCell<Vec<(ErrorKind, Counter)>>,
-    pub duration: Histogram,
-    pub running: Gauge,
-    pub awaiting_first_byte: Gauge,
-    pub ttft: Histogram,
-    pub tbt: Histogram,
-    pub events: Counter,
-    pub retries: Counter,
+    pending: RefCell<Pending>,
+}
+
+fn add<K: PartialEq + Copy>(list: &mut Vec<(K, u64)>, key: K, n: u64) {
+    match list.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, v)) => *v += n,
+        None => list.push((key, n)),
+    }
+}
+
+fn push_sample(samples: &mut Vec<f64>, value: f64, histogram: &Histogram) {
+    samples.push(value);
+    if samples.len() >= MAX_PENDING_SAMPLES {
+        for v in samples.drain(..) {
+            histogram.record(v);
+        }
+    }
 }
 
 impl PairMetrics {
@@ -152,100 +193,245 @@ impl PairMetrics {
             retries: counter!(UPSTREAM_RETRIES_TOTAL, &labels),
             statuses: RefCell::new(Vec::new()),
             errors: RefCell::new(Vec::new()),
+            pending: RefCell::new(Pending::default()),
             model,
             endpoint,
         }
     }
 
     pub fn status(&self, status: u16) {
-        let mut statuses = self.statuses.borrow_mut();
-        if let Some((_, c)) = statuses.iter().find(|(s, _)| *s == status) {
-            c.increment(1);
-            return;
-        }
-        let c = counter!(
-            REQUESTS_TOTAL,
-            "model" => self.model.to_string(),
-            "endpoint" => self.endpoint.to_string(),
-            "status" => status.to_string()
-        );
-        c.increment(1);
-        statuses.push((status, c));
+        add(&mut self.pending.borrow_mut().statuses, status, 1);
     }
 
     pub fn upstream_error(&self, kind: ErrorKind) {
-        let mut errors = self.errors.borrow_mut();
-        if let Some((_, c)) = errors.iter().find(|(k, _)| *k == kind) {
-            c.increment(1);
-            return;
+        add(&mut self.pending.borrow_mut().errors, kind, 1);
+    }
+
+    pub fn duration(&self, seconds: f64) {
+        push_sample(&mut self.pending.borrow_mut().duration, seconds, &self.duration);
+    }
+
+    pub fn ttft(&self, seconds: f64) {
+        push_sample(&mut self.pending.borrow_mut().ttft, seconds, &self.ttft);
+    }
+
+    pub fn tbt(&self, seconds: f64) {
+        push_sample(&mut self.pending.borrow_mut().tbt, seconds, &self.tbt);
+    }
+
+    pub fn events(&self, n: u64) {
+        self.pending.borrow_mut().events += n;
+    }
+
+    pub fn retry(&self) {
+        self.pending.borrow_mut().retries += 1;
+    }
+
+    pub fn running(&self, delta: i64) {
+        self.pending.borrow_mut().running += delta;
+    }
+
+    pub fn awaiting_first_byte(&self, delta: i64) {
+        self.pending.borrow_mut().awaiting_first_byte += delta;
+    }
+
+    /// Hands what was recorded since the last flush to the exporter.
+    fn flush(&self) {
+        let p = std::mem::take(&mut *self.pending.borrow_mut());
+        for (status, n) in p.statuses {
+            let mut statuses = self.statuses.borrow_mut();
+            let counter = match statuses.iter().find(|(s, _)| *s == status) {
+                Some((_, c)) => c.clone(),
+                None => {
+                    let c = counter!(
+                        REQUESTS_TOTAL,
+                        "model" => self.model.to_string(),
+                        "endpoint" => self.endpoint.to_string(),
+                        "status" => status.to_string()
+                    );
+                    statuses.push((status, c.clone()));
+                    c
+                }
+            };
+            counter.increment(n);
         }
-        let c = counter!(
-            UPSTREAM_ERRORS_TOTAL,
-            "model" => self.model.to_string(),
-            "endpoint" => self.endpoint.to_string(),
-            "error_kind" => kind.label()
-        );
-        c.increment(1);
-        errors.push((kind, c));
+        for (kind, n) in p.errors {
+            let mut errors = self.errors.borrow_mut();
+            let counter = match errors.iter().find(|(k, _)| *k == kind) {
+                Some((_, c)) => c.clone(),
+                None => {
+                    let c = counter!(
+                        UPSTREAM_ERRORS_TOTAL,
+                        "model" => self.model.to_string(),
+                        "endpoint" => self.endpoint.to_string(),
+                        "error_kind" => kind.label()
+                    );
+                    errors.push((kind, c.clone()));
+                    c
+                }
+            };
+            counter.increment(n);
+        }
+        if p.running != 0 {
+            self.running.increment(p.running as f64);
+        }
+        if p.awaiting_first_byte != 0 {
+            self.awaiting_first_byte.increment(p.awaiting_first_byte as f64);
+        }
+        self.events.increment(p.events);
+        self.retries.increment(p.retries);
+        for (samples, h) in [(p.duration, &self.duration), (p.ttft, &self.ttft), (p.tbt, &self.tbt)] {
+            for v in samples {
+                h.record(v);
+            }
+        }
     }
 }
 
-/// (model, endpoint)
-type PairKey = (Arc<str>, Arc<str>);
-/// (model, policy, reason)
-type DecisionKey = (Arc<str>, &'static str, &'static str);
+/// A routing decision counted locally: (policy, reason, count since flush, handle).
+type Decision = (&'static str, &'static str, u64, Option<Counter>);
 
-/// One worker's handle cache.
+/// One model's metrics on one worker, indexed like its pool in the routing state.
+pub struct ModelMetrics {
+    /// Per endpoint, in pool order.
+    pub pairs: Vec<Rc<PairMetrics>>,
+    /// Requests of this model that reached no endpoint (errors, clients that left early).
+    pub unrouted: Rc<PairMetrics>,
+    decisions: RefCell<Vec<Decision>>,
+    queued: Gauge,
+    name: Arc<str>,
+}
+
+impl ModelMetrics {
+    pub fn decision(&self, policy: &'static str, reason: &'static str) {
+        let mut d = self.decisions.borrow_mut();
+        match d.iter_mut().find(|(p, r, _, _)| *p == policy && *r == reason) {
+            Some(entry) => entry.2 += 1,
+            None => d.push((policy, reason, 1, None)),
+        }
+    }
+
+    pub fn queued(&self) -> &Gauge {
+        &self.queued
+    }
+
+    fn flush(&self) {
+        for p in &self.pairs {
+            p.flush();
+        }
+        self.unrouted.flush();
+        for (policy, reason, n, counter) in self.decisions.borrow_mut().iter_mut() {
+            if *n > 0 {
+                counter
+                    .get_or_insert_with(|| {
+                        counter!(
+                            ROUTING_DECISIONS_TOTAL,
+                            "model" => self.name.to_string(),
+                            "policy" => *policy,
+                            "reason" => *reason
+                        )
+                    })
+                    .increment(*n);
+                *n = 0;
+            }
+        }
+    }
+}
+
+/// A worker's metric handles for one routing state version.
+pub struct MetricTable {
+    version: u64,
+    /// By model index (see `ModelPool::index`).
+    pub models: Vec<ModelMetrics>,
+}
+
+/// One worker's metrics: handles resolved once per routing state, values accumulated in
+/// this worker's memory and flushed to the shared exporter periodically (and before every
+/// `/metrics` render on this worker), so the request path shares no cache line with other
+/// workers.
 #[derive(Default)]
 pub struct LocalMetrics {
-    pairs: RefCell<HashMap<PairKey, Rc<PairMetrics>>>,
-    http_errors: RefCell<HashMap<ErrorKind, Counter>>,
-    decisions: RefCell<HashMap<DecisionKey, Counter>>,
-    queued: RefCell<HashMap<Arc<str>, Gauge>>,
+    table: RefCell<Option<Rc<MetricTable>>>,
+    http_errors: RefCell<Vec<(ErrorKind, u64, Option<Counter>)>>,
 }
 
 impl LocalMetrics {
-    /// Handles for a (model, endpoint) pair; an empty endpoint stands for "none picked".
-    pub fn pair(&self, model: &Arc<str>, endpoint: &Arc<str>) -> Rc<PairMetrics> {
-        let key = (model.clone(), endpoint.clone());
-        self.pairs
-            .borrow_mut()
-            .entry(key)
-            .or_insert_with(|| Rc::new(PairMetrics::new(model.clone(), endpoint.clone())))
-            .clone()
+    /// The handle table for `state`, rebuilt when its version changes (pairs that still
+    /// exist keep their handles, so nothing recorded is lost).
+    pub fn table(&self, state: &RoutingState) -> Rc<MetricTable> {
+        if let Some(t) = self.table.borrow().as_ref()
+            && t.version == state.version
+        {
+            return t.clone();
+        }
+        let old = self.table.borrow_mut().take();
+        if let Some(old) = &old {
+            for m in &old.models {
+                m.flush();
+            }
+        }
+        let reuse = |model: &str, endpoint: &str| -> Option<Rc<PairMetrics>> {
+            let old = old.as_ref()?;
+            old.models.iter().find(|m| m.name.as_ref() == model).and_then(|m| {
+                if endpoint.is_empty() {
+                    Some(m.unrouted.clone())
+                } else {
+                    m.pairs.iter().find(|p| p.endpoint.as_ref() == endpoint).cloned()
+                }
+            })
+        };
+        let models = state
+            .pools()
+            .map(|pool| {
+                let pairs = pool
+                    .endpoints
+                    .iter()
+                    .map(|&i| {
+                        let url = &state.endpoints[i].url;
+                        reuse(&pool.name, url)
+                            .unwrap_or_else(|| Rc::new(PairMetrics::new(pool.name.clone(), url.clone())))
+                    })
+                    .collect();
+                ModelMetrics {
+                    pairs,
+                    unrouted: reuse(&pool.name, "")
+                        .unwrap_or_else(|| Rc::new(PairMetrics::new(pool.name.clone(), "".into()))),
+                    decisions: RefCell::new(Vec::new()),
+                    queued: gauge!(REQUESTS_QUEUED, "model" => pool.name.to_string()),
+                    name: pool.name.clone(),
+                }
+            })
+            .collect();
+        let table = Rc::new(MetricTable {
+            version: state.version,
+            models,
+        });
+        *self.table.borrow_mut() = Some(table.clone());
+        table
     }
 
     pub fn http_error(&self, kind: ErrorKind) {
-        self.http_errors
-            .borrow_mut()
-            .entry(kind)
-            .or_insert_with(|| counter!(HTTP_ERRORS_TOTAL, "error_kind" => kind.label()))
-            .increment(1);
+        let mut e = self.http_errors.borrow_mut();
+        match e.iter_mut().find(|(k, _, _)| *k == kind) {
+            Some(entry) => entry.1 += 1,
+            None => e.push((kind, 1, None)),
+        }
     }
 
-    pub fn decision(&self, model: &Arc<str>, policy: &'static str, reason: &'static str) {
-        self.decisions
-            .borrow_mut()
-            .entry((model.clone(), policy, reason))
-            .or_insert_with(|| {
-                counter!(ROUTING_DECISIONS_TOTAL, "model" => model.to_string(), "policy" => policy, "reason" => reason)
-            })
-            .increment(1);
-    }
-
-    pub fn queued(&self, model: &Arc<str>) -> Gauge {
-        self.queued
-            .borrow_mut()
-            .entry(model.clone())
-            .or_insert_with(|| gauge!(REQUESTS_QUEUED, "model" => model.to_string()))
-            .clone()
-    }
-
-    /// Drops cached handles of pairs no longer in the routing state, so the cache stays
-    /// bounded as endpoints come and go.
-    pub fn retain_pairs(&self, live: impl Fn(&str, &str) -> bool) {
-        self.pairs
-            .borrow_mut()
-            .retain(|(m, e), _| e.is_empty() || m.is_empty() || live(m, e));
+    /// Hands everything recorded on this worker to the exporter.
+    pub fn flush(&self) {
+        if let Some(t) = self.table.borrow().as_ref() {
+            for m in &t.models {
+                m.flush();
+            }
+        }
+        for (kind, n, counter) in self.http_errors.borrow_mut().iter_mut() {
+            if *n > 0 {
+                counter
+                    .get_or_insert_with(|| counter!(HTTP_ERRORS_TOTAL, "error_kind" => kind.label()))
+                    .increment(*n);
+                *n = 0;
+            }
+        }
     }
 }

@@ -30,7 +30,7 @@ use crate::admin::{self, Local};
 use crate::config::SessionConfig;
 use crate::downstream::Downstream;
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::metrics::PairMetrics;
+use crate::metrics::{ModelMetrics, PairMetrics};
 use crate::relay::{self, FirstByte, OutFraming, RelayError, StreamClock};
 use crate::response::{self, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
@@ -157,7 +157,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
 
     // 4. The model's pool.
     let state = ctx.routing_state();
-    let Some(pool) = state.models.get(model) else {
+    let Some(pool) = state.model(model) else {
         let e = ProxyError::new(
             ErrorKind::UnknownModel,
             format!(
@@ -178,6 +178,8 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         client: down.peer.ip(),
         started,
     };
+    let table = ctx.metrics.table(&state);
+    let mm = &table.models[pool.index];
 
     // 5-6. Forward and relay, unless the client leaves first.
     let max_buffered = lim.head.max_bytes;
@@ -186,7 +188,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         .unless_client_leaves(
             max_buffered,
             lim.client_watch_delay,
-            forward(ctx, &state, pool, &request, wr),
+            forward(ctx, &state, pool, mm, &request, wr),
         )
         .await;
 
@@ -194,8 +196,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     match outcome {
         None => {
             tracing::debug!(request_id, "the client left before the response ended");
-            let pm = ctx.metrics.pair(&pool.name, &"".into());
-            record(&pm, CLIENT_CLOSED, started);
+            record(&mm.unrouted, CLIENT_CLOSED, started);
             After::Close
         }
         Some(Outcome::Done { pm, status, keep_alive }) => {
@@ -250,7 +251,7 @@ async fn fail(
 
 fn record(pm: &PairMetrics, status: u16, started: Instant) {
     pm.status(status);
-    pm.duration.record(started.elapsed().as_secs_f64());
+    pm.duration(started.elapsed().as_secs_f64());
 }
 
 enum Outcome {
@@ -272,31 +273,31 @@ async fn forward(
     ctx: &WorkerCtx,
     state: &RoutingState,
     pool: &ModelPool,
+    mm: &ModelMetrics,
     req: &Forward<'_>,
     wr: &mut OwnedWriteHalf<TcpStream>,
 ) -> Outcome {
     let mut excluded: Vec<usize> = Vec::new();
     let mut last_failure: Option<(ProxyError, Rc<PairMetrics>)> = None;
     for attempt in 0..=ctx.limits.max_retries {
-        let pick = match pick(ctx, state, pool, req.session, &excluded).await {
+        let pick = match pick(ctx, state, pool, mm, req.session, &excluded).await {
             Ok(pick) => pick,
             Err(error) => {
                 return match last_failure {
                     Some((error, pm)) => Outcome::Failed { error, pm },
                     None => Outcome::Failed {
                         error,
-                        pm: ctx.metrics.pair(&pool.name, &"".into()),
+                        pm: mm.unrouted.clone(),
                     },
                 };
             }
         };
         let index = pool.endpoints[pick.index];
         let endpoint = &state.endpoints[index];
-        ctx.metrics
-            .decision(&pool.name, pool.policy.name().as_str(), pick.reason.as_str());
-        let pm = ctx.metrics.pair(&pool.name, &endpoint.url);
+        mm.decision(pool.policy.name().as_str(), pick.reason.as_str());
+        let pm = mm.pairs[pick.index].clone();
         if attempt > 0 {
-            pm.retries.increment(1);
+            pm.retry();
         }
         let _inflight = Inflight::start(ctx, endpoint, pm.clone());
         match exchange(ctx, endpoint, req, wr, &pm).await {
@@ -326,7 +327,7 @@ async fn forward(
     let (error, pm) = last_failure.unwrap_or_else(|| {
         (
             ProxyError::new(ErrorKind::NoHealthyEndpoint, "no attempt was possible"),
-            ctx.metrics.pair(&pool.name, &"".into()),
+            mm.unrouted.clone(),
         )
     });
     Outcome::Failed { error, pm }
@@ -338,6 +339,7 @@ async fn pick(
     ctx: &WorkerCtx,
     state: &RoutingState,
     pool: &ModelPool,
+    mm: &ModelMetrics,
     session: Option<&str>,
     excluded: &[usize],
 ) -> Result<Pick, ProxyError> {
@@ -380,7 +382,7 @@ async fn pick(
                         "the router's queue is full; retry later",
                     ));
                 }
-                queued.insert(Queued::enter(ctx, &pool.name))
+                queued.insert(Queued::enter(ctx, mm.queued()))
             }
         };
         let left = q.deadline.saturating_duration_since(Instant::now());
@@ -408,8 +410,8 @@ struct Queued<'a> {
 }
 
 impl<'a> Queued<'a> {
-    fn enter(ctx: &'a WorkerCtx, model: &std::sync::Arc<str>) -> Self {
-        let gauge = ctx.metrics.queued(model);
+    fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge) -> Self {
+        let gauge = gauge.clone();
         gauge.increment(1.0);
         ctx.waiters.count.set(ctx.waiters.count.get() + 1);
         Self {
@@ -437,7 +439,7 @@ struct Inflight<'a> {
 impl<'a> Inflight<'a> {
     fn start(ctx: &'a WorkerCtx, endpoint: &'a EndpointState, pm: Rc<PairMetrics>) -> Self {
         endpoint.load.inflight.fetch_add(1, Ordering::Relaxed);
-        pm.running.increment(1.0);
+        pm.running(1);
         Self { ctx, endpoint, pm }
     }
 }
@@ -445,7 +447,7 @@ impl<'a> Inflight<'a> {
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
         self.endpoint.load.inflight.fetch_sub(1, Ordering::Relaxed);
-        self.pm.running.decrement(1.0);
+        self.pm.running(-1);
         self.ctx.waiters.wake_one();
     }
 }
@@ -477,7 +479,7 @@ async fn exchange(
     pm: &PairMetrics,
 ) -> Exchange {
     let lim = &ctx.limits;
-    let first_byte = FirstByte::start(pm.awaiting_first_byte.clone());
+    let first_byte = FirstByte::start(pm);
     let mut conn = match ctx.pool.take(endpoint.addr) {
         Some(conn) => conn,
         None => match upstream::connect(endpoint.addr, lim.connect_timeout).await {

@@ -15,8 +15,6 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::io::OwnedWriteHalf;
 use monoio::net::TcpStream;
 
-use metrics::Gauge;
-
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::PairMetrics;
 use crate::upstream::UpstreamConn;
@@ -36,11 +34,11 @@ pub struct StreamClock<'a> {
     start: Instant,
     last: Option<Instant>,
     metrics: &'a PairMetrics,
-    first_byte: &'a FirstByte,
+    first_byte: &'a FirstByte<'a>,
 }
 
 impl<'a> StreamClock<'a> {
-    pub fn new(start: Instant, metrics: &'a PairMetrics, first_byte: &'a FirstByte) -> Self {
+    pub fn new(start: Instant, metrics: &'a PairMetrics, first_byte: &'a FirstByte<'a>) -> Self {
         Self {
             start,
             last: None,
@@ -53,13 +51,13 @@ impl<'a> StreamClock<'a> {
         if n == 0 {
             return;
         }
-        self.metrics.events.increment(u64::from(n));
+        self.metrics.events(u64::from(n));
         match self.last {
             None => {
                 self.first_byte.mark();
-                self.metrics.ttft.record(now.duration_since(self.start).as_secs_f64());
+                self.metrics.ttft(now.duration_since(self.start).as_secs_f64());
             }
-            Some(last) => self.metrics.tbt.record(now.duration_since(last).as_secs_f64()),
+            Some(last) => self.metrics.tbt(now.duration_since(last).as_secs_f64()),
         }
         self.last = Some(now);
     }
@@ -67,28 +65,28 @@ impl<'a> StreamClock<'a> {
 
 /// Counts a request in the "awaiting first byte" gauge until its first byte (streaming:
 /// first token) arrives or it ends.
-pub struct FirstByte {
-    gauge: Gauge,
+pub struct FirstByte<'a> {
+    metrics: &'a PairMetrics,
     pending: Cell<bool>,
 }
 
-impl FirstByte {
-    pub fn start(gauge: Gauge) -> Self {
-        gauge.increment(1.0);
+impl<'a> FirstByte<'a> {
+    pub fn start(metrics: &'a PairMetrics) -> Self {
+        metrics.awaiting_first_byte(1);
         Self {
-            gauge,
+            metrics,
             pending: Cell::new(true),
         }
     }
 
     pub fn mark(&self) {
         if self.pending.replace(false) {
-            self.gauge.decrement(1.0);
+            self.metrics.awaiting_first_byte(-1);
         }
     }
 }
 
-impl Drop for FirstByte {
+impl Drop for FirstByte<'_> {
     fn drop(&mut self) {
         self.mark();
     }

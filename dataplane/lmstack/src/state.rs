@@ -43,6 +43,8 @@ pub struct EndpointState {
 
 #[derive(Debug)]
 pub struct ModelPool {
+    /// Position in [`RoutingState::pools`] (models sorted by name).
+    pub index: usize,
     pub name: Arc<str>,
     /// Indices into [`RoutingState::endpoints`].
     pub endpoints: Vec<usize>,
@@ -59,7 +61,9 @@ impl ModelPool {
 pub struct RoutingState {
     pub version: u64,
     pub endpoints: Vec<EndpointState>,
-    pub models: HashMap<Arc<str>, ModelPool>,
+    /// Pools sorted by model name.
+    pools: Vec<ModelPool>,
+    by_name: HashMap<Arc<str>, usize>,
     /// The merged `GET /v1/models` response body.
     pub models_body: Bytes,
 }
@@ -69,21 +73,30 @@ impl RoutingState {
         Self {
             version: 0,
             endpoints: Vec::new(),
-            models: HashMap::new(),
+            pools: Vec::new(),
+            by_name: HashMap::new(),
             models_body: Bytes::from_static(br#"{"object":"list","data":[]}"#),
         }
     }
 
+    /// The pool of `model`, if it is served.
+    pub fn model(&self, model: &str) -> Option<&ModelPool> {
+        self.by_name.get(model).map(|&i| &self.pools[i])
+    }
+
+    /// All pools, sorted by model name (their `index` order).
+    pub fn pools(&self) -> impl Iterator<Item = &ModelPool> {
+        self.pools.iter()
+    }
+
     /// Served model names, sorted.
     pub fn model_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.models.keys().map(|k| k.as_ref()).collect();
-        names.sort_unstable();
-        names
+        self.pools.iter().map(|p| p.name.as_ref()).collect()
     }
 
     /// Whether any model has a healthy endpoint.
     pub fn can_route(&self) -> bool {
-        self.models.values().any(|m| m.healthy_count(self) > 0)
+        self.pools.iter().any(|m| m.healthy_count(self) > 0)
     }
 }
 
@@ -156,7 +169,7 @@ impl SnapshotCell {
             return Ok(());
         }
         let state = self.build(snapshot);
-        for pool in state.models.values() {
+        for pool in state.pools() {
             for &i in &pool.endpoints {
                 let e = &state.endpoints[i];
                 ::metrics::gauge!(metrics::ENDPOINT_HEALTHY, "model" => pool.name.to_string(), "endpoint" => e.url.to_string())
@@ -165,12 +178,11 @@ impl SnapshotCell {
         }
         // Pairs that disappeared are no longer routable: say so rather than keep a stale 1.
         let old = self.state.load();
-        for pool in old.models.values() {
+        for pool in old.pools() {
             for &i in &pool.endpoints {
                 let url = &old.endpoints[i].url;
                 let still = state
-                    .models
-                    .get(&pool.name)
+                    .model(&pool.name)
                     .is_some_and(|p| p.endpoints.iter().any(|&j| &state.endpoints[j].url == url));
                 if !still {
                     ::metrics::gauge!(metrics::ENDPOINT_HEALTHY, "model" => pool.name.to_string(), "endpoint" => url.to_string())
@@ -202,7 +214,8 @@ impl SnapshotCell {
         loads.retain(|url, _| snapshot.endpoints.iter().any(|e| &e.url == url));
         drop(loads);
 
-        let mut models = HashMap::new();
+        let mut pools = Vec::new();
+        let mut by_name = HashMap::new();
         let mut cards = Vec::new();
         let mut names: Vec<&str> = snapshot.models.iter().map(|m| m.name.as_str()).collect();
         names.sort_unstable();
@@ -212,14 +225,13 @@ impl SnapshotCell {
             };
             let policy = Policy::new(self.routing.policy_for(&m.name), self.routing.policy);
             let name: Arc<str> = m.name.as_str().into();
-            models.insert(
-                name.clone(),
-                ModelPool {
-                    name,
-                    endpoints: m.endpoints.iter().map(|&i| i as usize).collect(),
-                    policy,
-                },
-            );
+            by_name.insert(name.clone(), pools.len());
+            pools.push(ModelPool {
+                index: pools.len(),
+                name,
+                endpoints: m.endpoints.iter().map(|&i| i as usize).collect(),
+                policy,
+            });
             cards.push(m.card.clone().unwrap_or_else(|| {
                 serde_json::json!({
                     "id": m.name,
@@ -235,7 +247,8 @@ impl SnapshotCell {
         RoutingState {
             version: snapshot.version,
             endpoints,
-            models,
+            pools,
+            by_name,
             models_body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
         }
     }

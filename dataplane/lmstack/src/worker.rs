@@ -149,18 +149,12 @@ impl WorkerCtx {
         }
     }
 
-    /// The routing state to use for a request; on a new version, drops per-worker state of
-    /// endpoints that are gone (idle connections, metric handles).
+    /// The routing state to use for a request; on a new version, closes idle connections
+    /// to endpoints that are gone.
     pub fn routing_state(&self) -> StateRef {
         let (state, changed) = self.routing.current(&self.shared.cell);
         if changed {
             self.pool.sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
-            self.metrics.retain_pairs(|model, endpoint| {
-                state
-                    .models
-                    .get(model)
-                    .is_some_and(|p| p.endpoints.iter().any(|&i| state.endpoints[i].url.as_ref() == endpoint))
-            });
         }
         state
     }
@@ -320,11 +314,17 @@ async fn linger_close(down: &mut Downstream) {
     }
 }
 
-/// Periodic per-worker chores: close expired idle engine connections.
+/// Periodic per-worker chores: hand metrics to the exporter; about once a second, close
+/// expired idle engine connections.
 async fn housekeeping(ctx: Rc<WorkerCtx>) {
+    let mut ticks = 0u32;
     loop {
-        monoio::time::sleep(Duration::from_secs(1)).await;
-        let state = ctx.routing_state();
-        ctx.pool.sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
+        monoio::time::sleep(metrics::FLUSH_INTERVAL).await;
+        ctx.metrics.flush();
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(10) {
+            let state = ctx.routing_state();
+            ctx.pool.sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
+        }
     }
 }
