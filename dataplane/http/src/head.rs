@@ -396,9 +396,14 @@ pub fn parse_response(
         return Err(HeadError::TooLarge(limits.max_bytes));
     }
     let raw = buf.split_to(end).freeze();
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
-    let mut res = httparse::Response::new(&mut headers[..limits.max_headers.min(MAX_HEADERS_CAP)]);
-    match res.parse(&raw) {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
+    let mut res = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        &raw,
+        &mut headers[..limits.max_headers.min(MAX_HEADERS_CAP)],
+    );
+    match parsed {
         Ok(httparse::Status::Complete(_)) => {
             let status = res.code.ok_or(HeadError::Malformed("missing status"))?;
             let version = version_of(res.version);

@@ -49,7 +49,7 @@ impl Downstream {
     /// Writes all of `bytes` within `timeout`; false when the client is gone.
     pub async fn write(&mut self, bytes: Vec<u8>, timeout: Duration) -> bool {
         matches!(
-            monoio::time::timeout(timeout, self.wr.write_all(bytes)).await,
+            crate::time::timeout(timeout, self.wr.write_all(bytes)).await,
             Ok((Ok(_), _))
         )
     }
@@ -119,7 +119,7 @@ impl Reader {
             };
             // Decided before reading: a read cut short by the timeout takes the buffer along.
             let idle = deadline.is_none() || self.buf.iter().all(u8::is_ascii_whitespace);
-            match monoio::time::timeout(wait, self.fill(READ_CHUNK)).await {
+            match crate::time::timeout(wait, self.fill(READ_CHUNK)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(NoRequest::Closed),
                 Ok(Ok(_)) => {
                     deadline.get_or_insert_with(|| Instant::now() + header_timeout);
@@ -172,7 +172,7 @@ impl Reader {
                 }
                 while self.buf.len() < n {
                     let want = n - self.buf.len();
-                    match monoio::time::timeout_at(deadline, self.fill(want.min(max_bytes))).await {
+                    match crate::time::timeout_at(deadline, self.fill(want.min(max_bytes))).await {
                         Err(_) => return Err(timed_out()),
                         Ok(Ok(0)) | Ok(Err(_)) => return Err(closed()),
                         Ok(Ok(_)) => {}
@@ -208,7 +208,7 @@ impl Reader {
                             return Ok(body.freeze());
                         }
                     }
-                    match monoio::time::timeout_at(deadline, self.fill(READ_CHUNK)).await {
+                    match crate::time::timeout_at(deadline, self.fill(READ_CHUNK)).await {
                         Err(_) => return Err(timed_out()),
                         Ok(Ok(0)) | Ok(Err(_)) => return Err(closed()),
                         Ok(Ok(_)) => {}
@@ -233,7 +233,7 @@ impl Reader {
     ) -> Option<F::Output> {
         let mut work = pin!(work);
         if !arm_after.is_zero()
-            && let Either::Left((output, _)) = select(work.as_mut(), pin!(monoio::time::sleep(arm_after))).await
+            && let Either::Left((output, _)) = select(work.as_mut(), crate::time::sleep(arm_after)).await
         {
             return Some(output);
         }

@@ -16,6 +16,7 @@ mod proxy;
 mod relay;
 mod response;
 mod state;
+mod time;
 mod upstream;
 mod worker;
 
@@ -31,6 +32,12 @@ use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Cli, Config, LogFormat};
+
+/// mimalloc: per-thread free lists suit thread-per-core workers that allocate and free
+/// request buffers on the same thread (measured in perf/results: fewer cycles per request
+/// than glibc's malloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::state::SnapshotCell;
 use crate::worker::Shared;
 

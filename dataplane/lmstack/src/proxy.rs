@@ -501,7 +501,7 @@ async fn exchange(
         req.send_id.then_some(req.request_id),
         req.client,
     );
-    let answered = monoio::time::timeout(lim.first_byte_timeout, async {
+    let answered = crate::time::timeout(lim.first_byte_timeout, async {
         upstream::send(&mut conn, head, req.body).await?;
         upstream::read_head(&mut conn, &lim.response_head, false).await
     })

@@ -145,7 +145,8 @@ pub async fn relay(
     loop {
         if !up.buf.is_empty() {
             let data = up.buf.split().freeze();
-            let now = Instant::now();
+            // Arrival time, for streams only (a clock read is not free).
+            let now = clock.is_some().then(Instant::now);
             let mut events = 0;
             let (consumed, done, pieces) = match framing {
                 Framing::Length(_) => {
@@ -184,7 +185,7 @@ pub async fn relay(
                 }
                 Framing::Empty => (0, true, None),
             };
-            if let Some(c) = clock.as_deref_mut() {
+            if let (Some(c), Some(now)) = (clock.as_deref_mut(), now) {
                 c.on_events(events, now);
             }
             match (head.take(), pieces) {
@@ -214,7 +215,7 @@ pub async fn relay(
                 });
             }
         }
-        match monoio::time::timeout(idle_timeout, up.fill()).await {
+        match crate::time::timeout(idle_timeout, up.fill()).await {
             Err(_) => {
                 return Err(RelayError::Upstream(ProxyError::new(
                     ErrorKind::UpstreamTimeout,
@@ -241,7 +242,7 @@ pub async fn relay(
 
 /// Writes to the client with a deadline; any failure means the client is gone.
 pub async fn write(wr: &mut OwnedWriteHalf<TcpStream>, bytes: Bytes, timeout: Duration) -> Result<(), RelayError> {
-    match monoio::time::timeout(timeout, wr.write_all(bytes)).await {
+    match crate::time::timeout(timeout, wr.write_all(bytes)).await {
         Ok((Ok(_), _)) => Ok(()),
         _ => Err(RelayError::Downstream),
     }

@@ -117,7 +117,7 @@ impl Pool {
 }
 
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn, ProxyError> {
-    match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+    match crate::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
         Err(_) => Err(ProxyError::new(
             ErrorKind::UpstreamConnectTimeout,
             format!(

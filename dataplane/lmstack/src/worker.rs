@@ -107,7 +107,7 @@ impl Waiters {
     pub async fn wait(&self, max: Duration) {
         let (tx, rx) = oneshot::channel();
         self.queue.borrow_mut().push_back(tx);
-        let sleep = std::pin::pin!(monoio::time::sleep(max));
+        let sleep = crate::time::sleep(max);
         let _ = futures_util::future::select(rx, sleep).await;
     }
 }
@@ -240,7 +240,7 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>) -> std::io::Resu
     loop {
         if ctx.connections.get() >= ctx.limits.max_connections {
             // At the connection limit: leave new connections in the kernel's backlog.
-            monoio::time::sleep(Duration::from_millis(5)).await;
+            crate::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
         match listener.accept().await {
@@ -259,7 +259,7 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>) -> std::io::Resu
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(worker = ctx.id, "accept failed: {e}");
-                monoio::time::sleep(Duration::from_millis(50)).await;
+                crate::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -307,7 +307,7 @@ async fn linger_close(down: &mut Downstream) {
     let mut discarded = 0usize;
     while discarded < 4 * 1024 * 1024 {
         down.reader.buf.clear();
-        match monoio::time::timeout_at(deadline, down.reader.discard()).await {
+        match crate::time::timeout_at(deadline, down.reader.discard()).await {
             Ok(Ok(n)) if n > 0 => discarded += n,
             _ => return,
         }
@@ -319,7 +319,7 @@ async fn linger_close(down: &mut Downstream) {
 async fn housekeeping(ctx: Rc<WorkerCtx>) {
     let mut ticks = 0u32;
     loop {
-        monoio::time::sleep(metrics::FLUSH_INTERVAL).await;
+        crate::time::sleep(metrics::FLUSH_INTERVAL).await;
         ctx.metrics.flush();
         ticks = ticks.wrapping_add(1);
         if ticks.is_multiple_of(10) {
