@@ -21,6 +21,7 @@ pub struct TestArgs {
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     ensure_python_venv()?;
     if !args.no_lint {
+        ensure_components()?;
         run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
         run_cmd(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     }
@@ -29,6 +30,22 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
             .args(["test", "--workspace", "--all-targets", "--"])
             .args(&args.rest),
     )?;
+    Ok(())
+}
+
+/// rustfmt and clippy come with rustup's default profile; add them where a minimal one is.
+fn ensure_components() -> anyhow::Result<()> {
+    let have = |tool: &str| {
+        cargo()
+            .args([tool, "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !have("fmt") || !have("clippy") {
+        run_cmd(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
+    }
     Ok(())
 }
 
