@@ -13,6 +13,7 @@ mod error;
 mod metrics;
 mod probe;
 mod proxy;
+mod queue;
 mod relay;
 mod response;
 mod state;

@@ -31,6 +31,7 @@ use crate::config::SessionConfig;
 use crate::downstream::Downstream;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::metrics::{ModelMetrics, PairMetrics};
+use crate::queue::Ticket;
 use crate::relay::{self, FirstByte, OutFraming, RelayError, StreamClock};
 use crate::response::{self, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
@@ -376,7 +377,7 @@ async fn pick(
         let q = match &queued {
             Some(q) => q,
             None => {
-                if ctx.waiters.count.get() >= lim.max_queued {
+                if ctx.waiters.len() >= lim.max_queued {
                     return Err(ProxyError::new(
                         ErrorKind::Overloaded,
                         "the router's queue is full; retry later",
@@ -398,13 +399,13 @@ async fn pick(
         }
         // Woken by a request finishing on this worker, or after a short tick for slots
         // freed on other workers.
-        ctx.waiters.wait(left.min(std::time::Duration::from_millis(5))).await;
+        q.ticket.wait(left.min(std::time::Duration::from_millis(5))).await;
     }
 }
 
-/// A request's place in the router's queue.
+/// A request's place in the router's queue, counted in the queued gauge.
 struct Queued<'a> {
-    ctx: &'a WorkerCtx,
+    ticket: Ticket<'a>,
     gauge: metrics::Gauge,
     deadline: Instant,
 }
@@ -413,9 +414,8 @@ impl<'a> Queued<'a> {
     fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge) -> Self {
         let gauge = gauge.clone();
         gauge.increment(1.0);
-        ctx.waiters.count.set(ctx.waiters.count.get() + 1);
         Self {
-            ctx,
+            ticket: ctx.waiters.enter(),
             gauge,
             deadline: Instant::now() + ctx.limits.queue_timeout,
         }
@@ -425,7 +425,6 @@ impl<'a> Queued<'a> {
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
-        self.ctx.waiters.count.set(self.ctx.waiters.count.get() - 1);
     }
 }
 

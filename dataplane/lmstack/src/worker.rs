@@ -5,14 +5,12 @@
 //! Not here: what happens to a request (proxy.rs) or how routing state is built (state.rs).
 
 use std::cell::Cell;
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_channel::oneshot;
 use lmstack_http::Version;
 use lmstack_http::head::HeadLimits;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -23,6 +21,7 @@ use monoio::{FusionDriver, FusionRuntime, RuntimeBuilder};
 use crate::config::{Config, ms};
 use crate::downstream::{Downstream, NoRequest};
 use crate::metrics::{self, LocalMetrics};
+use crate::queue::WaitQueue;
 use crate::state::{LocalRouting, SnapshotCell, StateRef};
 use crate::upstream::Pool;
 use crate::{proxy, response};
@@ -85,33 +84,6 @@ impl Limits {
     }
 }
 
-/// Requests on this worker waiting for an endpoint slot. A finishing request wakes one;
-/// slots freed on other workers are noticed by the waiters' own short timer.
-#[derive(Default)]
-pub struct Waiters {
-    queue: std::cell::RefCell<VecDeque<oneshot::Sender<()>>>,
-    pub count: Cell<usize>,
-}
-
-impl Waiters {
-    pub fn wake_one(&self) {
-        let mut queue = self.queue.borrow_mut();
-        while let Some(tx) = queue.pop_front() {
-            if tx.send(()).is_ok() {
-                return;
-            }
-        }
-    }
-
-    /// Waits until woken or `max` passes.
-    pub async fn wait(&self, max: Duration) {
-        let (tx, rx) = oneshot::channel();
-        self.queue.borrow_mut().push_back(tx);
-        let sleep = crate::time::sleep(max);
-        let _ = futures_util::future::select(rx, sleep).await;
-    }
-}
-
 /// One worker's state; `!Send`, shared by the worker's tasks through `Rc`.
 pub struct WorkerCtx {
     pub id: usize,
@@ -120,7 +92,7 @@ pub struct WorkerCtx {
     pub routing: LocalRouting,
     pub pool: Pool,
     pub metrics: LocalMetrics,
-    pub waiters: Waiters,
+    pub waiters: WaitQueue,
     ticket: Cell<u64>,
     request_prefix: String,
     request_seq: Cell<u64>,
@@ -140,7 +112,7 @@ impl WorkerCtx {
                 ms(c.upstream.pool_idle_timeout_ms),
             ),
             metrics: LocalMetrics::default(),
-            waiters: Waiters::default(),
+            waiters: WaitQueue::default(),
             ticket: Cell::new(id as u64),
             request_prefix: format!("{:012x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) >> 16),
             request_seq: Cell::new(0),
