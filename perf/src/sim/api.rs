@@ -246,6 +246,10 @@ enum Kind {
     Responses,
 }
 
+/// vLLM's `system_fingerprint`, for this simulator.
+const FINGERPRINT: &str = "vllm-0.32.0-lmstack-sim";
+const FINGERPRINT_FIELD: &str = r#","system_fingerprint":"vllm-0.32.0-lmstack-sim""#;
+
 fn admit_error(e: AdmitError, name: &str) -> Response<Body> {
     bad_request(e.to_string(), name)
 }
@@ -316,13 +320,13 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
                 "id": id, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length",
                              "stop_reason": null, "prompt_logprobs": null}],
-                "usage": u,
+                "usage": u, "system_fingerprint": FINGERPRINT,
             }),
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
                              "logprobs": null, "finish_reason": "length", "stop_reason": null}],
-                "usage": u, "prompt_logprobs": null,
+                "usage": u, "prompt_logprobs": null, "system_fingerprint": FINGERPRINT,
             }),
             Kind::Responses => json!({
                 "id": id, "object": "response", "created_at": created, "model": model, "status": "incomplete",
@@ -381,13 +385,20 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
                 }
             }
             let piece = output_piece(seed, i);
-            let finish = if i + 1 == max_tokens { r#""length""# } else { "null" };
+            let last = i + 1 == max_tokens;
+            // As vLLM: the last token carries the finish reason (and, for chat, the stop
+            // reason) and the chunk the system fingerprint.
+            let (finish, stop, fingerprint) = if last {
+                (r#""length""#, r#","stop_reason":null"#, FINGERPRINT_FIELD)
+            } else {
+                ("null", "", "")
+            };
             let event = match kind {
                 Kind::Chat => format!(
-                    r#"{{{head},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"logprobs":null,"finish_reason":{finish}}}]}}"#
+                    r#"{{{head},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"logprobs":null,"finish_reason":{finish}{stop}}}]{fingerprint}}}"#
                 ),
                 _ => format!(
-                    r#"{{{head},"choices":[{{"index":0,"text":"{piece}","logprobs":null,"finish_reason":{finish},"stop_reason":null}}]}}"#
+                    r#"{{{head},"choices":[{{"index":0,"text":"{piece}","logprobs":null,"finish_reason":{finish},"stop_reason":null}}]{fingerprint}}}"#
                 ),
             };
             if !send(event).await {
@@ -405,7 +416,7 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
         metrics.decode_time.record(at.duration_since(first).as_secs_f64());
         if include_usage {
             let u = usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens);
-            if !send(format!(r#"{{{head},"choices":[],"usage":{u}}}"#)).await {
+            if !send(format!(r#"{{{head},"choices":[],"usage":{u}{FINGERPRINT_FIELD}}}"#)).await {
                 metrics.finished(FinishReason::Abort);
                 return;
             }
