@@ -100,6 +100,8 @@ pub struct Summary {
     pub concurrency: usize,
     pub seconds: f64,
     pub requests: u64,
+    /// Requests completed during the whole run, warmup included.
+    pub all_requests: u64,
     pub errors: u64,
     pub rps: f64,
     pub latency_ms: Percentiles,
@@ -114,6 +116,7 @@ struct Recorder {
     ttfb: Histogram<u64>,
     gaps: Histogram<u64>,
     requests: u64,
+    all_requests: u64,
     errors: u64,
 }
 
@@ -125,6 +128,7 @@ impl Recorder {
             ttfb: h()?,
             gaps: h()?,
             requests: 0,
+            all_requests: 0,
             errors: 0,
         })
     }
@@ -134,6 +138,7 @@ impl Recorder {
         self.ttfb.add(&other.ttfb)?;
         self.gaps.add(&other.gaps)?;
         self.requests += other.requests;
+        self.all_requests += other.all_requests;
         self.errors += other.errors;
         Ok(())
     }
@@ -218,6 +223,7 @@ async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         concurrency: args.concurrency,
         seconds,
         requests: total.requests,
+        all_requests: total.all_requests,
         errors: total.errors,
         rps: total.requests as f64 / seconds,
         latency_ms: Percentiles::of(&total.latency),
@@ -266,6 +272,7 @@ async fn connection_loop(target: Arc<Target>, warm_at: Instant, end_at: Instant)
         let counted = t0 >= warm_at && done <= end_at;
         match outcome {
             Ok((ttfb, gaps)) => {
+                rec.all_requests += 1;
                 if counted {
                     rec.requests += 1;
                     rec.latency.record(micros(done - t0))?;

@@ -102,3 +102,22 @@ fn a_config_file_with_unknown_keys_is_refused() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_port_in_use_is_refused_not_shared() {
+    let first = router(&args(&["--static-backends", "http://127.0.0.1:9"]));
+    let port = first.addr.port().to_string();
+    let out = std::process::Command::new(bin("lmstack"))
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--static-backends",
+            "http://127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a second lmstack bound the same port");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already in use"));
+}

@@ -106,9 +106,12 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
         None => None,
     };
     wait_ready(&lm.url())?;
-    let mut targets = vec![("direct-1-engine", e1.url()), ("lmstack-2-engines", lm.url())];
+    let mut targets = vec![
+        Target::new("direct-1-engine", e1.url(), vec![e1.pid()]),
+        Target::new("lmstack-2-engines", lm.url(), vec![lm.pid()]),
+    ];
     if let Some(n) = &ng {
-        targets.push(("nginx-2-engines", n.url()));
+        targets.push(Target::new("nginx-2-engines", n.url(), n.pids()));
     }
     let throughput = measure(&bins, args, &targets, "completions", args.concurrency, 1)?;
     drop((ng, lm, e1, e2));
@@ -133,9 +136,12 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
         None => None,
     };
     wait_ready(&lm.url())?;
-    let mut targets = vec![("direct-stream", e3.url()), ("lmstack-stream", lm.url())];
+    let mut targets = vec![
+        Target::new("direct-stream", e3.url(), vec![e3.pid()]),
+        Target::new("lmstack-stream", lm.url(), vec![lm.pid()]),
+    ];
     if let Some(n) = &ng {
-        targets.push(("nginx-stream", n.url()));
+        targets.push(Target::new("nginx-stream", n.url(), n.pids()));
     }
     let streaming = measure(&bins, args, &targets, "stream", args.stream_concurrency, 16)?;
     drop((ng, lm, e3));
@@ -196,15 +202,16 @@ fn wait_ready(url: &str) -> anyhow::Result<()> {
 fn measure(
     bins: &Path,
     args: &PerfArgs,
-    targets: &[(&str, String)],
+    targets: &[Target],
     mode: &str,
     concurrency: usize,
     max_tokens: usize,
 ) -> anyhow::Result<Value> {
     let mut runs: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
     for round in 0..args.rounds {
-        for (i, (label, url)) in targets.iter().enumerate() {
+        for (i, Target { label, url, pids }) in targets.iter().enumerate() {
             eprintln!("round {}/{}: {label}", round + 1, args.rounds);
+            let cpu_before = cpu_seconds(pids);
             let out = Command::new(bins.join("lmstack-load"))
                 .args(["--url", url, "--mode", mode, "--json", "--label", label])
                 .args([
@@ -223,11 +230,17 @@ fn measure(
                 .output()
                 .context("running lmstack-load")?;
             anyhow::ensure!(out.status.success(), "lmstack-load failed for {label}");
-            runs[i].push(serde_json::from_slice(&out.stdout).context("reading lmstack-load's JSON")?);
+            let cpu = cpu_seconds(pids) - cpu_before;
+            let mut run: Value = serde_json::from_slice(&out.stdout).context("reading lmstack-load's JSON")?;
+            let all = run["all_requests"].as_f64().unwrap_or(0.0).max(1.0);
+            // What the proxy (or, direct, the engine) spent per request, warmup included.
+            run["cpu_us_per_request"] = json!(cpu * 1e6 / all);
+            runs[i].push(run);
         }
     }
     let fields = [
         "rps",
+        "cpu_us_per_request",
         "errors",
         "latency_ms.p50",
         "latency_ms.p90",
@@ -241,7 +254,7 @@ fn measure(
         "gap_ms.p999",
     ];
     let mut result = serde_json::Map::new();
-    for ((label, _), rounds) in targets.iter().zip(&runs) {
+    for (Target { label, .. }, rounds) in targets.iter().zip(&runs) {
         let mut medians = serde_json::Map::new();
         for f in fields {
             let mut values: Vec<f64> = rounds
@@ -259,6 +272,35 @@ fn measure(
     Ok(Value::Object(result))
 }
 
+/// A load target, and the processes whose CPU time counts for it.
+struct Target {
+    label: &'static str,
+    url: String,
+    pids: Vec<u32>,
+}
+
+impl Target {
+    fn new(label: &'static str, url: String, pids: Vec<u32>) -> Self {
+        Self { label, url, pids }
+    }
+}
+
+/// User plus system CPU time of processes (all their threads), from /proc.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces) start at `state`.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        / ticks
+}
+
 fn print_report(report: &Value) {
     let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
     println!(
@@ -266,18 +308,19 @@ fn print_report(report: &Value) {
         report["settings"]["concurrency"]
     );
     println!(
-        "{:<20} {:>10} {:>9} {:>9} {:>9} {:>9}",
-        "target", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "errors"
+        "{:<20} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11}",
+        "target", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "errors", "cpu us/req"
     );
     if let Some(t) = report["throughput"].as_object() {
         for (label, v) in t {
             println!(
-                "{label:<20} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9}",
+                "{label:<20} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>11.1}",
                 f(v, "rps"),
                 f(v, "latency_ms.p50"),
                 f(v, "latency_ms.p99"),
                 f(v, "latency_ms.p999"),
-                f(v, "errors")
+                f(v, "errors"),
+                f(v, "cpu_us_per_request")
             );
         }
     }
@@ -306,10 +349,11 @@ fn print_report(report: &Value) {
     if t.get("nginx-2-engines").is_some() {
         let (l, n) = (&t["lmstack-2-engines"], &t["nginx-2-engines"]);
         println!(
-            "\nlmstack / nginx: req/s x{:.2}, p99 x{:.2}, p99.9 x{:.2}",
+            "\nlmstack / nginx: req/s x{:.2}, p99 x{:.2}, p99.9 x{:.2}, CPU per request x{:.2}",
             f(l, "rps") / f(n, "rps"),
             f(l, "latency_ms.p99") / f(n, "latency_ms.p99"),
-            f(l, "latency_ms.p999") / f(n, "latency_ms.p999")
+            f(l, "latency_ms.p999") / f(n, "latency_ms.p999"),
+            f(l, "cpu_us_per_request") / f(n, "cpu_us_per_request")
         );
     }
     let s = &report["streaming"];
@@ -393,6 +437,15 @@ http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_pa
 
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).unwrap_or_default();
+        std::iter::once(master)
+            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+            .collect()
     }
 }
 

@@ -154,6 +154,16 @@ fn run(config: Config) -> anyhow::Result<()> {
 /// One SO_REUSEPORT listener per worker, all on the same port (the first one's, when the
 /// configured port is 0).
 fn bind_listeners(addr: SocketAddr, workers: usize, backlog: u32) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    // SO_REUSEPORT would let this process share a port another process (another lmstack
+    // started by mistake) already listens on, silently splitting its traffic. A plain
+    // socket cannot bind a port in use, so try one first.
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe
+            .bind(&addr.into())
+            .with_context(|| format!("{addr} is already in use"))?;
+    }
     let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
     let mut addr = addr;
     for _ in 0..workers {
