@@ -627,6 +627,23 @@ fn fake_connection(mut s: TcpStream, how: Misbehave, requests: &AtomicUsize) {
     }
 }
 
+/// A router in front of one fake engine serving model `m`, healthy, with probes far apart
+/// (so a misbehaving engine stays routable); `extra` adds flags.
+pub fn router_over(fake: &FakeEngine, extra: &[&str]) -> Proc {
+    let mut a = args(&[
+        "--static-backends",
+        &fake.url(),
+        "--static-models",
+        "m",
+        "--health-check-interval-ms",
+        "60000",
+    ]);
+    a.extend(args(extra));
+    let r = router(&a);
+    wait_healthy(&r);
+    r
+}
+
 /// A Python venv with the official `openai` SDK, made once under target/.
 pub fn python_with_openai() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();

@@ -187,15 +187,7 @@ fn no_healthy_endpoint_is_503() {
 #[test]
 fn refused_upstreams_are_502() {
     let fake = FakeEngine::start(Misbehave::Hang);
-    let r = router(&args(&[
-        "--static-backends",
-        &fake.url(),
-        "--static-models",
-        "m",
-        "--health-check-interval-ms",
-        "60000",
-    ]));
-    wait_healthy(&r);
+    let r = router_over(&fake, &[]);
     fake.stop_listening();
     let (resp, _) = one(&r, &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""));
     openai_error(&resp, 502, "upstream_connect");
@@ -211,15 +203,7 @@ fn refused_upstreams_are_502() {
 #[test]
 fn reset_upstreams_are_502() {
     let fake = FakeEngine::start(Misbehave::Reset);
-    let r = router(&args(&[
-        "--static-backends",
-        &fake.url(),
-        "--static-models",
-        "m",
-        "--health-check-interval-ms",
-        "60000",
-    ]));
-    wait_healthy(&r);
+    let r = router_over(&fake, &[]);
     let (resp, _) = one(&r, &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""));
     openai_error(&resp, 502, "upstream_reset");
 }
@@ -227,15 +211,7 @@ fn reset_upstreams_are_502() {
 #[test]
 fn silent_upstreams_are_504() {
     let fake = FakeEngine::start(Misbehave::Hang);
-    let r = router(&args(&[
-        "--static-backends",
-        &fake.url(),
-        "--static-models",
-        "m",
-        "--first-byte-timeout-ms",
-        "300",
-    ]));
-    wait_healthy(&r);
+    let r = router_over(&fake, &["--first-byte-timeout-ms", "300"]);
     let start = std::time::Instant::now();
     let (resp, _) = one(&r, &raw_post("/v1/completions", r#"{"model":"m","prompt":"x"}"#, ""));
     openai_error(&resp, 504, "upstream_timeout");
@@ -247,15 +223,7 @@ fn silent_upstreams_are_504() {
 #[test]
 fn a_stream_that_stalls_is_cut_after_the_idle_timeout() {
     let fake = FakeEngine::start(Misbehave::StallMidStream);
-    let r = router(&args(&[
-        "--static-backends",
-        &fake.url(),
-        "--static-models",
-        "m",
-        "--idle-timeout-ms",
-        "300",
-    ]));
-    wait_healthy(&r);
+    let r = router_over(&fake, &["--idle-timeout-ms", "300"]);
     let (resp, _) = one(
         &r,
         &raw_post("/v1/completions", r#"{"model":"m","prompt":"x","stream":true}"#, ""),

@@ -179,15 +179,7 @@ fn stale_pooled_connections_are_retried_transparently() {
     // The engine closes every connection after answering, without saying so: the router's
     // pooled connection is dead by the next request.
     let fake = FakeEngine::start(Misbehave::CloseAfterEachResponse);
-    let r = router(&args(&[
-        "--static-backends",
-        &fake.url(),
-        "--static-models",
-        "m",
-        "--workers",
-        "1",
-    ]));
-    wait_healthy(&r);
+    let r = router_over(&fake, &["--workers", "1"]);
     for _ in 0..10 {
         let (status, body) = {
             let reply = post(&r, "/v1/completions", &json!({"model": "m", "prompt": "x"}), &[]);

@@ -62,17 +62,14 @@ fn requests_beyond_the_limit_wait_their_turn() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn a_request_that_waits_too_long_is_503_overloaded() {
+/// With the only slot of the only endpoint busy, sends one more request under the queue
+/// settings `upstream`; returns its reply and how long it took.
+fn one_more_while_busy(name: &str, upstream: &str) -> (Reply, Duration) {
     let e1 = sim("e1", &["--decode-base-ms", "50"]);
-    let (dir, args) = config(
-        "timeout",
-        &e1,
-        "  max_inflight_per_endpoint: 1\n  queue_timeout_ms: 300",
-    );
+    let (dir, args) = config(name, &e1, upstream);
     let r = router(&args);
     wait_healthy(&r);
-    // Occupy the only slot for ~5 s.
+    // ~5 s at the engine: 100 tokens, 50 ms apart.
     let mut busy = Raw::connect(&r);
     busy.send(&raw_post(
         "/v1/completions",
@@ -89,45 +86,27 @@ fn a_request_that_waits_too_long_is_503_overloaded() {
         &json!({"model": "sim-model", "prompt": "y", "max_tokens": 1}),
         &[],
     );
-    assert_eq!(reply.status, 503, "{}", reply.body);
-    assert_eq!(reply.json()["error"]["code"], "overloaded");
-    assert!(start.elapsed() >= Duration::from_millis(300));
+    let took = start.elapsed();
     busy.close();
     std::fs::remove_dir_all(dir).unwrap();
+    (reply, took)
+}
+
+#[test]
+fn a_request_that_waits_too_long_is_503_overloaded() {
+    let (reply, took) = one_more_while_busy("timeout", "  max_inflight_per_endpoint: 1\n  queue_timeout_ms: 300");
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "overloaded");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
 }
 
 #[test]
 fn a_full_queue_refuses_at_once() {
-    let e1 = sim("e1", &["--decode-base-ms", "50"]);
-    let (dir, args) = config(
+    let (reply, took) = one_more_while_busy(
         "full",
-        &e1,
         "  max_inflight_per_endpoint: 1\n  max_queued_per_worker: 0\n  queue_timeout_ms: 30000",
     );
-    let r = router(&args);
-    wait_healthy(&r);
-    let mut busy = Raw::connect(&r);
-    busy.send(&raw_post(
-        "/v1/completions",
-        r#"{"model":"sim-model","prompt":"x","max_tokens":100}"#,
-        "",
-    ));
-    wait_until("the slot taken", || {
-        metric(&metrics_text(&e1), "vllm:num_requests_running", &[]) == Some(1.0)
-    });
-    let start = Instant::now();
-    let reply = post(
-        &r,
-        "/v1/completions",
-        &json!({"model": "sim-model", "prompt": "y", "max_tokens": 1}),
-        &[],
-    );
-    assert_eq!(reply.status, 503);
+    assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "overloaded");
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "it waited instead of refusing"
-    );
-    busy.close();
-    std::fs::remove_dir_all(dir).unwrap();
+    assert!(took < Duration::from_secs(5), "it waited instead of refusing: {took:?}");
 }

@@ -80,6 +80,21 @@ pub struct Headers {
 }
 
 impl Headers {
+    /// The header lines httparse found in `raw`, as spans into it.
+    fn new(raw: &Bytes, parsed: &[httparse::Header<'_>]) -> Self {
+        let spans = parsed
+            .iter()
+            .map(|h| HeaderSpan {
+                name: span_of(raw, h.name.as_bytes()),
+                value: span_of(raw, h.value),
+            })
+            .collect();
+        Self {
+            raw: raw.clone(),
+            spans,
+        }
+    }
+
     /// All header lines in order, names as sent.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.spans
@@ -307,13 +322,8 @@ fn map_parse_error(e: httparse::Error, limits: &HeadLimits) -> HeadError {
     }
 }
 
-/// Parses a request head from the front of `buf`, splitting it off. `Ok(None)` means more
-/// bytes are needed.
-pub fn parse_request(
-    buf: &mut BytesMut,
-    scanner: &mut HeadScanner,
-    limits: &HeadLimits,
-) -> Result<Option<RequestHead>, HeadError> {
+/// Splits a whole head off the front of `buf`, if it holds one within the size limit.
+fn split_head(buf: &mut BytesMut, scanner: &mut HeadScanner, limits: &HeadLimits) -> Result<Option<Bytes>, HeadError> {
     let Some(end) = scanner.find_end(buf) else {
         if buf.len() > limits.max_bytes {
             return Err(HeadError::TooLarge(limits.max_bytes));
@@ -323,7 +333,19 @@ pub fn parse_request(
     if end > limits.max_bytes {
         return Err(HeadError::TooLarge(limits.max_bytes));
     }
-    let raw = buf.split_to(end).freeze();
+    Ok(Some(buf.split_to(end).freeze()))
+}
+
+/// Parses a request head from the front of `buf`, splitting it off. `Ok(None)` means more
+/// bytes are needed.
+pub fn parse_request(
+    buf: &mut BytesMut,
+    scanner: &mut HeadScanner,
+    limits: &HeadLimits,
+) -> Result<Option<RequestHead>, HeadError> {
+    let Some(raw) = split_head(buf, scanner, limits)? else {
+        return Ok(None);
+    };
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
     let mut req = httparse::Request::new(&mut []);
     let result = req.parse_with_uninit_headers(&raw, &mut headers[..limits.max_headers.min(MAX_HEADERS_CAP)]);
@@ -351,14 +373,6 @@ pub fn parse_request(
                     Some(n) => Framing::Length(n),
                 }
             };
-            let spans = req
-                .headers
-                .iter()
-                .map(|h| HeaderSpan {
-                    name: span_of(&raw, h.name.as_bytes()),
-                    value: span_of(&raw, h.value),
-                })
-                .collect();
             Ok(RequestHead {
                 method: span_of(&raw, method.as_bytes()),
                 target: span_of(&raw, target.as_bytes()),
@@ -366,10 +380,7 @@ pub fn parse_request(
                 framing,
                 keep_alive: keep_alive(version, &framing_h),
                 expect_continue,
-                headers: Headers {
-                    raw: raw.clone(),
-                    spans,
-                },
+                headers: Headers::new(&raw, req.headers),
             })
         }
         Ok(httparse::Status::Partial) => Err(HeadError::Malformed("incomplete head")),
@@ -386,16 +397,9 @@ pub fn parse_response(
     limits: &HeadLimits,
     head_request: bool,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    let Some(end) = scanner.find_end(buf) else {
-        if buf.len() > limits.max_bytes {
-            return Err(HeadError::TooLarge(limits.max_bytes));
-        }
+    let Some(raw) = split_head(buf, scanner, limits)? else {
         return Ok(None);
     };
-    if end > limits.max_bytes {
-        return Err(HeadError::TooLarge(limits.max_bytes));
-    }
-    let raw = buf.split_to(end).freeze();
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
     let mut res = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -421,14 +425,6 @@ pub fn parse_response(
                 }
             };
             let reason = res.reason.unwrap_or("");
-            let spans = res
-                .headers
-                .iter()
-                .map(|h| HeaderSpan {
-                    name: span_of(&raw, h.name.as_bytes()),
-                    value: span_of(&raw, h.value),
-                })
-                .collect();
             Ok(Some(ResponseHead {
                 status,
                 reason: if reason.is_empty() {
@@ -439,10 +435,7 @@ pub fn parse_response(
                 version,
                 keep_alive: keep_alive(version, &framing_h) && framing != Framing::UntilClose,
                 framing,
-                headers: Headers {
-                    raw: raw.clone(),
-                    spans,
-                },
+                headers: Headers::new(&raw, res.headers),
             }))
         }
         Ok(httparse::Status::Partial) => Err(HeadError::Malformed("incomplete head")),

@@ -15,12 +15,12 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::{Either, select};
 use lmstack_http::head::{HeadError, HeadLimits, HeadScanner, RequestHead, parse_request};
 use lmstack_http::{ChunkedDecoder, Framing};
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller};
+use monoio::io::{AsyncWriteRentExt, CancelHandle, Canceller};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 
+use crate::bufio;
 use crate::error::{ErrorKind, ProxyError};
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -72,25 +72,11 @@ pub enum NoRequest {
 
 impl Reader {
     async fn fill(&mut self, want: usize) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < want {
-            self.buf.reserve(want);
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let len = buf.len();
-        let (res, slice) = self.rd.read(buf.slice_mut(len..)).await;
-        self.buf = slice.into_inner();
-        res
+        bufio::read_into(&mut self.rd, &mut self.buf, want).await
     }
 
     async fn cancelable_fill(&mut self, handle: CancelHandle) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let len = buf.len();
-        let (res, slice) = self.rd.cancelable_read(buf.slice_mut(len..), handle).await;
-        self.buf = slice.into_inner();
-        res
+        bufio::cancelable_read_into(&mut self.rd, &mut self.buf, READ_CHUNK, handle).await
     }
 
     /// Reads and returns the count of bytes the client sent; the caller discards them.

@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod admin;
+mod bufio;
 mod config;
 mod discovery;
 mod downstream;

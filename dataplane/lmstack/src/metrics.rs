@@ -171,6 +171,17 @@ fn add<K: PartialEq + Copy>(list: &mut Vec<(K, u64)>, key: K, n: u64) {
     }
 }
 
+/// The counter for `key` in a small cache, registered on first use.
+fn cached<K: PartialEq + Copy>(cache: &RefCell<Vec<(K, Counter)>>, key: K, make: impl FnOnce() -> Counter) -> Counter {
+    let mut cache = cache.borrow_mut();
+    if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
+        return c.clone();
+    }
+    let c = make();
+    cache.push((key, c.clone()));
+    c
+}
+
 fn push_sample(samples: &mut Vec<f64>, value: f64, histogram: &Histogram) {
     samples.push(value);
     if samples.len() >= MAX_PENDING_SAMPLES {
@@ -238,39 +249,18 @@ impl PairMetrics {
     /// Hands what was recorded since the last flush to the exporter.
     fn flush(&self) {
         let p = std::mem::take(&mut *self.pending.borrow_mut());
+        let (model, endpoint) = (self.model.to_string(), self.endpoint.to_string());
         for (status, n) in p.statuses {
-            let mut statuses = self.statuses.borrow_mut();
-            let counter = match statuses.iter().find(|(s, _)| *s == status) {
-                Some((_, c)) => c.clone(),
-                None => {
-                    let c = counter!(
-                        REQUESTS_TOTAL,
-                        "model" => self.model.to_string(),
-                        "endpoint" => self.endpoint.to_string(),
-                        "status" => status.to_string()
-                    );
-                    statuses.push((status, c.clone()));
-                    c
-                }
-            };
-            counter.increment(n);
+            cached(&self.statuses, status, || {
+                counter!(REQUESTS_TOTAL, "model" => model.clone(), "endpoint" => endpoint.clone(), "status" => status.to_string())
+            })
+            .increment(n);
         }
         for (kind, n) in p.errors {
-            let mut errors = self.errors.borrow_mut();
-            let counter = match errors.iter().find(|(k, _)| *k == kind) {
-                Some((_, c)) => c.clone(),
-                None => {
-                    let c = counter!(
-                        UPSTREAM_ERRORS_TOTAL,
-                        "model" => self.model.to_string(),
-                        "endpoint" => self.endpoint.to_string(),
-                        "error_kind" => kind.label()
-                    );
-                    errors.push((kind, c.clone()));
-                    c
-                }
-            };
-            counter.increment(n);
+            cached(&self.errors, kind, || {
+                counter!(UPSTREAM_ERRORS_TOTAL, "model" => model.clone(), "endpoint" => endpoint.clone(), "error_kind" => kind.label())
+            })
+            .increment(n);
         }
         if p.running != 0 {
             self.running.increment(p.running as f64);

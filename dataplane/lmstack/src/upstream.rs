@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use lmstack_http::head::{HeadLimits, HeadScanner, ResponseHead, parse_response};
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use crate::error::{ErrorKind, ProxyError};
@@ -43,14 +42,7 @@ impl UpstreamConn {
 
     /// Reads more bytes into `buf`; 0 means the engine closed the connection.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let len = buf.len();
-        let (res, slice) = self.stream.read(buf.slice_mut(len..)).await;
-        self.buf = slice.into_inner();
-        res
+        crate::bufio::read_into(&mut self.stream, &mut self.buf, READ_CHUNK).await
     }
 }
 
