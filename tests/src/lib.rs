@@ -491,7 +491,7 @@ pub enum Misbehave {
     CloseAfterEachResponse,
 }
 
-/// A fake engine on a real socket: healthy to probes (`GET /health`), misbehaving otherwise.
+/// A fake engine on a real socket: healthy to probes (any `GET`), misbehaving otherwise.
 pub struct FakeEngine {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -576,7 +576,8 @@ fn fake_connection(mut s: TcpStream, how: Misbehave, requests: &AtomicUsize) {
             }
         }
         buf.drain(..head_len + body_len);
-        if line.starts_with("GET /health") {
+        // Probes (`/health`, `/metrics`) get an empty 200; only requests are misbehaved on.
+        if line.starts_with("GET ") {
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
             continue;
         }

@@ -249,6 +249,143 @@ impl<'de> de::Deserialize<'de> for Scalar<'de> {
     }
 }
 
+/// Separates messages (and prompt list items) in the normalised prompt.
+const RECORD: u8 = 0x1E;
+/// Separates a message's role from its content.
+const UNIT: u8 = 0x1F;
+
+/// Feeds the request's prompt to `feed`, normalised so that equal conversation prefixes give
+/// equal byte prefixes: completions give their `prompt` (a string's contents as sent, list
+/// items one after another), chat gives each message's role and content in order. Text is
+/// taken raw from the JSON (escapes as sent): one client resending its history sends the
+/// same bytes. Returns false when the request has no prompt (or it is malformed).
+pub fn prompt_pieces(peek: &Peek<'_>, mut feed: impl FnMut(&[u8])) -> bool {
+    if let Some(messages) = peek.messages {
+        let mut de = serde_json::Deserializer::from_str(messages.get());
+        return MessagesSeed { feed: &mut feed }.deserialize(&mut de).is_ok();
+    }
+    if let Some(prompt) = peek.prompt {
+        let raw = prompt.get().as_bytes();
+        match raw.first() {
+            Some(b'"') => feed(&raw[1..raw.len() - 1]),
+            Some(b'[') => {
+                let mut de = serde_json::Deserializer::from_str(prompt.get());
+                return ItemsSeed { feed: &mut feed }.deserialize(&mut de).is_ok();
+            }
+            _ => return false,
+        }
+        return true;
+    }
+    false
+}
+
+/// A JSON string's contents as sent (without the quotes), or any other value's raw text.
+fn raw_text(v: &RawValue) -> &[u8] {
+    let raw = v.get().as_bytes();
+    if raw.len() >= 2 && raw[0] == b'"' {
+        &raw[1..raw.len() - 1]
+    } else {
+        raw
+    }
+}
+
+struct ItemsSeed<'f, F> {
+    feed: &'f mut F,
+}
+
+impl<'de, F: FnMut(&[u8])> DeserializeSeed<'de> for ItemsSeed<'_, F> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, F: FnMut(&[u8])> Visitor<'de> for ItemsSeed<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+            (self.feed)(raw_text(item));
+            (self.feed)(&[RECORD]);
+        }
+        Ok(())
+    }
+}
+
+struct MessagesSeed<'f, F> {
+    feed: &'f mut F,
+}
+
+impl<'de, F: FnMut(&[u8])> DeserializeSeed<'de> for MessagesSeed<'_, F> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, F: FnMut(&[u8])> Visitor<'de> for MessagesSeed<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of messages")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(Message { role, content }) = seq.next_element::<Message<'de>>()? {
+            if let Some(r) = role {
+                (self.feed)(raw_text(r));
+            }
+            (self.feed)(&[UNIT]);
+            if let Some(c) = content {
+                (self.feed)(raw_text(c));
+            }
+            (self.feed)(&[RECORD]);
+        }
+        Ok(())
+    }
+}
+
+/// A chat message's role and content, raw; other fields are skipped.
+struct Message<'a> {
+    role: Option<&'a RawValue>,
+    content: Option<&'a RawValue>,
+}
+
+impl<'de> de::Deserialize<'de> for Message<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Message<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut m = Message {
+                    role: None,
+                    content: None,
+                };
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    match key.as_ref() {
+                        "role" => m.role = Some(map.next_value()?),
+                        "content" => m.content = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +461,44 @@ mod tests {
     #[test]
     fn syntax_errors_after_a_field_error_are_still_syntax_errors() {
         assert!(matches!(peek(br#"{"model":5,"#, None), Err(PeekError::InvalidJson(_))));
+    }
+
+    fn normalised(body: &[u8]) -> Option<Vec<u8>> {
+        let p = peek(body, None).unwrap();
+        let mut out = Vec::new();
+        prompt_pieces(&p, |b| out.extend_from_slice(b)).then_some(out)
+    }
+
+    #[test]
+    fn chat_prompts_normalise_to_roles_and_contents_in_order() {
+        let one = normalised(br#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"content":"hi \"you\"","role":"user","name":"x"}]}"#).unwrap();
+        assert_eq!(one, b"system\x1fBe brief.\x1euser\x1fhi \\\"you\\\"\x1e".to_vec());
+        // A longer conversation starts with the same bytes.
+        let two = normalised(br#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"hi \"you\""},{"role":"assistant","content":"hello"}],"model":"m"}"#).unwrap();
+        assert!(two.starts_with(&one));
+        // Content parts are taken raw.
+        let parts = normalised(br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"}]}]}"#)
+            .unwrap();
+        assert_eq!(parts, b"user\x1f[{\"type\":\"text\",\"text\":\"a\"}]\x1e".to_vec());
+    }
+
+    #[test]
+    fn completion_prompts_normalise_to_their_text() {
+        assert_eq!(
+            normalised(br#"{"model":"m","prompt":"The capital"}"#).unwrap(),
+            b"The capital"
+        );
+        assert_eq!(
+            normalised(br#"{"model":"m","prompt":["a","b"]}"#).unwrap(),
+            b"a\x1eb\x1e"
+        );
+        assert_eq!(
+            normalised(br#"{"model":"m","prompt":[1,2,3]}"#).unwrap(),
+            b"1\x1e2\x1e3\x1e"
+        );
+        assert_eq!(normalised(br#"{"model":"m","input":"x"}"#), None);
+        assert_eq!(normalised(br#"{"model":"m","prompt":7}"#), None);
+        assert_eq!(normalised(br#"{"model":"m","messages":"nope"}"#), None);
     }
 
     proptest! {

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use lmstack_http::head::MAX_HEADERS_CAP;
-use lmstack_route::PolicyName;
+use lmstack_route::affinity::{SLOT_BYTES, WAYS};
+use lmstack_route::{AffinityLimits, PolicyName, PolicyParams};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -153,13 +154,27 @@ pub enum DiscoveryMode {
     Static,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DiscoveryConfig {
     pub mode: DiscoveryMode,
     /// Static backends.
     pub backends: Vec<BackendConfig>,
     pub health: HealthCheckConfig,
+    /// Read each healthy engine's `/metrics` every interval (running and waiting requests,
+    /// KV usage, prefix cache counters) for load-aware routing.
+    pub scrape_metrics: bool,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            mode: DiscoveryMode::Static,
+            backends: Vec::new(),
+            health: HealthCheckConfig::default(),
+            scrape_metrics: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -203,12 +218,14 @@ impl Default for HealthCheckConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingConfig {
-    /// The policy of models without their own entry, and the fallback of `session` for
-    /// requests without a session key.
+    /// The policy of models without their own entry (round_robin, least_load, session,
+    /// prefix), and the fallback of `session` (no session key) and `prefix` (no prompt).
     pub policy: PolicyName,
     /// Per-model overrides.
     pub models: BTreeMap<String, ModelRoutingConfig>,
     pub session: SessionConfig,
+    pub prefix: PrefixConfig,
+    pub affinity: AffinityConfig,
 }
 
 impl Default for RoutingConfig {
@@ -217,6 +234,8 @@ impl Default for RoutingConfig {
             policy: PolicyName::RoundRobin,
             models: BTreeMap::new(),
             session: SessionConfig::default(),
+            prefix: PrefixConfig::default(),
+            affinity: AffinityConfig::default(),
         }
     }
 }
@@ -225,6 +244,74 @@ impl RoutingConfig {
     /// The policy configured for `model`.
     pub fn policy_for(&self, model: &str) -> PolicyName {
         self.models.get(model).map_or(self.policy, |m| m.policy)
+    }
+
+    pub fn params(&self) -> PolicyParams {
+        PolicyParams {
+            session_load_factor: self.session.load_factor,
+            prefix_load_factor: self.prefix.load_factor,
+            prefix_prefill_weight: self.prefix.prefill_weight,
+        }
+    }
+}
+
+/// The `prefix` policy's cost: `prefill_weight * (uncached blocks + blocks queued for
+/// prefill) + blocks in flight`, among endpoints within the load bound.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefixConfig {
+    /// An endpoint competes only while its requests stay under this factor of the average
+    /// (at least 1): the guard against herding on a shared prefix.
+    pub load_factor: f64,
+    /// Weight of prefill work against decode work (at least 0).
+    pub prefill_weight: f64,
+}
+
+impl Default for PrefixConfig {
+    fn default() -> Self {
+        let p = PolicyParams::default();
+        Self {
+            load_factor: p.prefix_load_factor,
+            prefill_weight: p.prefix_prefill_weight,
+        }
+    }
+}
+
+/// The prefix affinity table, shared by all workers, and how prompts are cut into blocks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AffinityConfig {
+    /// Bytes of normalised prompt per block (about 4 bytes a token).
+    pub block_bytes: usize,
+    /// Blocks hashed per prompt at most; longer prompts are matched on their start.
+    pub max_prompt_blocks: usize,
+    /// Blocks the table holds at most.
+    pub max_entries: usize,
+    /// Memory the table may take, in bytes (72 bytes a block).
+    pub max_bytes: usize,
+    /// Endpoints the table can tell apart.
+    pub max_endpoints: usize,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> Self {
+        Self {
+            block_bytes: 128,
+            max_prompt_blocks: 8192,
+            max_entries: 1 << 20,
+            max_bytes: 128 << 20,
+            max_endpoints: 4096,
+        }
+    }
+}
+
+impl AffinityConfig {
+    pub fn limits(&self) -> AffinityLimits {
+        AffinityLimits {
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
+            max_endpoints: self.max_endpoints,
+        }
     }
 }
 
@@ -242,6 +329,9 @@ pub struct SessionConfig {
     pub headers: Vec<String>,
     /// A top-level string (or integer) field of the JSON body; null: none.
     pub body_field: Option<String>,
+    /// An endpoint takes a session's request only while its requests stay under this factor
+    /// of the average (consistent hashing with bounded loads; at least 1).
+    pub load_factor: f64,
 }
 
 impl Default for SessionConfig {
@@ -249,6 +339,7 @@ impl Default for SessionConfig {
         Self {
             headers: vec!["x-session-id".into(), "x-user-id".into()],
             body_field: Some("user".into()),
+            load_factor: PolicyParams::default().session_load_factor,
         }
     }
 }
@@ -310,7 +401,8 @@ pub struct Cli {
     /// each backend's `/v1/models`.
     #[arg(long, value_delimiter = ',')]
     pub static_models: Option<Vec<String>>,
-    /// Default routing policy: round_robin (alias roundrobin) or session.
+    /// Default routing policy: round_robin, least_load, session or prefix (production-stack's
+    /// roundrobin and prefixaware are aliases).
     #[arg(long)]
     pub routing_logic: Option<String>,
     /// The header carrying the session key (replaces the default header list).
@@ -521,6 +613,26 @@ impl Config {
                 return Err(invalid(format!("routing.session.headers: {h:?} is not a header name")));
             }
         }
+        self.routing
+            .params()
+            .validate()
+            .map_err(|e| invalid(format!("routing: {e}")))?;
+        let a = &self.routing.affinity;
+        if !(16..=64 * 1024).contains(&a.block_bytes) {
+            return Err(invalid("routing.affinity.block_bytes must be within 16..=65536"));
+        }
+        if a.max_prompt_blocks == 0 {
+            return Err(invalid("routing.affinity.max_prompt_blocks must be greater than 0"));
+        }
+        if a.max_entries < WAYS || a.max_bytes < WAYS * SLOT_BYTES {
+            return Err(invalid(format!(
+                "routing.affinity must allow at least {WAYS} entries ({} bytes)",
+                WAYS * SLOT_BYTES
+            )));
+        }
+        if !(1..=u16::MAX as usize).contains(&a.max_endpoints) {
+            return Err(invalid("routing.affinity.max_endpoints must be within 1..=65535"));
+        }
         if self.routing.session.body_field.as_deref() == Some("") {
             return Err(invalid(
                 "routing.session.body_field must not be empty (use null for none)",
@@ -659,6 +771,22 @@ mod tests {
                 .contains("unknown routing policy")
         );
         assert!(Config::load(&cli(&["--static-backends", "http://a:1", "--routing-logic", "kvaware"])).is_err());
+    }
+
+    #[test]
+    fn policy_parameters_are_checked_at_start() {
+        let base = "discovery: {backends: [{url: 'http://a:1'}]}\n";
+        let c = Config::from_yaml(&format!(
+            "{base}routing: {{policy: prefixaware, prefix: {{load_factor: 0.5}}}}"
+        ))
+        .unwrap();
+        assert_eq!(c.routing.policy, PolicyName::Prefix);
+        assert!(c.validate().unwrap_err().to_string().contains("prefix.load_factor"));
+        let c = Config::from_yaml(&format!("{base}routing: {{session: {{load_factor: -1}}}}")).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("session.load_factor"));
+        let c = Config::from_yaml(&format!("{base}routing: {{affinity: {{block_bytes: 1}}}}")).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("block_bytes"));
+        assert!(Config::from_yaml(&format!("{base}routing: {{prefix: {{weight: 2}}}}")).is_err());
     }
 
     #[test]

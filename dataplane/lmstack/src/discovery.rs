@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use lmstack_snapshot::{Endpoint, Model, Snapshot};
+use lmstack_snapshot::{Endpoint, EngineStats, Model, Snapshot};
 
 use crate::config::{BackendUrl, HealthCheckConfig, ms};
 use crate::metrics;
@@ -20,6 +20,7 @@ use crate::probe;
 use crate::worker::Shared;
 
 const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
+const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
 
 struct Backend {
     url: BackendUrl,
@@ -31,12 +32,15 @@ struct Backend {
     fail_streak: u32,
     /// Models with the card `/v1/models` gave for each (configured models have none).
     models: Vec<(String, Option<serde_json::Value>)>,
+    /// From its `/metrics`, when scraped.
+    engine: Option<EngineStats>,
 }
 
 struct ProbeResult {
     addr: Result<SocketAddr, String>,
     health: Result<(), String>,
     models: Option<Result<Vec<(String, serde_json::Value)>, String>>,
+    engine: Option<EngineStats>,
 }
 
 pub fn spawn(shared: Arc<Shared>) -> std::io::Result<thread::JoinHandle<()>> {
@@ -60,6 +64,7 @@ fn run(shared: &Shared) {
             ok_streak: 0,
             fail_streak: 0,
             models: b.models.iter().map(|m| (m.clone(), None)).collect(),
+            engine: None,
         })
         .collect();
     let mut published: Option<Snapshot> = None;
@@ -67,7 +72,7 @@ fn run(shared: &Shared) {
         let results: Vec<ProbeResult> = thread::scope(|s| {
             let handles: Vec<_> = backends
                 .iter()
-                .map(|b| s.spawn(|| probe_backend(b, &config.health)))
+                .map(|b| s.spawn(|| probe_backend(b, &config.health, config.scrape_metrics)))
                 .collect();
             handles
                 .into_iter()
@@ -76,6 +81,7 @@ fn run(shared: &Shared) {
                         addr: Err("probe thread panicked".into()),
                         health: Err("probe thread panicked".into()),
                         models: None,
+                        engine: None,
                     })
                 })
                 .collect()
@@ -109,7 +115,7 @@ fn run(shared: &Shared) {
     }
 }
 
-fn probe_backend(b: &Backend, health: &HealthCheckConfig) -> ProbeResult {
+fn probe_backend(b: &Backend, health: &HealthCheckConfig, scrape: bool) -> ProbeResult {
     let timeout = Duration::from_millis(health.timeout_ms);
     let addr = b
         .url
@@ -121,6 +127,7 @@ fn probe_backend(b: &Backend, health: &HealthCheckConfig) -> ProbeResult {
             addr,
             health: Err(e),
             models: None,
+            engine: None,
         };
     };
     let authority = b.url.authority();
@@ -138,10 +145,17 @@ fn probe_backend(b: &Backend, health: &HealthCheckConfig) -> ProbeResult {
         }
         parse_models(&r.body)
     });
+    // The engine's load and cache figures; a failed scrape just leaves them unknown.
+    let engine = (scrape && health_result.is_ok())
+        .then(|| probe::get(a, &authority, "/metrics", timeout, MAX_METRICS_BODY).ok())
+        .flatten()
+        .filter(|r| r.status == 200)
+        .and_then(|r| lmstack_snapshot::vllm::engine_stats(&String::from_utf8_lossy(&r.body)));
     ProbeResult {
         addr,
         health: health_result,
         models,
+        engine,
     }
 }
 
@@ -198,6 +212,7 @@ fn apply(b: &mut Backend, r: ProbeResult, health: &HealthCheckConfig) {
         tracing::warn!(endpoint = %b.url.base, "endpoint not healthy at start: {}", r.health.as_ref().err().map_or("", |e| e));
     }
     b.probed = true;
+    b.engine = if b.healthy { r.engine } else { None };
     match r.models {
         Some(Ok(models)) => b.models = models.into_iter().map(|(id, card)| (id, Some(card))).collect(),
         Some(Err(e)) => tracing::warn!(endpoint = %b.url.base, "cannot list models: {e}"),
@@ -215,7 +230,7 @@ fn build(backends: &[Backend]) -> Snapshot {
             url: b.url.base.clone(),
             addr,
             healthy: b.healthy,
-            engine: None,
+            engine: b.engine,
         });
         for (name, card) in &b.models {
             match models.iter_mut().find(|m| &m.name == name) {
@@ -260,6 +275,7 @@ mod tests {
             ok_streak: 1,
             fail_streak: 0,
             models: models.iter().map(|m| ((*m).to_owned(), None)).collect(),
+            engine: None,
         }
     }
 
@@ -283,6 +299,7 @@ mod tests {
             addr: Ok(SocketAddr::from(([127, 0, 0, 1], 1))),
             health: if ok { Ok(()) } else { Err("down".into()) },
             models: None,
+            engine: None,
         };
         apply(&mut b, result(false), &config);
         assert!(b.healthy, "one failure is not enough");

@@ -181,14 +181,28 @@ fn bind_listeners(addr: SocketAddr, workers: usize, backlog: u32) -> anyhow::Res
     Ok(listeners)
 }
 
-/// Drains the exporter's histogram buffers even when nobody scrapes, so memory stays
-/// bounded.
+/// Every second: publishes figures that live in shared state (the affinity table, each
+/// endpoint's load), and drains the exporter's histogram buffers even when nobody scrapes,
+/// so memory stays bounded.
 fn spawn_upkeep(shared: Arc<Shared>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("lmstack-upkeep".into())
         .spawn(move || {
+            let evictions = ::metrics::counter!(metrics::AFFINITY_EVICTIONS_TOTAL);
             loop {
-                std::thread::sleep(Duration::from_secs(5));
+                std::thread::sleep(Duration::from_secs(1));
+                let a = shared.cell.affinity.stats();
+                ::metrics::gauge!(metrics::AFFINITY_ENTRIES).set(a.entries as f64);
+                ::metrics::gauge!(metrics::AFFINITY_CAPACITY).set(a.capacity as f64);
+                ::metrics::gauge!(metrics::AFFINITY_BYTES).set(a.bytes as f64);
+                evictions.absolute(a.evictions);
+                for e in &shared.cell.load().endpoints {
+                    let url = e.url.to_string();
+                    ::metrics::gauge!(metrics::ENDPOINT_INFLIGHT, "endpoint" => url.clone())
+                        .set(f64::from(e.load.inflight.load(Ordering::Relaxed)));
+                    ::metrics::gauge!(metrics::ENDPOINT_PREFILL_BLOCKS, "endpoint" => url)
+                        .set(e.load.prefill_blocks.load(Ordering::Relaxed) as f64);
+                }
                 shared.prometheus.run_upkeep();
             }
         })

@@ -38,6 +38,13 @@ pub const HTTP_ERRORS_TOTAL: &str = "lmstack_http_errors_total";
 pub const HTTP_CONNECTIONS: &str = "lmstack_http_connections";
 pub const HTTP_CONNECTIONS_TOTAL: &str = "lmstack_http_connections_total";
 pub const ROUTING_DECISIONS_TOTAL: &str = "lmstack_routing_decisions_total";
+pub const ROUTING_PREFIX_MATCH_RATIO: &str = "lmstack_routing_prefix_match_ratio";
+pub const AFFINITY_ENTRIES: &str = "lmstack_affinity_entries";
+pub const AFFINITY_CAPACITY: &str = "lmstack_affinity_capacity_entries";
+pub const AFFINITY_BYTES: &str = "lmstack_affinity_bytes";
+pub const AFFINITY_EVICTIONS_TOTAL: &str = "lmstack_affinity_evictions_total";
+pub const ENDPOINT_INFLIGHT: &str = "lmstack_endpoint_inflight";
+pub const ENDPOINT_PREFILL_BLOCKS: &str = "lmstack_endpoint_prefill_blocks";
 pub const ENDPOINT_HEALTHY: &str = "lmstack_endpoint_healthy";
 pub const HEALTH_CHECKS_TOTAL: &str = "lmstack_health_checks_total";
 pub const SNAPSHOT_VERSION: &str = "lmstack_snapshot_version";
@@ -51,6 +58,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
 ];
+const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0];
 const TBT_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
     0.75, 1.0, 2.5,
@@ -62,6 +70,7 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(STREAM_TTFT.into()), TTFT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(STREAM_TBT.into()), TBT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(ROUTING_PREFIX_MATCH_RATIO.into()), RATIO_BUCKETS)?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -115,6 +124,28 @@ fn describe() {
     describe_counter!(
         ROUTING_DECISIONS_TOTAL,
         "Routing decisions by model, policy and reason."
+    );
+    describe_histogram!(
+        ROUTING_PREFIX_MATCH_RATIO,
+        "Prefix routing: share of the prompt's blocks the chosen endpoint already served (matched / prompt blocks)."
+    );
+    describe_gauge!(AFFINITY_ENTRIES, "Prompt blocks held by the prefix affinity table.");
+    describe_gauge!(AFFINITY_CAPACITY, "Prompt blocks the prefix affinity table can hold.");
+    describe_gauge!(
+        AFFINITY_BYTES,
+        "Memory of the prefix affinity table, bytes (allocated once at start)."
+    );
+    describe_counter!(
+        AFFINITY_EVICTIONS_TOTAL,
+        "Blocks evicted from the prefix affinity table to make room."
+    );
+    describe_gauge!(
+        ENDPOINT_INFLIGHT,
+        "Requests in flight at an endpoint, all workers (what load-aware policies see)."
+    );
+    describe_gauge!(
+        ENDPOINT_PREFILL_BLOCKS,
+        "Prompt blocks dispatched to an endpoint and awaiting prefill."
     );
     describe_gauge!(
         ENDPOINT_HEALTHY,
@@ -285,6 +316,8 @@ type Decision = (&'static str, &'static str, u64, Option<Counter>);
 pub struct ModelMetrics {
     /// Per endpoint, in pool order.
     pub pairs: Vec<Rc<PairMetrics>>,
+    match_ratio: Histogram,
+    match_ratios: RefCell<Vec<f64>>,
     /// Requests of this model that reached no endpoint (errors, clients that left early).
     pub unrouted: Rc<PairMetrics>,
     decisions: RefCell<Vec<Decision>>,
@@ -301,6 +334,11 @@ impl ModelMetrics {
         }
     }
 
+    /// Matched blocks over prompt blocks of a prefix-routed request.
+    pub fn match_ratio(&self, ratio: f64) {
+        push_sample(&mut self.match_ratios.borrow_mut(), ratio, &self.match_ratio);
+    }
+
     pub fn queued(&self) -> &Gauge {
         &self.queued
     }
@@ -310,6 +348,9 @@ impl ModelMetrics {
             p.flush();
         }
         self.unrouted.flush();
+        for v in self.match_ratios.borrow_mut().drain(..) {
+            self.match_ratio.record(v);
+        }
         for (policy, reason, n, counter) in self.decisions.borrow_mut().iter_mut() {
             if *n > 0 {
                 counter
@@ -384,6 +425,8 @@ impl LocalMetrics {
                     .collect();
                 ModelMetrics {
                     pairs,
+                    match_ratio: histogram!(ROUTING_PREFIX_MATCH_RATIO, "model" => pool.name.to_string()),
+                    match_ratios: RefCell::new(Vec::new()),
                     unrouted: reuse(&pool.name, "")
                         .unwrap_or_else(|| Rc::new(PairMetrics::new(pool.name.clone(), "".into()))),
                     decisions: RefCell::new(Vec::new()),

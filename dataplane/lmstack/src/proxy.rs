@@ -21,7 +21,8 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use lmstack_http::head::RequestHead;
 use lmstack_http::{Framing, Version};
-use lmstack_route::{Pick, RouteRequest};
+use lmstack_route::blocks::BlockHasher;
+use lmstack_route::{Pick, PrefixInfo, RouteRequest};
 use monoio::io::OwnedWriteHalf;
 use monoio::net::TcpStream;
 use std::time::Instant;
@@ -36,7 +37,7 @@ use crate::relay::{self, FirstByte, OutFraming, RelayError, StreamClock};
 use crate::response::{self, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
 use crate::upstream;
-use crate::worker::WorkerCtx;
+use crate::worker::{Scratch, WorkerCtx};
 
 /// What to do with the client connection after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -94,6 +95,7 @@ struct Forward<'a> {
     body: &'a Bytes,
     stream: bool,
     session: Option<&'a str>,
+    prefix: Option<&'a PrefixPlan<'a>>,
     request_id: &'a str,
     /// The client sent no id: send ours upstream too.
     send_id: bool,
@@ -169,11 +171,19 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         .with_param("model");
         return fail(ctx, down, &head, &request_id, &e, None).await;
     };
+    let session = session_key(&head, peek.session.as_deref(), session_config);
+    // The prompt's blocks, and how much of them each endpoint holds, for policies that ask.
+    let prefix = if pool.policy.name().uses_prefix() {
+        prefix_plan(ctx, pool, &peek, session)
+    } else {
+        None
+    };
     let request = Forward {
         head: &head,
         body: &body,
         stream: peek.stream,
-        session: session_key(&head, peek.session.as_deref(), session_config),
+        session,
+        prefix: prefix.as_ref(),
         request_id: &request_id,
         send_id: client_id.is_none(),
         client: down.peer.ip(),
@@ -210,6 +220,49 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
         Some(Outcome::Failed { error, pm }) => fail(ctx, down, &head, &request_id, &error, Some(&pm)).await,
     }
+}
+
+/// A request's prompt blocks and what each endpoint of its pool holds of them. The buffers
+/// come from the worker's scratch list and go back when the request ends.
+struct PrefixPlan<'c> {
+    scratch: Scratch<'c>,
+    tie_key: u64,
+}
+
+impl PrefixPlan<'_> {
+    fn blocks(&self) -> &[u64] {
+        &self.scratch.get().blocks
+    }
+
+    fn matched(&self) -> &[u32] {
+        &self.scratch.get().matched
+    }
+}
+
+fn prefix_plan<'c>(
+    ctx: &'c WorkerCtx,
+    pool: &ModelPool,
+    peek: &lmstack_http::Peek<'_>,
+    session: Option<&str>,
+) -> Option<PrefixPlan<'c>> {
+    let a = &ctx.shared.config.routing.affinity;
+    let mut scratch = ctx.scratch();
+    let buffers = scratch.get_mut();
+    let mut hasher = BlockHasher::new(a.block_bytes, a.max_prompt_blocks, &mut buffers.blocks);
+    if !lmstack_http::peek::prompt_pieces(peek, |piece| hasher.feed(piece)) || hasher.blocks() == 0 {
+        return None;
+    }
+    buffers.matched.resize(pool.endpoints.len(), 0);
+    ctx.shared
+        .cell
+        .affinity
+        .matched(&buffers.blocks, &pool.tags, &mut buffers.matched);
+    // Ties go the same way on every replica: by the session, else by the prompt's own end.
+    let tie_key = match session {
+        Some(s) => xxhash_rust::xxh3::xxh3_64(s.as_bytes()),
+        None => buffers.blocks.last().copied().unwrap_or(0),
+    };
+    Some(PrefixPlan { scratch, tie_key })
 }
 
 /// The session key: the first configured header present, else the body field.
@@ -281,7 +334,7 @@ async fn forward(
     let mut excluded: Vec<usize> = Vec::new();
     let mut last_failure: Option<(ProxyError, Rc<PairMetrics>)> = None;
     for attempt in 0..=ctx.limits.max_retries {
-        let pick = match pick(ctx, state, pool, mm, req.session, &excluded).await {
+        let pick = match pick(ctx, state, pool, mm, req, &excluded).await {
             Ok(pick) => pick,
             Err(error) => {
                 return match last_failure {
@@ -300,8 +353,20 @@ async fn forward(
         if attempt > 0 {
             pm.retry();
         }
-        let _inflight = Inflight::start(ctx, endpoint, pm.clone());
-        match exchange(ctx, endpoint, req, wr, &pm).await {
+        let (blocks, uncached) = match req.prefix {
+            Some(plan) => {
+                let matched = plan.matched().get(pick.index).copied().unwrap_or(0) as usize;
+                if let Some(tag) = pool.tags[pick.index] {
+                    let cell = &ctx.shared.cell;
+                    cell.affinity.record(plan.blocks(), tag, cell.now_ms());
+                }
+                mm.match_ratio(matched as f64 / plan.blocks().len() as f64);
+                (plan.blocks().len() as u64, (plan.blocks().len() - matched) as u64)
+            }
+            None => (0, 0),
+        };
+        let _inflight = Inflight::start(ctx, endpoint, pm.clone(), blocks);
+        match exchange(ctx, endpoint, req, wr, &pm, uncached).await {
             Exchange::Done { status, keep_alive } => {
                 return Outcome::Done { pm, status, keep_alive };
             }
@@ -341,7 +406,7 @@ async fn pick(
     state: &RoutingState,
     pool: &ModelPool,
     mm: &ModelMetrics,
-    session: Option<&str>,
+    req: &Forward<'_>,
     excluded: &[usize],
 ) -> Result<Pick, ProxyError> {
     let lim = &ctx.limits;
@@ -357,8 +422,13 @@ async fn pick(
             },
         };
         let request = RouteRequest {
-            session_key: session,
+            session_key: req.session,
             ticket: ctx.next_ticket(),
+            prefix: req.prefix.map(|p| PrefixInfo {
+                blocks: p.blocks().len(),
+                matched: p.matched(),
+                tie_key: p.tie_key,
+            }),
         };
         if let Some(pick) = pool.policy.pick(&view, &request) {
             return Ok(pick);
@@ -428,24 +498,40 @@ impl Drop for Queued<'_> {
     }
 }
 
-/// Counts a request against its endpoint (shared by all workers) while it is in flight.
+/// Counts a request (and its prompt blocks) against its endpoint, shared by all workers,
+/// while it is in flight: what load-aware policies see.
 struct Inflight<'a> {
     ctx: &'a WorkerCtx,
     endpoint: &'a EndpointState,
     pm: Rc<PairMetrics>,
+    blocks: u64,
 }
 
 impl<'a> Inflight<'a> {
-    fn start(ctx: &'a WorkerCtx, endpoint: &'a EndpointState, pm: Rc<PairMetrics>) -> Self {
+    fn start(ctx: &'a WorkerCtx, endpoint: &'a EndpointState, pm: Rc<PairMetrics>, blocks: u64) -> Self {
         endpoint.load.inflight.fetch_add(1, Ordering::Relaxed);
+        if blocks > 0 {
+            endpoint.load.active_blocks.fetch_add(blocks, Ordering::Relaxed);
+        }
         pm.running(1);
-        Self { ctx, endpoint, pm }
+        Self {
+            ctx,
+            endpoint,
+            pm,
+            blocks,
+        }
     }
 }
 
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
         self.endpoint.load.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.blocks > 0 {
+            self.endpoint
+                .load
+                .active_blocks
+                .fetch_sub(self.blocks, Ordering::Relaxed);
+        }
         self.pm.running(-1);
         self.ctx.waiters.wake_one();
     }
@@ -476,9 +562,10 @@ async fn exchange(
     req: &Forward<'_>,
     wr: &mut OwnedWriteHalf<TcpStream>,
     pm: &PairMetrics,
+    uncached_blocks: u64,
 ) -> Exchange {
     let lim = &ctx.limits;
-    let first_byte = FirstByte::start(pm);
+    let first_byte = FirstByte::start(pm, &endpoint.load, uncached_blocks);
     let mut conn = match ctx.pool.take(endpoint.addr) {
         Some(conn) => conn,
         None => match upstream::connect(endpoint.addr, lim.connect_timeout).await {

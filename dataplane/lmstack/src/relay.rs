@@ -7,6 +7,7 @@
 //! closed at the end. Not here: the response head, retries, metrics names.
 
 use std::cell::Cell;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use monoio::net::TcpStream;
 
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::PairMetrics;
+use crate::state::EndpointLoad;
 use crate::upstream::UpstreamConn;
 
 /// How the body goes out to the client.
@@ -67,14 +69,24 @@ impl<'a> StreamClock<'a> {
 /// first token) arrives or it ends.
 pub struct FirstByte<'a> {
     metrics: &'a PairMetrics,
+    load: &'a EndpointLoad,
+    /// Prompt blocks the engine still has to prefill for this request.
+    prefill_blocks: u64,
     pending: Cell<bool>,
 }
 
 impl<'a> FirstByte<'a> {
-    pub fn start(metrics: &'a PairMetrics) -> Self {
+    /// Counts the request as awaiting its first byte, and its uncached blocks as prefill
+    /// work queued at the endpoint, until [`mark`](Self::mark) (or drop).
+    pub fn start(metrics: &'a PairMetrics, load: &'a EndpointLoad, prefill_blocks: u64) -> Self {
         metrics.awaiting_first_byte(1);
+        if prefill_blocks > 0 {
+            load.prefill_blocks.fetch_add(prefill_blocks, Ordering::Relaxed);
+        }
         Self {
             metrics,
+            load,
+            prefill_blocks,
             pending: Cell::new(true),
         }
     }
@@ -82,6 +94,11 @@ impl<'a> FirstByte<'a> {
     pub fn mark(&self) {
         if self.pending.replace(false) {
             self.metrics.awaiting_first_byte(-1);
+            if self.prefill_blocks > 0 {
+                self.load
+                    .prefill_blocks
+                    .fetch_sub(self.prefill_blocks, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -12,20 +12,38 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use lmstack_route::{Policy, PoolView};
+use crossbeam_utils::CachePadded;
+use lmstack_route::{AffinityTable, EndpointTag, EngineLoad, Load, Policy, PoolView};
 use lmstack_snapshot::{Snapshot, SnapshotError};
 
 use crate::config::RoutingConfig;
 use crate::metrics;
 
-/// Live load of one endpoint, shared by every worker.
+/// Live load of one endpoint, shared by every worker (each on its own cache line, so that
+/// endpoints do not contend with one another).
 #[derive(Debug, Default)]
 pub struct EndpointLoad {
     /// Requests dispatched and not finished, all workers together.
     pub inflight: AtomicU32,
+    /// Prompt blocks dispatched and still awaiting prefill (no first byte yet).
+    pub prefill_blocks: AtomicU64,
+    /// Prompt blocks of the requests in flight.
+    pub active_blocks: AtomicU64,
+}
+
+impl EndpointLoad {
+    fn read(&self, engine: Option<EngineLoad>) -> Load {
+        Load {
+            inflight: self.inflight.load(Ordering::Relaxed),
+            prefill_blocks: self.prefill_blocks.load(Ordering::Relaxed),
+            active_blocks: self.active_blocks.load(Ordering::Relaxed),
+            engine,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -38,7 +56,11 @@ pub struct EndpointState {
     pub healthy: bool,
     /// Stable hash of the URL, for hashing policies.
     pub key: u64,
-    pub load: Arc<EndpointLoad>,
+    pub load: Arc<CachePadded<EndpointLoad>>,
+    /// Its name in the affinity table (`None` when the table's ids ran out).
+    pub tag: Option<EndpointTag>,
+    /// The engine's own figures, when scraped.
+    pub engine: Option<EngineLoad>,
 }
 
 #[derive(Debug)]
@@ -48,6 +70,8 @@ pub struct ModelPool {
     pub name: Arc<str>,
     /// Indices into [`RoutingState::endpoints`].
     pub endpoints: Vec<usize>,
+    /// The endpoints' affinity tags, in pool order.
+    pub tags: Vec<Option<EndpointTag>>,
     pub policy: Policy,
 }
 
@@ -122,11 +146,9 @@ impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
         self.state.endpoints[self.pool.endpoints[i]].key
     }
 
-    fn inflight(&self, i: usize) -> u32 {
-        self.state.endpoints[self.pool.endpoints[i]]
-            .load
-            .inflight
-            .load(Ordering::Relaxed)
+    fn load(&self, i: usize) -> Load {
+        let e = &self.state.endpoints[self.pool.endpoints[i]];
+        e.load.read(e.engine)
     }
 }
 
@@ -135,8 +157,12 @@ pub struct SnapshotCell {
     version: AtomicU64,
     state: ArcSwap<RoutingState>,
     routing: RoutingConfig,
-    loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
+    loads: Mutex<HashMap<String, Arc<CachePadded<EndpointLoad>>>>,
     started_unix: u64,
+    /// Which endpoints served which prompt blocks; shared by all workers.
+    pub affinity: AffinityTable,
+    /// The affinity table's clock starts here.
+    epoch: Instant,
 }
 
 impl SnapshotCell {
@@ -144,6 +170,8 @@ impl SnapshotCell {
         Self {
             version: AtomicU64::new(0),
             state: ArcSwap::from_pointee(RoutingState::empty()),
+            affinity: AffinityTable::new(routing.affinity.limits()),
+            epoch: Instant::now(),
             routing,
             loads: Mutex::new(HashMap::new()),
             started_unix: std::time::SystemTime::now()
@@ -154,6 +182,11 @@ impl SnapshotCell {
 
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds on the affinity table's clock (wraps after 49 days; the table copes).
+    pub fn now_ms(&self) -> u32 {
+        self.epoch.elapsed().as_millis() as u32
     }
 
     pub fn load(&self) -> Arc<RoutingState> {
@@ -190,6 +223,14 @@ impl SnapshotCell {
                 }
             }
         }
+        // Endpoints that left: their affinity entries stop matching now, their slots return.
+        if self
+            .affinity
+            .retain_endpoints(|url| snapshot.endpoints.iter().any(|e| e.url == url))
+            > 0
+        {
+            self.affinity.purge();
+        }
         ::metrics::gauge!(metrics::SNAPSHOT_VERSION).set(snapshot.version as f64);
         ::metrics::counter!(metrics::SNAPSHOT_UPDATES_TOTAL).increment(1);
         self.state.store(Arc::new(state));
@@ -209,6 +250,12 @@ impl SnapshotCell {
                 healthy: e.healthy,
                 key: lmstack_route::endpoint_key(&e.url),
                 load: loads.entry(e.url.clone()).or_default().clone(),
+                tag: self.affinity.register(&e.url),
+                engine: e.engine.map(|s| EngineLoad {
+                    running: s.running,
+                    waiting: s.waiting,
+                    kv_usage: s.kv_cache_usage,
+                }),
             })
             .collect();
         loads.retain(|url, _| snapshot.endpoints.iter().any(|e| &e.url == url));
@@ -223,13 +270,19 @@ impl SnapshotCell {
             let Some(m) = snapshot.model(name) else {
                 continue;
             };
-            let policy = Policy::new(self.routing.policy_for(&m.name), self.routing.policy);
+            let policy = Policy::new(
+                self.routing.policy_for(&m.name),
+                self.routing.policy,
+                &self.routing.params(),
+            );
             let name: Arc<str> = m.name.as_str().into();
             by_name.insert(name.clone(), pools.len());
+            let members: Vec<usize> = m.endpoints.iter().map(|&i| i as usize).collect();
             pools.push(ModelPool {
                 index: pools.len(),
                 name,
-                endpoints: m.endpoints.iter().map(|&i| i as usize).collect(),
+                tags: members.iter().map(|&i| endpoints[i].tag).collect(),
+                endpoints: members,
                 policy,
             });
             cards.push(m.card.clone().unwrap_or_else(|| {

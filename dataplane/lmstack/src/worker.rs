@@ -84,6 +84,42 @@ impl Limits {
     }
 }
 
+/// Buffers for a request's prompt blocks and their matches, recycled per worker so that
+/// prefix routing allocates nothing once warm.
+#[derive(Default)]
+pub struct PrefixBuffers {
+    pub blocks: Vec<u64>,
+    pub matched: Vec<u32>,
+}
+
+/// Free buffers kept per worker at most.
+const MAX_FREE_BUFFERS: usize = 256;
+
+/// A request's hold on one set of [`PrefixBuffers`]; dropping it returns them.
+pub struct Scratch<'a> {
+    ctx: &'a WorkerCtx,
+    buffers: PrefixBuffers,
+}
+
+impl Scratch<'_> {
+    pub fn get(&self) -> &PrefixBuffers {
+        &self.buffers
+    }
+
+    pub fn get_mut(&mut self) -> &mut PrefixBuffers {
+        &mut self.buffers
+    }
+}
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        let mut free = self.ctx.scratch_free.borrow_mut();
+        if free.len() < MAX_FREE_BUFFERS {
+            free.push(std::mem::take(&mut self.buffers));
+        }
+    }
+}
+
 /// One worker's state; `!Send`, shared by the worker's tasks through `Rc`.
 pub struct WorkerCtx {
     pub id: usize,
@@ -97,6 +133,7 @@ pub struct WorkerCtx {
     request_prefix: String,
     request_seq: Cell<u64>,
     connections: Cell<usize>,
+    scratch_free: std::cell::RefCell<Vec<PrefixBuffers>>,
 }
 
 impl WorkerCtx {
@@ -117,6 +154,7 @@ impl WorkerCtx {
             request_prefix: format!("{:012x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) >> 16),
             request_seq: Cell::new(0),
             connections: Cell::new(0),
+            scratch_free: std::cell::RefCell::new(Vec::new()),
             shared,
         }
     }
@@ -129,6 +167,12 @@ impl WorkerCtx {
             self.pool.sweep(|addr| state.endpoints.iter().any(|e| e.addr == *addr));
         }
         state
+    }
+
+    /// Prefix buffers for one request.
+    pub fn scratch(&self) -> Scratch<'_> {
+        let buffers = self.scratch_free.borrow_mut().pop().unwrap_or_default();
+        Scratch { ctx: self, buffers }
     }
 
     pub fn next_ticket(&self) -> u64 {

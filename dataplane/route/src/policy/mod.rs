@@ -1,5 +1,7 @@
-//! The policy set, selected per model by name.
+//! The policy set, selected per model by name, and the bounded-load rule they share.
 
+mod least_load;
+mod prefix;
 mod round_robin;
 mod session;
 
@@ -20,40 +22,83 @@ pub struct Pick {
 pub enum Reason {
     /// Next in rotation.
     RoundRobin,
+    /// The less loaded of two random candidates.
+    LeastLoad,
     /// The session key's preferred endpoint.
     SessionAffinity,
-    /// The session's preferred endpoint was not eligible; the next in its order took it.
+    /// The session's preferred endpoint was not eligible or over its load bound; the next
+    /// in the session's order took it.
     SessionSpill,
     /// No session key: the fallback policy decided.
     NoSessionKey,
+    /// The endpoint with the longest cached prefix (and the lowest cost).
+    PrefixMatch,
+    /// An endpoint with a shorter cached prefix was cheaper: the longer one was too loaded.
+    PrefixLoad,
+    /// No endpoint had any of the prompt cached: the least loaded took it.
+    PrefixMiss,
+    /// The request has no prompt to match: the fallback policy decided.
+    NoPrompt,
 }
 
 impl Reason {
+    pub const ALL: [Reason; 9] = [
+        Reason::RoundRobin,
+        Reason::LeastLoad,
+        Reason::SessionAffinity,
+        Reason::SessionSpill,
+        Reason::NoSessionKey,
+        Reason::PrefixMatch,
+        Reason::PrefixLoad,
+        Reason::PrefixMiss,
+        Reason::NoPrompt,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::RoundRobin => "round_robin",
+            Reason::LeastLoad => "least_load",
             Reason::SessionAffinity => "session_affinity",
             Reason::SessionSpill => "session_spill",
             Reason::NoSessionKey => "no_session_key",
+            Reason::PrefixMatch => "prefix_match",
+            Reason::PrefixLoad => "prefix_load",
+            Reason::PrefixMiss => "prefix_miss",
+            Reason::NoPrompt => "no_prompt",
         }
     }
 }
 
-/// Policy names as configured (snake_case, with production-stack's spellings as aliases).
+/// Policy names as configured (snake_case, with production-stack's and SGLang's spellings
+/// as aliases).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PolicyName {
     RoundRobin,
+    LeastLoad,
     Session,
+    Prefix,
 }
 
 impl PolicyName {
-    pub const ALL: [PolicyName; 2] = [PolicyName::RoundRobin, PolicyName::Session];
+    pub const ALL: [PolicyName; 4] = [
+        PolicyName::RoundRobin,
+        PolicyName::LeastLoad,
+        PolicyName::Session,
+        PolicyName::Prefix,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyName::RoundRobin => "round_robin",
+            PolicyName::LeastLoad => "least_load",
             PolicyName::Session => "session",
+            PolicyName::Prefix => "prefix",
         }
+    }
+
+    /// Whether the policy needs the prompt's blocks matched against the affinity table.
+    pub fn uses_prefix(self) -> bool {
+        self == PolicyName::Prefix
     }
 }
 
@@ -63,10 +108,18 @@ impl fmt::Display for PolicyName {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
-    #[error("unknown routing policy {0:?} (known: round_robin, session; aliases: roundrobin)")]
+    #[error(
+        "unknown routing policy {0:?} (known: round_robin, least_load, session, prefix; aliases: roundrobin, power_of_two, prefixaware)"
+    )]
     Unknown(String),
+    #[error("{name} must be {expected}, not {value}")]
+    BadParameter {
+        name: &'static str,
+        expected: &'static str,
+        value: f64,
+    },
 }
 
 impl FromStr for PolicyName {
@@ -75,7 +128,9 @@ impl FromStr for PolicyName {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "round_robin" | "roundrobin" => Ok(PolicyName::RoundRobin),
+            "least_load" | "power_of_two" => Ok(PolicyName::LeastLoad),
             "session" => Ok(PolicyName::Session),
+            "prefix" | "prefixaware" => Ok(PolicyName::Prefix),
             other => Err(PolicyError::Unknown(other.to_owned())),
         }
     }
@@ -94,26 +149,97 @@ impl serde::Serialize for PolicyName {
     }
 }
 
+/// Tunables of the policies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolicyParams {
+    /// `session`: an endpoint takes a session's request only while its requests stay within
+    /// this factor of the average (consistent hashing with bounded loads); at least 1.
+    pub session_load_factor: f64,
+    /// `prefix`: the same bound, applied to prefix routing (the guard against herding).
+    pub prefix_load_factor: f64,
+    /// `prefix`: weight of prefill work (blocks still to prefill, this request's and those
+    /// queued) against decode work (blocks of requests in flight) in the cost.
+    pub prefix_prefill_weight: f64,
+}
+
+impl Default for PolicyParams {
+    fn default() -> Self {
+        Self {
+            session_load_factor: 1.25,
+            prefix_load_factor: 1.25,
+            prefix_prefill_weight: 1.0,
+        }
+    }
+}
+
+impl PolicyParams {
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        for (name, value) in [
+            ("session.load_factor", self.session_load_factor),
+            ("prefix.load_factor", self.prefix_load_factor),
+        ] {
+            if !(value >= 1.0 && value.is_finite()) {
+                return Err(PolicyError::BadParameter {
+                    name,
+                    expected: "a number of at least 1",
+                    value,
+                });
+            }
+        }
+        let w = self.prefix_prefill_weight;
+        if !(w >= 0.0 && w.is_finite()) {
+            return Err(PolicyError::BadParameter {
+                name: "prefix.prefill_weight",
+                expected: "a number of at least 0",
+                value: w,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A configured policy for one model.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Policy {
     RoundRobin,
-    /// Session affinity by rendezvous hashing; requests without a key use `fallback`.
+    LeastLoad,
+    /// Rendezvous hashing of the session key with bounded loads; requests without a key use
+    /// `fallback`.
     Session {
+        load_factor: f64,
+        fallback: Box<Policy>,
+    },
+    /// Cost of prefill still needed plus load, with bounded loads; requests without a prompt
+    /// use `fallback`.
+    Prefix {
+        load_factor: f64,
+        prefill_weight: f64,
         fallback: Box<Policy>,
     },
 }
 
 impl Policy {
-    /// Builds the policy `name`, with `default` deciding for requests it cannot place itself.
-    pub fn new(name: PolicyName, default: PolicyName) -> Policy {
-        let plain = |n: PolicyName| match n {
-            PolicyName::RoundRobin | PolicyName::Session => Policy::RoundRobin,
+    /// Builds the policy `name`. `default` decides for requests it cannot place itself (no
+    /// session key, no prompt); when that is a policy of the same kind, `least_load` does.
+    pub fn new(name: PolicyName, default: PolicyName, params: &PolicyParams) -> Policy {
+        let fallback = |own: PolicyName| {
+            Box::new(match default {
+                PolicyName::RoundRobin => Policy::RoundRobin,
+                d if d == own => Policy::LeastLoad,
+                PolicyName::Session | PolicyName::Prefix | PolicyName::LeastLoad => Policy::LeastLoad,
+            })
         };
         match name {
             PolicyName::RoundRobin => Policy::RoundRobin,
+            PolicyName::LeastLoad => Policy::LeastLoad,
             PolicyName::Session => Policy::Session {
-                fallback: Box::new(plain(default)),
+                load_factor: params.session_load_factor,
+                fallback: fallback(PolicyName::Session),
+            },
+            PolicyName::Prefix => Policy::Prefix {
+                load_factor: params.prefix_load_factor,
+                prefill_weight: params.prefix_prefill_weight,
+                fallback: fallback(PolicyName::Prefix),
             },
         }
     }
@@ -121,30 +247,73 @@ impl Policy {
     pub fn name(&self) -> PolicyName {
         match self {
             Policy::RoundRobin => PolicyName::RoundRobin,
+            Policy::LeastLoad => PolicyName::LeastLoad,
             Policy::Session { .. } => PolicyName::Session,
+            Policy::Prefix { .. } => PolicyName::Prefix,
         }
     }
 
     /// Picks an eligible endpoint, or `None` when no endpoint is eligible.
     pub fn pick(&self, pool: &impl PoolView, req: &RouteRequest<'_>) -> Option<Pick> {
+        let with = |reason, p: Option<Pick>| p.map(|p| Pick { index: p.index, reason });
         match self {
             Policy::RoundRobin => round_robin::pick(pool, req.ticket),
-            Policy::Session { fallback } => match req.session_key {
-                Some(key) => session::pick(pool, key),
-                None => fallback.pick(pool, req).map(|p| Pick {
-                    index: p.index,
-                    reason: Reason::NoSessionKey,
-                }),
+            Policy::LeastLoad => least_load::pick(pool, req.ticket),
+            Policy::Session { load_factor, fallback } => match req.session_key {
+                Some(key) => session::pick(pool, key, *load_factor),
+                None => with(Reason::NoSessionKey, fallback.pick(pool, req)),
+            },
+            Policy::Prefix {
+                load_factor,
+                prefill_weight,
+                fallback,
+            } => match &req.prefix {
+                Some(prefix) if prefix.blocks > 0 => prefix::pick(pool, prefix, *load_factor, *prefill_weight),
+                _ => with(Reason::NoPrompt, fallback.pick(pool, req)),
             },
         }
     }
 }
 
+/// The bounded-load rule (Mirrokni et al., "Consistent Hashing with Bounded Loads"): with
+/// `total` requests on `n` eligible endpoints, an endpoint may take one more only while it
+/// holds fewer than `ceil(factor * (total + 1) / n)`. Some eligible endpoint always can.
+pub(crate) struct LoadBound {
+    cap: f64,
+}
+
+impl LoadBound {
+    pub(crate) fn new(pool: &impl PoolView, factor: f64) -> Self {
+        let (mut total, mut n) = (0.0, 0usize);
+        for i in 0..pool.len() {
+            if pool.eligible(i) {
+                total += pool.load(i).requests();
+                n += 1;
+            }
+        }
+        let cap = if n == 0 {
+            0.0
+        } else {
+            (factor * (total + 1.0) / n as f64).ceil()
+        };
+        Self { cap }
+    }
+
+    pub(crate) fn admits(&self, pool: &impl PoolView, i: usize) -> bool {
+        pool.load(i).requests() + 1.0 <= self.cap
+    }
+}
+
+/// Rendezvous weight of `key` on endpoint `i` (the same on every router replica).
+pub(crate) fn weight(key_hash: u64, endpoint_key: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(&key_hash.to_le_bytes(), endpoint_key)
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
-    use crate::PoolView;
+    use crate::{Load, PoolView};
 
-    /// A pool for tests: per endpoint (eligible, inflight), keys from the index.
+    /// A pool for tests: per endpoint (eligible, in-flight requests), keys from the index.
     pub struct Pool(pub Vec<(bool, u32)>);
 
     impl PoolView for Pool {
@@ -157,8 +326,11 @@ pub(crate) mod testing {
         fn key(&self, i: usize) -> u64 {
             crate::endpoint_key(&format!("http://10.0.0.{i}:8000"))
         }
-        fn inflight(&self, i: usize) -> u32 {
-            self.0[i].1
+        fn load(&self, i: usize) -> Load {
+            Load {
+                inflight: self.0[i].1,
+                ..Load::default()
+            }
         }
     }
 }
@@ -167,57 +339,113 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::Pool;
     use super::*;
+    use crate::PrefixInfo;
     use proptest::prelude::*;
 
     #[test]
     fn names_and_aliases() {
         assert_eq!("roundrobin".parse::<PolicyName>(), Ok(PolicyName::RoundRobin));
-        assert_eq!("round_robin".parse::<PolicyName>(), Ok(PolicyName::RoundRobin));
-        assert_eq!("session".parse::<PolicyName>(), Ok(PolicyName::Session));
-        assert!(matches!("random".parse::<PolicyName>(), Err(PolicyError::Unknown(_))));
+        assert_eq!("prefixaware".parse::<PolicyName>(), Ok(PolicyName::Prefix));
+        assert_eq!("power_of_two".parse::<PolicyName>(), Ok(PolicyName::LeastLoad));
+        assert!(matches!("kvaware".parse::<PolicyName>(), Err(PolicyError::Unknown(_))));
         for n in PolicyName::ALL {
             assert_eq!(n.as_str().parse::<PolicyName>(), Ok(n));
         }
     }
 
     #[test]
-    fn session_without_key_falls_back() {
-        let p = Policy::new(PolicyName::Session, PolicyName::RoundRobin);
+    fn bad_parameters_are_refused() {
+        let mut p = PolicyParams::default();
+        p.validate().unwrap();
+        p.session_load_factor = 0.5;
+        assert!(matches!(
+            p.validate(),
+            Err(PolicyError::BadParameter {
+                name: "session.load_factor",
+                ..
+            })
+        ));
+        p = PolicyParams {
+            prefix_prefill_weight: f64::NAN,
+            ..PolicyParams::default()
+        };
+        assert!(p.validate().is_err());
+    }
+
+    #[test]
+    fn without_a_key_or_a_prompt_the_fallback_decides() {
+        let params = PolicyParams::default();
         let pool = Pool(vec![(true, 0), (true, 0)]);
-        let pick = p
-            .pick(
-                &pool,
-                &RouteRequest {
-                    session_key: None,
-                    ticket: 1,
-                },
-            )
-            .unwrap();
+        let req = RouteRequest {
+            session_key: None,
+            ticket: 1,
+            prefix: None,
+        };
+        let p = Policy::new(PolicyName::Session, PolicyName::RoundRobin, &params);
         assert_eq!(
-            pick,
-            Pick {
+            p.pick(&pool, &req),
+            Some(Pick {
                 index: 1,
                 reason: Reason::NoSessionKey
-            }
+            })
         );
+        let p = Policy::new(PolicyName::Prefix, PolicyName::Prefix, &params);
+        assert_eq!(p.pick(&pool, &req).unwrap().reason, Reason::NoPrompt);
+    }
+
+    fn policies() -> Vec<Policy> {
+        let params = PolicyParams::default();
+        PolicyName::ALL
+            .iter()
+            .map(|&n| Policy::new(n, PolicyName::RoundRobin, &params))
+            .collect()
     }
 
     proptest! {
-        /// No policy ever picks an ineligible endpoint, and each picks one whenever any is eligible.
+        /// No policy ever picks an ineligible endpoint, and each picks one whenever any is
+        /// eligible.
         #[test]
         fn never_picks_an_ineligible_endpoint(
             pool in prop::collection::vec((any::<bool>(), 0u32..10), 0..12),
             key in prop::option::of("[a-z0-9]{1,12}"),
+            matched in prop::collection::vec(0u32..20, 12),
             ticket in any::<u64>(),
         ) {
             let pool = Pool(pool);
             let any_eligible = (0..pool.len()).any(|i| pool.eligible(i));
-            for name in PolicyName::ALL {
-                let policy = Policy::new(name, PolicyName::RoundRobin);
-                let req = RouteRequest { session_key: key.as_deref(), ticket };
+            for policy in policies() {
+                let req = RouteRequest {
+                    session_key: key.as_deref(),
+                    ticket,
+                    prefix: Some(PrefixInfo { blocks: 20, matched: &matched[..pool.len()], tie_key: ticket }),
+                };
                 match policy.pick(&pool, &req) {
                     Some(pick) => prop_assert!(pool.eligible(pick.index)),
                     None => prop_assert!(!any_eligible),
+                }
+            }
+        }
+
+        /// `session` and `prefix` respect the load bound: the pick never holds as many
+        /// requests as the bound allows (it can take one more).
+        #[test]
+        fn bounded_loads_are_respected(
+            pool in prop::collection::vec((any::<bool>(), 0u32..30), 1..10),
+            key in "[a-z0-9]{1,12}",
+            matched in prop::collection::vec(0u32..20, 10),
+        ) {
+            let pool = Pool(pool);
+            let params = PolicyParams::default();
+            for name in [PolicyName::Session, PolicyName::Prefix] {
+                let policy = Policy::new(name, PolicyName::RoundRobin, &params);
+                let req = RouteRequest {
+                    session_key: Some(&key),
+                    ticket: 0,
+                    prefix: Some(PrefixInfo { blocks: 20, matched: &matched[..pool.len()], tie_key: 7 }),
+                };
+                if let Some(pick) = policy.pick(&pool, &req) {
+                    let bound = LoadBound::new(&pool, 1.25);
+                    prop_assert!(bound.admits(&pool, pick.index), "{:?} over the bound", name);
                 }
             }
         }

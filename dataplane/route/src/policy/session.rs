@@ -1,35 +1,30 @@
-//! `session`: rendezvous (highest-random-weight) hashing of the session key over the pool.
+//! `session`: rendezvous (highest-random-weight) hashing of the session key, with bounded
+//! loads.
 //!
 //! Every router replica ranks endpoints the same way for a key without talking to the
-//! others, and adding or removing an endpoint moves only the keys that ranked it first.
-//! When the first-ranked endpoint is not eligible the key spills to the next in its ranking.
+//! others, and adding or removing an endpoint moves only the keys that ranked it first. The
+//! key goes to the highest-ranked eligible endpoint that is within the load bound, so a hot
+//! session spills to its next choice instead of overloading one endpoint.
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
-
-use super::{Pick, Reason};
+use super::{LoadBound, Pick, Reason, weight};
 use crate::PoolView;
 
-fn weight(key_hash: u64, endpoint_key: u64) -> u64 {
-    // Mix the endpoint key into the session hash; xxh3 with the endpoint key as seed is a
-    // well-distributed keyed hash.
-    xxh3_64_with_seed(&key_hash.to_le_bytes(), endpoint_key)
-}
-
-pub(super) fn pick(pool: &impl PoolView, session_key: &str) -> Option<Pick> {
+pub(super) fn pick(pool: &impl PoolView, session_key: &str, load_factor: f64) -> Option<Pick> {
     let key_hash = xxhash_rust::xxh3::xxh3_64(session_key.as_bytes());
+    let bound = LoadBound::new(pool, load_factor);
+    let mut top: Option<(u64, usize)> = None;
     let mut best: Option<(u64, usize)> = None;
-    let mut best_eligible: Option<(u64, usize)> = None;
     for i in 0..pool.len() {
         let w = weight(key_hash, pool.key(i));
-        if best.is_none_or(|(bw, _)| w > bw) {
+        if top.is_none_or(|(tw, _)| w > tw) {
+            top = Some((w, i));
+        }
+        if pool.eligible(i) && bound.admits(pool, i) && best.is_none_or(|(bw, _)| w > bw) {
             best = Some((w, i));
         }
-        if pool.eligible(i) && best_eligible.is_none_or(|(bw, _)| w > bw) {
-            best_eligible = Some((w, i));
-        }
     }
-    let (_, index) = best_eligible?;
-    let reason = if best.map(|(_, i)| i) == Some(index) {
+    let (_, index) = best?;
+    let reason = if top.map(|(_, i)| i) == Some(index) {
         Reason::SessionAffinity
     } else {
         Reason::SessionSpill
@@ -45,10 +40,10 @@ mod tests {
     #[test]
     fn a_key_sticks_to_one_endpoint() {
         let pool = Pool(vec![(true, 0); 4]);
-        let first = pick(&pool, "user-7").unwrap();
+        let first = pick(&pool, "user-7", 1.25).unwrap();
         assert_eq!(first.reason, Reason::SessionAffinity);
         for _ in 0..10 {
-            assert_eq!(pick(&pool, "user-7").unwrap(), first);
+            assert_eq!(pick(&pool, "user-7", 1.25).unwrap(), first);
         }
     }
 
@@ -57,7 +52,7 @@ mod tests {
         let pool = Pool(vec![(true, 0); 4]);
         let mut counts = [0u32; 4];
         for u in 0..4000 {
-            counts[pick(&pool, &format!("user-{u}")).unwrap().index] += 1;
+            counts[pick(&pool, &format!("user-{u}"), 1.25).unwrap().index] += 1;
         }
         for c in counts {
             assert!((800..1200).contains(&c), "uneven spread: {counts:?}");
@@ -71,8 +66,8 @@ mod tests {
         without_2.0[2].0 = false;
         for u in 0..1000 {
             let key = format!("user-{u}");
-            let before = pick(&all, &key).unwrap();
-            let after = pick(&without_2, &key).unwrap();
+            let before = pick(&all, &key, 1.25).unwrap();
+            let after = pick(&without_2, &key, 1.25).unwrap();
             if before.index != 2 {
                 assert_eq!(before.index, after.index);
                 assert_eq!(after.reason, Reason::SessionAffinity);
@@ -80,5 +75,17 @@ mod tests {
                 assert_eq!(after.reason, Reason::SessionSpill);
             }
         }
+    }
+
+    #[test]
+    fn a_hot_session_spills_instead_of_piling_up() {
+        let key = "hot-user";
+        let mut pool = Pool(vec![(true, 0); 4]);
+        let home = pick(&pool, key, 1.25).unwrap().index;
+        // The home endpoint fills up with this session's requests.
+        pool.0[home].1 = 10;
+        let next = pick(&pool, key, 1.25).unwrap();
+        assert_ne!(next.index, home);
+        assert_eq!(next.reason, Reason::SessionSpill);
     }
 }

@@ -1,0 +1,107 @@
+//! Prompt blocks: a normalised prompt is cut into fixed-size byte blocks, and each block gets
+//! a chained xxh3 hash (it covers the previous block's hash and this block's bytes, hence the
+//! whole prompt up to here). Equal prefixes give equal leading hashes; a partial last block
+//! is not hashed.
+//!
+//! The prompt arrives in pieces (a chat's roles and contents, in order); blocks cut across
+//! pieces, and nothing is copied or allocated beyond the output vector, which callers reuse.
+
+use xxhash_rust::xxh3::Xxh3;
+
+pub struct BlockHasher<'a> {
+    block_bytes: usize,
+    max_blocks: usize,
+    filled: usize,
+    state: Xxh3,
+    out: &'a mut Vec<u64>,
+}
+
+impl<'a> BlockHasher<'a> {
+    /// Hashes into `out` (cleared first), at most `max_blocks` blocks of `block_bytes`.
+    pub fn new(block_bytes: usize, max_blocks: usize, out: &'a mut Vec<u64>) -> Self {
+        out.clear();
+        let mut state = Xxh3::new();
+        state.update(&0u64.to_le_bytes());
+        Self {
+            block_bytes: block_bytes.max(1),
+            max_blocks,
+            filled: 0,
+            state,
+            out,
+        }
+    }
+
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.out.len() < self.max_blocks {
+            let take = (self.block_bytes - self.filled).min(bytes.len());
+            self.state.update(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled == self.block_bytes {
+                let hash = self.state.digest();
+                self.out.push(hash);
+                self.state.reset();
+                self.state.update(&hash.to_le_bytes());
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// Full blocks hashed so far.
+    pub fn blocks(&self) -> usize {
+        self.out.len()
+    }
+}
+
+/// The blocks of one contiguous prompt.
+pub fn hash_blocks(prompt: &[u8], block_bytes: usize, max_blocks: usize, out: &mut Vec<u64>) {
+    BlockHasher::new(block_bytes, max_blocks, out).feed(prompt);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn equal_prefixes_share_leading_blocks() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        hash_blocks(b"system prompt; question one, long enough", 8, 100, &mut a);
+        hash_blocks(b"system prompt; question two, long enough", 8, 100, &mut b);
+        assert_eq!(a.len(), 5);
+        // "system p" "rompt; q" "uestion " are shared; "one, lon" is not.
+        assert_eq!(a[..3], b[..3]);
+        assert_ne!(a[3], b[3]);
+        // Chained: the same block bytes after a different prefix hash differently.
+        let (mut c, mut d) = (Vec::new(), Vec::new());
+        hash_blocks(b"AAAAAAAAxxxxxxxx", 8, 100, &mut c);
+        hash_blocks(b"BBBBBBBBxxxxxxxx", 8, 100, &mut d);
+        assert_ne!(c[1], d[1]);
+    }
+
+    #[test]
+    fn the_block_limit_holds() {
+        let mut out = Vec::new();
+        hash_blocks(&[7u8; 1000], 10, 3, &mut out);
+        assert_eq!(out.len(), 3);
+    }
+
+    proptest! {
+        /// However the prompt is cut into pieces, the blocks are the same.
+        #[test]
+        fn pieces_do_not_matter(prompt in prop::collection::vec(any::<u8>(), 0..400), cuts in prop::collection::vec(1usize..30, 1..20)) {
+            let mut whole = Vec::new();
+            hash_blocks(&prompt, 16, 1000, &mut whole);
+            let mut pieced = Vec::new();
+            let mut h = BlockHasher::new(16, 1000, &mut pieced);
+            let mut pos = 0;
+            for c in cuts.iter().cycle() {
+                if pos >= prompt.len() { break; }
+                let end = (pos + c).min(prompt.len());
+                h.feed(&prompt[pos..end]);
+                pos = end;
+            }
+            prop_assert_eq!(whole, pieced);
+        }
+    }
+}
