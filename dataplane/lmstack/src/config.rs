@@ -251,6 +251,7 @@ impl RoutingConfig {
             session_load_factor: self.session.load_factor,
             prefix_load_factor: self.prefix.load_factor,
             prefix_prefill_weight: self.prefix.prefill_weight,
+            prefix_min_match_ratio: self.prefix.min_match_ratio,
         }
     }
 }
@@ -265,6 +266,9 @@ pub struct PrefixConfig {
     pub load_factor: f64,
     /// Weight of prefill work against decode work (at least 0).
     pub prefill_weight: f64,
+    /// A request whose best match covers less than this share of its prompt (0 to 1) is
+    /// placed as a new conversation, by load: a shared system prompt alone draws no one.
+    pub min_match_ratio: f64,
 }
 
 impl Default for PrefixConfig {
@@ -273,6 +277,7 @@ impl Default for PrefixConfig {
         Self {
             load_factor: p.prefix_load_factor,
             prefill_weight: p.prefix_prefill_weight,
+            min_match_ratio: p.prefix_min_match_ratio,
         }
     }
 }

@@ -160,6 +160,9 @@ pub struct PolicyParams {
     /// `prefix`: weight of prefill work (blocks still to prefill, this request's and those
     /// queued) against decode work (blocks of requests in flight) in the cost.
     pub prefix_prefill_weight: f64,
+    /// `prefix`: a request whose best match covers less than this share of its prompt is
+    /// placed as new (by load), so that a shared system prompt alone draws no one.
+    pub prefix_min_match_ratio: f64,
 }
 
 impl Default for PolicyParams {
@@ -168,6 +171,7 @@ impl Default for PolicyParams {
             session_load_factor: 1.25,
             prefix_load_factor: 1.25,
             prefix_prefill_weight: 1.0,
+            prefix_min_match_ratio: 0.5,
         }
     }
 }
@@ -194,6 +198,14 @@ impl PolicyParams {
                 value: w,
             });
         }
+        let r = self.prefix_min_match_ratio;
+        if !(0.0..=1.0).contains(&r) {
+            return Err(PolicyError::BadParameter {
+                name: "prefix.min_match_ratio",
+                expected: "a number from 0 to 1",
+                value: r,
+            });
+        }
         Ok(())
     }
 }
@@ -214,6 +226,7 @@ pub enum Policy {
     Prefix {
         load_factor: f64,
         prefill_weight: f64,
+        min_match_ratio: f64,
         fallback: Box<Policy>,
     },
 }
@@ -239,6 +252,7 @@ impl Policy {
             PolicyName::Prefix => Policy::Prefix {
                 load_factor: params.prefix_load_factor,
                 prefill_weight: params.prefix_prefill_weight,
+                min_match_ratio: params.prefix_min_match_ratio,
                 fallback: fallback(PolicyName::Prefix),
             },
         }
@@ -266,9 +280,18 @@ impl Policy {
             Policy::Prefix {
                 load_factor,
                 prefill_weight,
+                min_match_ratio,
                 fallback,
             } => match &req.prefix {
-                Some(prefix) if prefix.blocks > 0 => prefix::pick(pool, prefix, *load_factor, *prefill_weight),
+                Some(prefix) if prefix.blocks > 0 => prefix::pick(
+                    pool,
+                    prefix,
+                    prefix::Weights {
+                        load_factor: *load_factor,
+                        prefill_weight: *prefill_weight,
+                        min_match_ratio: *min_match_ratio,
+                    },
+                ),
                 _ => with(Reason::NoPrompt, fallback.pick(pool, req)),
             },
         }

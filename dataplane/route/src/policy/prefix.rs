@@ -4,36 +4,46 @@
 //! `cost = prefill_weight * (uncached blocks + blocks queued for prefill) + blocks in flight`
 //!
 //! An endpoint that holds more of the prompt saves prefill; one that is busy costs its queue.
-//! Guard against herding: only endpoints within the load bound compete (consistent hashing's
-//! bounded loads), so a prefix every request shares, such as a system prompt, cannot draw all
-//! traffic to one endpoint. Ties go to the rendezvous order of the request's own tie key (its
-//! session, or its first blocks), the same on every router replica.
+//! Guards against herding on a prefix every request shares, such as a system prompt:
+//! - a request whose best match covers less than `min_match_ratio` of its prompt is new (a
+//!   first round matching only the system prompt): it is placed by load alone, ties spread by
+//!   the prompt's own hash, so new conversations spread evenly while later rounds, which
+//!   match most of their prompt, follow their history;
+//! - only endpoints within the load bound compete (consistent hashing's bounded loads), so
+//!   concurrent requests cannot pile onto the holder of a popular prefix.
+//!
+//! Ties go to the rendezvous order of the request's tie key (its session, or its prompt's
+//! last block), the same on every router replica.
 
 use super::{LoadBound, Pick, Reason, weight};
 use crate::{PoolView, PrefixInfo};
 
-pub(super) fn pick(
-    pool: &impl PoolView,
-    prefix: &PrefixInfo<'_>,
-    load_factor: f64,
-    prefill_weight: f64,
-) -> Option<Pick> {
-    let bound = LoadBound::new(pool, load_factor);
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Weights {
+    pub load_factor: f64,
+    pub prefill_weight: f64,
+    pub min_match_ratio: f64,
+}
+
+pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, w: Weights) -> Option<Pick> {
+    let bound = LoadBound::new(pool, w.load_factor);
     let blocks = prefix.blocks as f64;
-    let matched = |i: usize| prefix.matched.get(i).copied().unwrap_or(0);
+    let held = |i: usize| prefix.matched.get(i).copied().unwrap_or(0);
+    let longest = (0..pool.len())
+        .filter(|&i| pool.eligible(i))
+        .map(held)
+        .max()
+        .unwrap_or(0);
+    let new = f64::from(longest) < w.min_match_ratio * blocks;
+    let matched = |i: usize| if new { 0 } else { held(i) };
     let mut best: Option<(f64, u64, usize)> = None;
-    let mut longest = 0;
     for i in 0..pool.len() {
-        if !pool.eligible(i) {
-            continue;
-        }
-        longest = longest.max(matched(i));
-        if !bound.admits(pool, i) {
+        if !pool.eligible(i) || !bound.admits(pool, i) {
             continue;
         }
         let load = pool.load(i);
         let uncached = (blocks - f64::from(matched(i))).max(0.0);
-        let cost = prefill_weight * (uncached + load.prefill_blocks as f64) + load.active_blocks as f64;
+        let cost = w.prefill_weight * (uncached + load.prefill_blocks as f64) + load.active_blocks as f64;
         let tie = weight(prefix.tie_key, pool.key(i));
         let better = match best {
             None => true,
@@ -44,12 +54,8 @@ pub(super) fn pick(
         }
     }
     let (_, _, index) = best?;
-    let reason = if matched(index) == 0 {
-        if longest == 0 {
-            Reason::PrefixMiss
-        } else {
-            Reason::PrefixLoad
-        }
+    let reason = if new {
+        Reason::PrefixMiss
     } else if matched(index) == longest {
         Reason::PrefixMatch
     } else {
@@ -87,6 +93,12 @@ mod tests {
         }
     }
 
+    const W: Weights = Weights {
+        load_factor: 1.25,
+        prefill_weight: 1.0,
+        min_match_ratio: 0.0,
+    };
+
     fn info(matched: &[u32]) -> PrefixInfo<'_> {
         PrefixInfo {
             blocks: 100,
@@ -98,9 +110,9 @@ mod tests {
     #[test]
     fn the_longest_cached_prefix_wins_when_loads_are_equal() {
         let pool = Loaded(vec![(1, 0, 50); 3]);
-        let pick = pick(&pool, &info(&[10, 90, 40]), 1.25, 1.0).unwrap();
+        let p = pick(&pool, &info(&[10, 90, 40]), W).unwrap();
         assert_eq!(
-            pick,
+            p,
             Pick {
                 index: 1,
                 reason: Reason::PrefixMatch
@@ -112,9 +124,9 @@ mod tests {
     fn a_busy_holder_loses_to_an_idle_endpoint() {
         // Endpoint 0 holds 30 blocks but has 200 blocks of prefill queued.
         let pool = Loaded(vec![(2, 200, 100), (2, 0, 100)]);
-        let pick = pick(&pool, &info(&[30, 0]), 2.0, 1.0).unwrap();
+        let p = pick(&pool, &info(&[30, 0]), Weights { load_factor: 2.0, ..W }).unwrap();
         assert_eq!(
-            pick,
+            p,
             Pick {
                 index: 1,
                 reason: Reason::PrefixLoad
@@ -125,9 +137,17 @@ mod tests {
     #[test]
     fn nothing_cached_goes_to_the_cheapest() {
         let pool = Loaded(vec![(3, 0, 300), (1, 0, 100), (2, 0, 200)]);
-        let pick = pick(&pool, &info(&[0, 0, 0]), 1.25, 1.0).unwrap();
+        let p = pick(
+            &pool,
+            &info(&[0, 0, 0]),
+            Weights {
+                min_match_ratio: 0.5,
+                ..W
+            },
+        )
+        .unwrap();
         assert_eq!(
-            pick,
+            p,
             Pick {
                 index: 1,
                 reason: Reason::PrefixMiss
@@ -136,46 +156,58 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_prefix_does_not_herd() {
+    fn a_shared_prefix_does_not_herd_concurrent_requests() {
         // Everyone shares the prefix only endpoint 0 holds; it already has more than its
         // share of requests: the bound sends the next one elsewhere.
         let pool = Loaded(vec![(6, 0, 60), (1, 0, 10), (1, 0, 10)]);
-        let pick = pick(&pool, &info(&[100, 0, 0]), 1.25, 1.0).unwrap();
-        assert_ne!(pick.index, 0);
+        let p = pick(&pool, &info(&[100, 0, 0]), W).unwrap();
+        assert_ne!(p.index, 0);
+    }
+
+    #[test]
+    fn a_match_on_a_small_share_of_the_prompt_counts_as_new() {
+        // Endpoint 0 holds 20 of 100 blocks (a system prompt, say), and has a request running.
+        let pool = Loaded(vec![(1, 0, 30), (0, 0, 0)]);
+        let w = Weights {
+            min_match_ratio: 0.5,
+            ..W
+        };
+        let p = pick(&pool, &info(&[20, 0]), w).unwrap();
+        assert_eq!(
+            p,
+            Pick {
+                index: 1,
+                reason: Reason::PrefixMiss
+            }
+        );
+        // 60 of 100 is the conversation itself: follow it.
+        let p = pick(&pool, &info(&[60, 0]), w).unwrap();
+        assert_eq!(
+            p,
+            Pick {
+                index: 0,
+                reason: Reason::PrefixMatch
+            }
+        );
     }
 
     #[test]
     fn ties_follow_the_tie_key() {
         let pool = Loaded(vec![(0, 0, 0); 4]);
+        let placed = |tie_key| {
+            let i = PrefixInfo {
+                blocks: 10,
+                matched: &[0; 4],
+                tie_key,
+            };
+            pick(&pool, &i, W).unwrap()
+        };
         let mut seen = std::collections::HashSet::new();
         for key in 0..64 {
-            let p = pick(
-                &pool,
-                &PrefixInfo {
-                    blocks: 10,
-                    matched: &[0; 4],
-                    tie_key: key,
-                },
-                1.25,
-                1.0,
-            )
-            .unwrap();
-            // Deterministic for a key...
-            let again = pick(
-                &pool,
-                &PrefixInfo {
-                    blocks: 10,
-                    matched: &[0; 4],
-                    tie_key: key,
-                },
-                1.25,
-                1.0,
-            )
-            .unwrap();
-            assert_eq!(p, again);
-            seen.insert(p.index);
+            // Deterministic for a key, spread across keys.
+            assert_eq!(placed(key), placed(key));
+            seen.insert(placed(key).index);
         }
-        // ...and spread across keys.
         assert_eq!(seen.len(), 4);
     }
 }
