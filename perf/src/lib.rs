@@ -4,4 +4,5 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod load;
+pub mod multiround;
 pub mod sim;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::Parser;
+use clap::{Args, Parser};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -18,6 +18,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
+
+use crate::multiround::{self, MultiRoundArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -28,8 +30,7 @@ pub enum Mode {
     Stream,
 }
 
-#[derive(Clone, Debug, Parser)]
-#[command(name = "lmstack-load", version, about = "Closed-loop load for OpenAI endpoints")]
+#[derive(Clone, Debug, Args)]
 pub struct LoadArgs {
     /// Base URL: http://host:port
     #[arg(long)]
@@ -76,7 +77,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub fn of(h: &Histogram<u64>) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
         if h.is_empty() {
             return Self::default();
@@ -155,13 +156,44 @@ struct Target {
     headers: Vec<(String, String)>,
 }
 
+#[derive(Parser)]
+#[command(name = "lmstack-load", version, about = "Load for OpenAI endpoints")]
+enum Cli {
+    /// Closed-loop completions: throughput, latency, streaming time to first byte and gaps.
+    Bench(LoadArgs),
+    /// The multi-round QA workload: chats that re-send their history every round.
+    MultiRound(MultiRoundArgs),
+}
+
 pub fn main() -> anyhow::Result<()> {
-    let args = LoadArgs::parse();
-    let summary = run_blocking(&args)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        print_table(&[summary]);
+    match Cli::parse() {
+        Cli::Bench(args) => {
+            let summary = run_blocking(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print_table(&[summary]);
+            }
+        }
+        Cli::MultiRound(args) => {
+            let s = multiround::run_blocking(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "{}: {} requests ({} errors) in {:.1} s, {:.1} rounds/s, TTFT p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms, ITL mean {:.2} ms",
+                    s.label,
+                    s.requests,
+                    s.errors,
+                    s.seconds,
+                    s.rounds_per_s,
+                    s.ttft_ms.p50,
+                    s.ttft_ms.p90,
+                    s.ttft_ms.p99,
+                    s.itl_ms_mean
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -213,7 +213,7 @@ fn measure(
             eprintln!("round {}/{}: {label}", round + 1, args.rounds);
             let cpu_before = cpu_seconds(pids);
             let out = Command::new(bins.join("lmstack-load"))
-                .args(["--url", url, "--mode", mode, "--json", "--label", label])
+                .args(["bench", "--url", url, "--mode", mode, "--json", "--label", label])
                 .args([
                     "--concurrency",
                     &concurrency.to_string(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use lmstack_http::head::MAX_HEADERS_CAP;
 use lmstack_route::affinity::{SLOT_BYTES, WAYS};
-use lmstack_route::{AffinityLimits, PolicyName, PolicyParams};
+use lmstack_route::{AffinityLimits, Bound, PolicyName, PolicyParams};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -248,10 +248,17 @@ impl RoutingConfig {
 
     pub fn params(&self) -> PolicyParams {
         PolicyParams {
-            session_load_factor: self.session.load_factor,
-            prefix_load_factor: self.prefix.load_factor,
+            session_bound: Bound {
+                factor: self.session.load_factor,
+                slack: self.session.load_slack,
+            },
+            prefix_bound: Bound {
+                factor: self.prefix.load_factor,
+                slack: self.prefix.load_slack,
+            },
             prefix_prefill_weight: self.prefix.prefill_weight,
             prefix_min_match_ratio: self.prefix.min_match_ratio,
+            prefix_recent_weight: self.prefix.recent_weight,
         }
     }
 }
@@ -261,23 +268,31 @@ impl RoutingConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrefixConfig {
-    /// An endpoint competes only while its requests stay under this factor of the average
-    /// (at least 1): the guard against herding on a shared prefix.
+    /// An endpoint competes only while it holds fewer requests than `load_factor x average
+    /// + load_slack` (factor at least 1): the guard against herding on a shared prefix.
     pub load_factor: f64,
+    /// Requests above the factor's share allowed, so that low loads are not imbalance.
+    pub load_slack: f64,
     /// Weight of prefill work against decode work (at least 0).
     pub prefill_weight: f64,
     /// A request whose best match covers less than this share of its prompt (0 to 1) is
     /// placed as a new conversation, by load: a shared system prompt alone draws no one.
     pub min_match_ratio: f64,
+    /// For a new conversation, each request an endpoint was sent recently (decayed over
+    /// seconds) costs this share of the request's own blocks: new conversations spread by
+    /// the rate they will come back at (at least 0).
+    pub recent_weight: f64,
 }
 
 impl Default for PrefixConfig {
     fn default() -> Self {
         let p = PolicyParams::default();
         Self {
-            load_factor: p.prefix_load_factor,
+            load_factor: p.prefix_bound.factor,
+            load_slack: p.prefix_bound.slack,
             prefill_weight: p.prefix_prefill_weight,
             min_match_ratio: p.prefix_min_match_ratio,
+            recent_weight: p.prefix_recent_weight,
         }
     }
 }
@@ -334,9 +349,11 @@ pub struct SessionConfig {
     pub headers: Vec<String>,
     /// A top-level string (or integer) field of the JSON body; null: none.
     pub body_field: Option<String>,
-    /// An endpoint takes a session's request only while its requests stay under this factor
-    /// of the average (consistent hashing with bounded loads; at least 1).
+    /// An endpoint takes a session's request only while it holds fewer requests than
+    /// `load_factor x average + load_slack` (consistent hashing with bounded loads).
     pub load_factor: f64,
+    /// Requests above the factor's share allowed, so that low loads are not imbalance.
+    pub load_slack: f64,
 }
 
 impl Default for SessionConfig {
@@ -344,7 +361,8 @@ impl Default for SessionConfig {
         Self {
             headers: vec!["x-session-id".into(), "x-user-id".into()],
             body_field: Some("user".into()),
-            load_factor: PolicyParams::default().session_load_factor,
+            load_factor: PolicyParams::default().session_bound.factor,
+            load_slack: PolicyParams::default().session_bound.slack,
         }
     }
 }

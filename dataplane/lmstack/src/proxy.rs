@@ -366,6 +366,7 @@ async fn forward(
             None => (0, 0),
         };
         let _inflight = Inflight::start(ctx, endpoint, pm.clone(), blocks);
+        endpoint.load.recent.add(1.0, ctx.shared.cell.now_ms());
         match exchange(ctx, endpoint, req, wr, &pm, uncached).await {
             Exchange::Done { status, keep_alive } => {
                 return Outcome::Done { pm, status, keep_alive };
@@ -415,6 +416,7 @@ async fn pick(
         let view = PoolSnapshot {
             state,
             pool,
+            now_ms: ctx.shared.cell.now_ms(),
             admit: |e: usize| {
                 !excluded.contains(&e)
                     && (lim.max_inflight == 0

@@ -33,16 +33,50 @@ pub struct EndpointLoad {
     pub prefill_blocks: AtomicU64,
     /// Prompt blocks of the requests in flight.
     pub active_blocks: AtomicU64,
+    /// Requests dispatched recently, decaying.
+    pub recent: Decayed,
 }
 
 impl EndpointLoad {
-    fn read(&self, engine: Option<EngineLoad>) -> Load {
+    fn read(&self, engine: Option<EngineLoad>, now_ms: u32) -> Load {
         Load {
             inflight: self.inflight.load(Ordering::Relaxed),
             prefill_blocks: self.prefill_blocks.load(Ordering::Relaxed),
             active_blocks: self.active_blocks.load(Ordering::Relaxed),
+            recent: self.recent.get(now_ms),
             engine,
         }
+    }
+}
+
+/// Half-life of [`EndpointLoad::recent`]: long enough to remember where conversations went
+/// between their rounds, short enough to follow shifts in traffic.
+const RECENT_HALF_LIFE_MS: f64 = 10_000.0;
+
+/// A count that halves every [`RECENT_HALF_LIFE_MS`], updated lock-free: its value (f32) and
+/// the millisecond it was last brought up to date (u32) share one atomic word.
+#[derive(Debug, Default)]
+pub struct Decayed(AtomicU64);
+
+impl Decayed {
+    fn unpack(word: u64) -> (f64, u32) {
+        (f64::from(f32::from_bits((word >> 32) as u32)), word as u32)
+    }
+
+    fn at(word: u64, now_ms: u32) -> f64 {
+        let (value, since) = Self::unpack(word);
+        value * 0.5f64.powf(f64::from(now_ms.wrapping_sub(since)) / RECENT_HALF_LIFE_MS)
+    }
+
+    pub fn add(&self, n: f64, now_ms: u32) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+            let value = (Self::at(word, now_ms) + n) as f32;
+            Some((u64::from(value.to_bits()) << 32) | u64::from(now_ms))
+        });
+    }
+
+    pub fn get(&self, now_ms: u32) -> f64 {
+        Self::at(self.0.load(Ordering::Relaxed), now_ms)
     }
 }
 
@@ -130,6 +164,8 @@ pub struct PoolSnapshot<'a, F: Fn(usize) -> bool> {
     pub pool: &'a ModelPool,
     /// Extra eligibility test on the index into `state.endpoints` (limits, retries).
     pub admit: F,
+    /// The affinity clock, for decaying counts.
+    pub now_ms: u32,
 }
 
 impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
@@ -148,7 +184,7 @@ impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
 
     fn load(&self, i: usize) -> Load {
         let e = &self.state.endpoints[self.pool.endpoints[i]];
-        e.load.read(e.engine)
+        e.load.read(e.engine, self.now_ms)
     }
 }
 
@@ -384,6 +420,16 @@ mod tests {
         assert_eq!(state.endpoints[1].url.as_ref(), "http://a:1");
         assert_eq!(state.endpoints[1].load.inflight.load(Ordering::Relaxed), 3);
         assert_eq!(state.endpoints[0].load.inflight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn recent_counts_halve_every_half_life() {
+        let d = Decayed::default();
+        d.add(8.0, 1000);
+        assert_eq!(d.get(1000), 8.0);
+        assert!((d.get(1000 + RECENT_HALF_LIFE_MS as u32) - 4.0).abs() < 1e-3);
+        d.add(1.0, 1000 + 2 * RECENT_HALF_LIFE_MS as u32);
+        assert!((d.get(1000 + 2 * RECENT_HALF_LIFE_MS as u32) - 3.0).abs() < 1e-3);
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod blocks;
 pub mod policy;
 
 pub use affinity::{AffinityLimits, AffinityStats, AffinityTable, EndpointTag};
-pub use policy::{Pick, Policy, PolicyError, PolicyName, PolicyParams, Reason};
+pub use policy::{Bound, Pick, Policy, PolicyError, PolicyName, PolicyParams, Reason};
 
 /// Load of one endpoint, as the router sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -26,6 +26,9 @@ pub struct Load {
     /// Prompt blocks of the requests in flight there: their KV footprint, a measure of
     /// decode work.
     pub active_blocks: u64,
+    /// Requests sent there recently, decayed with a half-life of seconds: where new
+    /// conversations went, which in-flight counts forget between rounds.
+    pub recent: f64,
     /// The engine's own figures, when they are scraped.
     pub engine: Option<EngineLoad>,
 }

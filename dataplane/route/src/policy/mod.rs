@@ -149,54 +149,87 @@ impl serde::Serialize for PolicyName {
     }
 }
 
+/// The bounded-load rule's parameters: an endpoint may take one more request only while it
+/// holds fewer than `ceil(factor * (total + 1) / n + slack)` (`total` requests on `n`
+/// eligible endpoints). The factor bounds imbalance under load; the slack keeps a few
+/// requests from counting as imbalance when load is low.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bound {
+    pub factor: f64,
+    pub slack: f64,
+}
+
+impl Default for Bound {
+    fn default() -> Self {
+        Self {
+            factor: 1.25,
+            slack: 2.0,
+        }
+    }
+}
+
 /// Tunables of the policies.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PolicyParams {
-    /// `session`: an endpoint takes a session's request only while its requests stay within
-    /// this factor of the average (consistent hashing with bounded loads); at least 1.
-    pub session_load_factor: f64,
+    /// `session`: an endpoint takes a session's request only within this bound (consistent
+    /// hashing with bounded loads).
+    pub session_bound: Bound,
     /// `prefix`: the same bound, applied to prefix routing (the guard against herding).
-    pub prefix_load_factor: f64,
+    pub prefix_bound: Bound,
     /// `prefix`: weight of prefill work (blocks still to prefill, this request's and those
     /// queued) against decode work (blocks of requests in flight) in the cost.
     pub prefix_prefill_weight: f64,
     /// `prefix`: a request whose best match covers less than this share of its prompt is
     /// placed as new (by load), so that a shared system prompt alone draws no one.
     pub prefix_min_match_ratio: f64,
+    /// `prefix`: for a new conversation, each request an endpoint was sent recently (decayed
+    /// over seconds) costs this share of the request's own blocks.
+    pub prefix_recent_weight: f64,
 }
 
 impl Default for PolicyParams {
     fn default() -> Self {
         Self {
-            session_load_factor: 1.25,
-            prefix_load_factor: 1.25,
-            prefix_prefill_weight: 1.0,
+            session_bound: Bound::default(),
+            prefix_bound: Bound::default(),
+            prefix_prefill_weight: 2.0,
             prefix_min_match_ratio: 0.5,
+            prefix_recent_weight: 0.05,
         }
     }
 }
 
 impl PolicyParams {
     pub fn validate(&self) -> Result<(), PolicyError> {
-        for (name, value) in [
-            ("session.load_factor", self.session_load_factor),
-            ("prefix.load_factor", self.prefix_load_factor),
+        for (name, value, least) in [
+            ("session.load_factor", self.session_bound.factor, 1.0),
+            ("prefix.load_factor", self.prefix_bound.factor, 1.0),
+            ("session.load_slack", self.session_bound.slack, 0.0),
+            ("prefix.load_slack", self.prefix_bound.slack, 0.0),
         ] {
-            if !(value >= 1.0 && value.is_finite()) {
+            if !(value >= least && value.is_finite()) {
                 return Err(PolicyError::BadParameter {
                     name,
-                    expected: "a number of at least 1",
+                    expected: if least == 1.0 {
+                        "a number of at least 1"
+                    } else {
+                        "a number of at least 0"
+                    },
                     value,
                 });
             }
         }
-        let w = self.prefix_prefill_weight;
-        if !(w >= 0.0 && w.is_finite()) {
-            return Err(PolicyError::BadParameter {
-                name: "prefix.prefill_weight",
-                expected: "a number of at least 0",
-                value: w,
-            });
+        for (name, w) in [
+            ("prefix.prefill_weight", self.prefix_prefill_weight),
+            ("prefix.recent_weight", self.prefix_recent_weight),
+        ] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(PolicyError::BadParameter {
+                    name,
+                    expected: "a number of at least 0",
+                    value: w,
+                });
+            }
         }
         let r = self.prefix_min_match_ratio;
         if !(0.0..=1.0).contains(&r) {
@@ -218,15 +251,16 @@ pub enum Policy {
     /// Rendezvous hashing of the session key with bounded loads; requests without a key use
     /// `fallback`.
     Session {
-        load_factor: f64,
+        bound: Bound,
         fallback: Box<Policy>,
     },
     /// Cost of prefill still needed plus load, with bounded loads; requests without a prompt
     /// use `fallback`.
     Prefix {
-        load_factor: f64,
+        bound: Bound,
         prefill_weight: f64,
         min_match_ratio: f64,
+        recent_weight: f64,
         fallback: Box<Policy>,
     },
 }
@@ -246,13 +280,14 @@ impl Policy {
             PolicyName::RoundRobin => Policy::RoundRobin,
             PolicyName::LeastLoad => Policy::LeastLoad,
             PolicyName::Session => Policy::Session {
-                load_factor: params.session_load_factor,
+                bound: params.session_bound,
                 fallback: fallback(PolicyName::Session),
             },
             PolicyName::Prefix => Policy::Prefix {
-                load_factor: params.prefix_load_factor,
+                bound: params.prefix_bound,
                 prefill_weight: params.prefix_prefill_weight,
                 min_match_ratio: params.prefix_min_match_ratio,
+                recent_weight: params.prefix_recent_weight,
                 fallback: fallback(PolicyName::Prefix),
             },
         }
@@ -273,23 +308,25 @@ impl Policy {
         match self {
             Policy::RoundRobin => round_robin::pick(pool, req.ticket),
             Policy::LeastLoad => least_load::pick(pool, req.ticket),
-            Policy::Session { load_factor, fallback } => match req.session_key {
-                Some(key) => session::pick(pool, key, *load_factor),
+            Policy::Session { bound, fallback } => match req.session_key {
+                Some(key) => session::pick(pool, key, *bound),
                 None => with(Reason::NoSessionKey, fallback.pick(pool, req)),
             },
             Policy::Prefix {
-                load_factor,
+                bound,
                 prefill_weight,
                 min_match_ratio,
+                recent_weight,
                 fallback,
             } => match &req.prefix {
                 Some(prefix) if prefix.blocks > 0 => prefix::pick(
                     pool,
                     prefix,
                     prefix::Weights {
-                        load_factor: *load_factor,
+                        bound: *bound,
                         prefill_weight: *prefill_weight,
                         min_match_ratio: *min_match_ratio,
+                        recent_weight: *recent_weight,
                     },
                 ),
                 _ => with(Reason::NoPrompt, fallback.pick(pool, req)),
@@ -298,15 +335,14 @@ impl Policy {
     }
 }
 
-/// The bounded-load rule (Mirrokni et al., "Consistent Hashing with Bounded Loads"): with
-/// `total` requests on `n` eligible endpoints, an endpoint may take one more only while it
-/// holds fewer than `ceil(factor * (total + 1) / n)`. Some eligible endpoint always can.
+/// The bounded-load rule (Mirrokni et al., "Consistent Hashing with Bounded Loads", plus a
+/// slack; see [`Bound`]). Some eligible endpoint always admits a request.
 pub(crate) struct LoadBound {
     cap: f64,
 }
 
 impl LoadBound {
-    pub(crate) fn new(pool: &impl PoolView, factor: f64) -> Self {
+    pub(crate) fn new(pool: &impl PoolView, bound: Bound) -> Self {
         let (mut total, mut n) = (0.0, 0usize);
         for i in 0..pool.len() {
             if pool.eligible(i) {
@@ -317,7 +353,7 @@ impl LoadBound {
         let cap = if n == 0 {
             0.0
         } else {
-            (factor * (total + 1.0) / n as f64).ceil()
+            (bound.factor * (total + 1.0) / n as f64 + bound.slack).ceil()
         };
         Self { cap }
     }
@@ -380,7 +416,7 @@ mod tests {
     fn bad_parameters_are_refused() {
         let mut p = PolicyParams::default();
         p.validate().unwrap();
-        p.session_load_factor = 0.5;
+        p.session_bound.factor = 0.5;
         assert!(matches!(
             p.validate(),
             Err(PolicyError::BadParameter {
@@ -467,7 +503,7 @@ mod tests {
                     prefix: Some(PrefixInfo { blocks: 20, matched: &matched[..pool.len()], tie_key: 7 }),
                 };
                 if let Some(pick) = policy.pick(&pool, &req) {
-                    let bound = LoadBound::new(&pool, 1.25);
+                    let bound = LoadBound::new(&pool, Bound::default());
                     prop_assert!(bound.admits(&pool, pick.index), "{:?} over the bound", name);
                 }
             }

@@ -6,27 +6,30 @@
 //! An endpoint that holds more of the prompt saves prefill; one that is busy costs its queue.
 //! Guards against herding on a prefix every request shares, such as a system prompt:
 //! - a request whose best match covers less than `min_match_ratio` of its prompt is new (a
-//!   first round matching only the system prompt): it is placed by load alone, ties spread by
-//!   the prompt's own hash, so new conversations spread evenly while later rounds, which
-//!   match most of their prompt, follow their history;
+//!   first round matching only the system prompt): no endpoint is credited with a match,
+//!   and the requests each endpoint was sent recently add to its cost (`recent_weight` of
+//!   this request's blocks each), so new conversations spread evenly, by the rate they will
+//!   come back at, while later rounds, which match most of their prompt, follow their
+//!   history;
 //! - only endpoints within the load bound compete (consistent hashing's bounded loads), so
 //!   concurrent requests cannot pile onto the holder of a popular prefix.
 //!
 //! Ties go to the rendezvous order of the request's tie key (its session, or its prompt's
 //! last block), the same on every router replica.
 
-use super::{LoadBound, Pick, Reason, weight};
+use super::{Bound, LoadBound, Pick, Reason, weight};
 use crate::{PoolView, PrefixInfo};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Weights {
-    pub load_factor: f64,
+    pub bound: Bound,
     pub prefill_weight: f64,
     pub min_match_ratio: f64,
+    pub recent_weight: f64,
 }
 
 pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, w: Weights) -> Option<Pick> {
-    let bound = LoadBound::new(pool, w.load_factor);
+    let bound = LoadBound::new(pool, w.bound);
     let blocks = prefix.blocks as f64;
     let held = |i: usize| prefix.matched.get(i).copied().unwrap_or(0);
     let longest = (0..pool.len())
@@ -44,6 +47,13 @@ pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, w: Weights) ->
         let load = pool.load(i);
         let uncached = (blocks - f64::from(matched(i))).max(0.0);
         let cost = w.prefill_weight * (uncached + load.prefill_blocks as f64) + load.active_blocks as f64;
+        // A new conversation will come back for more rounds: also count where requests
+        // went recently, each as a share of this request's blocks.
+        let cost = if new {
+            cost + w.recent_weight * load.recent * blocks
+        } else {
+            cost
+        };
         let tie = weight(prefix.tie_key, pool.key(i));
         let better = match best {
             None => true,
@@ -88,15 +98,20 @@ mod tests {
                 inflight,
                 prefill_blocks,
                 active_blocks,
+                recent: f64::from(inflight),
                 engine: None,
             }
         }
     }
 
     const W: Weights = Weights {
-        load_factor: 1.25,
+        bound: Bound {
+            factor: 1.25,
+            slack: 0.0,
+        },
         prefill_weight: 1.0,
         min_match_ratio: 0.0,
+        recent_weight: 0.05,
     };
 
     fn info(matched: &[u32]) -> PrefixInfo<'_> {
@@ -124,7 +139,18 @@ mod tests {
     fn a_busy_holder_loses_to_an_idle_endpoint() {
         // Endpoint 0 holds 30 blocks but has 200 blocks of prefill queued.
         let pool = Loaded(vec![(2, 200, 100), (2, 0, 100)]);
-        let p = pick(&pool, &info(&[30, 0]), Weights { load_factor: 2.0, ..W }).unwrap();
+        let p = pick(
+            &pool,
+            &info(&[30, 0]),
+            Weights {
+                bound: Bound {
+                    factor: 2.0,
+                    slack: 0.0,
+                },
+                ..W
+            },
+        )
+        .unwrap();
         assert_eq!(
             p,
             Pick {
@@ -189,6 +215,34 @@ mod tests {
                 reason: Reason::PrefixMatch
             }
         );
+    }
+
+    #[test]
+    fn new_conversations_go_where_the_fewest_went_recently() {
+        struct Recent(Vec<f64>);
+        impl PoolView for Recent {
+            fn len(&self) -> usize {
+                self.0.len()
+            }
+            fn eligible(&self, _: usize) -> bool {
+                true
+            }
+            fn key(&self, i: usize) -> u64 {
+                crate::endpoint_key(&format!("e{i}"))
+            }
+            fn load(&self, i: usize) -> Load {
+                Load {
+                    recent: self.0[i],
+                    ..Load::default()
+                }
+            }
+        }
+        let pool = Recent(vec![50.0, 20.0, 90.0]);
+        let w = Weights {
+            min_match_ratio: 0.5,
+            ..W
+        };
+        assert_eq!(pick(&pool, &info(&[0, 0, 0]), w).unwrap().index, 1);
     }
 
     #[test]

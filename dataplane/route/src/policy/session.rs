@@ -6,12 +6,12 @@
 //! key goes to the highest-ranked eligible endpoint that is within the load bound, so a hot
 //! session spills to its next choice instead of overloading one endpoint.
 
-use super::{LoadBound, Pick, Reason, weight};
+use super::{Bound, LoadBound, Pick, Reason, weight};
 use crate::PoolView;
 
-pub(super) fn pick(pool: &impl PoolView, session_key: &str, load_factor: f64) -> Option<Pick> {
+pub(super) fn pick(pool: &impl PoolView, session_key: &str, bound: Bound) -> Option<Pick> {
     let key_hash = xxhash_rust::xxh3::xxh3_64(session_key.as_bytes());
-    let bound = LoadBound::new(pool, load_factor);
+    let bound = LoadBound::new(pool, bound);
     let mut top: Option<(u64, usize)> = None;
     let mut best: Option<(u64, usize)> = None;
     for i in 0..pool.len() {
@@ -37,13 +37,18 @@ mod tests {
     use super::*;
     use crate::policy::testing::Pool;
 
+    const B: Bound = Bound {
+        factor: 1.25,
+        slack: 0.0,
+    };
+
     #[test]
     fn a_key_sticks_to_one_endpoint() {
         let pool = Pool(vec![(true, 0); 4]);
-        let first = pick(&pool, "user-7", 1.25).unwrap();
+        let first = pick(&pool, "user-7", B).unwrap();
         assert_eq!(first.reason, Reason::SessionAffinity);
         for _ in 0..10 {
-            assert_eq!(pick(&pool, "user-7", 1.25).unwrap(), first);
+            assert_eq!(pick(&pool, "user-7", B).unwrap(), first);
         }
     }
 
@@ -52,7 +57,7 @@ mod tests {
         let pool = Pool(vec![(true, 0); 4]);
         let mut counts = [0u32; 4];
         for u in 0..4000 {
-            counts[pick(&pool, &format!("user-{u}"), 1.25).unwrap().index] += 1;
+            counts[pick(&pool, &format!("user-{u}"), B).unwrap().index] += 1;
         }
         for c in counts {
             assert!((800..1200).contains(&c), "uneven spread: {counts:?}");
@@ -66,8 +71,8 @@ mod tests {
         without_2.0[2].0 = false;
         for u in 0..1000 {
             let key = format!("user-{u}");
-            let before = pick(&all, &key, 1.25).unwrap();
-            let after = pick(&without_2, &key, 1.25).unwrap();
+            let before = pick(&all, &key, B).unwrap();
+            let after = pick(&without_2, &key, B).unwrap();
             if before.index != 2 {
                 assert_eq!(before.index, after.index);
                 assert_eq!(after.reason, Reason::SessionAffinity);
@@ -81,10 +86,10 @@ mod tests {
     fn a_hot_session_spills_instead_of_piling_up() {
         let key = "hot-user";
         let mut pool = Pool(vec![(true, 0); 4]);
-        let home = pick(&pool, key, 1.25).unwrap().index;
+        let home = pick(&pool, key, B).unwrap().index;
         // The home endpoint fills up with this session's requests.
         pool.0[home].1 = 10;
-        let next = pick(&pool, key, 1.25).unwrap();
+        let next = pick(&pool, key, B).unwrap();
         assert_ne!(next.index, home);
         assert_eq!(next.reason, Reason::SessionSpill);
     }
