@@ -192,8 +192,8 @@ impl Default for PolicyParams {
         Self {
             session_bound: Bound::default(),
             prefix_bound: Bound::default(),
-            prefix_prefill_weight: 2.0,
-            prefix_min_match_ratio: 0.5,
+            prefix_prefill_weight: 8.0,
+            prefix_min_match_ratio: 0.3,
             prefix_recent_weight: 0.05,
         }
     }

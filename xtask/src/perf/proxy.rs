@@ -1,5 +1,6 @@
-//! `cargo xtask perf`: what lmstack adds to a request, measured against a direct connection
-//! and against nginx as a plain keep-alive reverse proxy, in one run on the same engines.
+//! `cargo xtask perf --scenario proxy`: what lmstack adds to a request, measured against a
+//! direct connection and against nginx as a plain keep-alive reverse proxy, in one run on
+//! the same engines.
 //!
 //! 1. Throughput: small non-streaming completions at `--concurrency` connections (a) straight
 //!    to one engine, (b) through lmstack over two engines, (c) through nginx over the same
@@ -9,8 +10,8 @@
 //!    proxies, over one engine that emits a token every 5 ms.
 //!
 //! Scenarios are interleaved over `--rounds` and the median of each figure reported, so slow
-//! drift of a shared machine hits all targets alike. Results: a table, and JSON under
-//! target/perf/ (or `--out`).
+//! drift of a shared machine hits all targets alike. Each target's CPU time per request is
+//! read from /proc around its runs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,13 +19,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use lmstack_e2e::{Proc, agent};
+use lmstack_e2e::Proc;
 use serde_json::{Value, json};
 
-use crate::{build_bins, root};
+use super::{command_output, strings, wait_ready};
 
 #[derive(Args)]
-pub struct PerfArgs {
+pub struct ProxyArgs {
     /// Measured seconds per scenario and round.
     #[arg(long, default_value_t = 10.0)]
     duration_s: f64,
@@ -43,17 +44,12 @@ pub struct PerfArgs {
     /// Skip nginx (when it cannot be installed).
     #[arg(long)]
     no_nginx: bool,
-    /// Where to write the JSON results (default: target/perf/proxy-<time>.json).
-    #[arg(long)]
-    out: Option<PathBuf>,
 }
 
-pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
+/// Runs the proxy scenario with the binaries in `bins`, nginx's files under `work`.
+pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> {
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
-    let bins = build_bins(true)?;
     let nginx = if args.no_nginx { None } else { Some(ensure_nginx()?) };
-    let work = root().join("target/perf");
-    std::fs::create_dir_all(&work)?;
 
     let instant = [
         "--prefill-base-ms",
@@ -113,7 +109,7 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
     if let Some(n) = &ng {
         targets.push(Target::new("nginx-2-engines", n.url(), n.pids()));
     }
-    let throughput = measure(&bins, args, &targets, "completions", args.concurrency, 1)?;
+    let throughput = measure(bins, args, &targets, "completions", args.concurrency, 1)?;
     drop((ng, lm, e1, e2));
 
     // Streaming.
@@ -143,14 +139,10 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
     if let Some(n) = &ng {
         targets.push(Target::new("nginx-stream", n.url(), n.pids()));
     }
-    let streaming = measure(&bins, args, &targets, "stream", args.stream_concurrency, 16)?;
+    let streaming = measure(bins, args, &targets, "stream", args.stream_concurrency, 16)?;
     drop((ng, lm, e3));
 
     let report = json!({
-        "when_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        "commit": command_output("git", &["rev-parse", "--short", "HEAD"]),
-        "kernel": command_output("uname", &["-r"]),
-        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "nginx": nginx.as_ref().map(|n| command_output(&n.to_string_lossy(), &["-v"])),
         "settings": {"duration_s": args.duration_s, "warmup_s": args.warmup_s, "rounds": args.rounds,
                      "concurrency": args.concurrency, "stream_concurrency": args.stream_concurrency},
@@ -158,50 +150,13 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
         "streaming": streaming,
     });
     print_report(&report);
-    let out = args.out.clone().unwrap_or_else(|| {
-        let t = report["when_unix"].as_u64().unwrap_or(0);
-        work.join(format!("proxy-{t}.json"))
-    });
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
-    println!("\nresults: {}", out.display());
-    Ok(())
-}
-
-fn strings(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
-
-fn command_output(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).trim().to_owned()
-        })
-        .unwrap_or_default()
-}
-
-fn wait_ready(url: &str) -> anyhow::Result<()> {
-    let http = agent();
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if http
-            .get(format!("{url}/health"))
-            .call()
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{url} never became healthy")
+    Ok(report)
 }
 
 /// Runs every target `rounds` times, interleaved, and returns per-target medians.
 fn measure(
     bins: &Path,
-    args: &PerfArgs,
+    args: &ProxyArgs,
     targets: &[Target],
     mode: &str,
     concurrency: usize,
