@@ -1,9 +1,10 @@
 //! The routing snapshot: a versioned view of the engine endpoints that serve each model,
 //! with their health and, when known, their engine-side load.
 //!
-//! This is the contract between whatever discovers engines (the data plane's own static
-//! discovery today, lmstack-control later) and the data plane that routes on it. Data and
-//! validation only: no IO, no routing decisions.
+//! This is the contract between whatever discovers engines (the data plane's own static or
+//! file discovery, or lmstack-control) and the data plane that routes on it: snapshots, the
+//! deltas between them and the messages of control's stream. Data and validation only: no
+//! IO, no routing decisions.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -80,6 +81,39 @@ pub enum SnapshotError {
     EmptyModelName,
     #[error("endpoint {0}: kv_cache_usage must be within 0..=1")]
     BadEngineStats(String),
+    #[error("a delta from version {base} cannot apply to version {have}")]
+    DeltaBase { base: u64, have: u64 },
+    #[error("a delta to version {0} does not move forward")]
+    DeltaVersion(u64),
+}
+
+/// What changed from one snapshot to the next. Endpoints are named by URL: applying removes
+/// the `remove`d ones (the others keep their order), replaces the `upsert`ed ones that exist
+/// and appends the rest; `models`, when present, replaces the model list (its indices refer
+/// to the endpoint list after the change).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDelta {
+    /// The version this applies to.
+    pub base: u64,
+    /// The version it makes.
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upsert: Vec<Endpoint>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<Model>>,
+}
+
+/// One line of lmstack-control's snapshot stream (`GET /v1/snapshots/watch`, newline-delimited
+/// JSON): a full snapshot first, then deltas, with heartbeats while nothing changes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StreamMessage {
+    Full { snapshot: Snapshot },
+    Delta { delta: SnapshotDelta },
+    Heartbeat { version: u64 },
 }
 
 impl Snapshot {
@@ -119,6 +153,63 @@ impl Snapshot {
             }
         }
         Ok(())
+    }
+
+    /// The delta that turns `self` into `next`, or `None` when only a full snapshot can
+    /// (the endpoints were reordered).
+    pub fn diff(&self, next: &Snapshot) -> Option<SnapshotDelta> {
+        let remove: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|e| !next.endpoints.iter().any(|n| n.url == e.url))
+            .map(|e| e.url.clone())
+            .collect();
+        let upsert: Vec<Endpoint> = next
+            .endpoints
+            .iter()
+            .filter(|n| !self.endpoints.iter().any(|e| e == *n))
+            .cloned()
+            .collect();
+        let delta = SnapshotDelta {
+            base: self.version,
+            version: next.version,
+            upsert,
+            remove,
+            models: (self.models != next.models).then(|| next.models.clone()),
+        };
+        (self.apply(&delta).as_ref() == Ok(next)).then_some(delta)
+    }
+
+    /// `self` changed by `delta`, validated.
+    pub fn apply(&self, delta: &SnapshotDelta) -> Result<Snapshot, SnapshotError> {
+        if delta.base != self.version {
+            return Err(SnapshotError::DeltaBase {
+                base: delta.base,
+                have: self.version,
+            });
+        }
+        if delta.version <= self.version {
+            return Err(SnapshotError::DeltaVersion(delta.version));
+        }
+        let mut endpoints: Vec<Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| !delta.remove.contains(&e.url))
+            .cloned()
+            .collect();
+        for e in &delta.upsert {
+            match endpoints.iter_mut().find(|x| x.url == e.url) {
+                Some(x) => *x = e.clone(),
+                None => endpoints.push(e.clone()),
+            }
+        }
+        let next = Snapshot {
+            version: delta.version,
+            endpoints,
+            models: delta.models.clone().unwrap_or_else(|| self.models.clone()),
+        };
+        next.validate()?;
+        Ok(next)
     }
 
     pub fn model(&self, name: &str) -> Option<&Model> {
@@ -194,6 +285,72 @@ mod tests {
         let text = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Snapshot>(&text).unwrap(), s);
         assert!(serde_json::from_str::<Snapshot>(r#"{"version":1,"endpoints":[],"models":[],"x":1}"#).is_err());
+    }
+
+    #[test]
+    fn deltas_carry_only_what_changed_and_rebuild_the_next_snapshot() {
+        let a = snapshot();
+        let mut b = a.clone();
+        b.version = 2;
+        b.endpoints[1].engine = Some(EngineStats {
+            running: 3.0,
+            ..Default::default()
+        });
+        let d = a.diff(&b).unwrap();
+        assert_eq!(d.upsert.len(), 1);
+        assert!(d.remove.is_empty() && d.models.is_none());
+        assert_eq!(a.apply(&d).unwrap(), b);
+
+        // Removing the first endpoint shifts the indices: the models come along.
+        let mut c = b.clone();
+        c.version = 3;
+        c.endpoints.remove(0);
+        c.endpoints.push(endpoint("http://c:3", 3));
+        c.models[0].endpoints = vec![0, 1];
+        let d = b.diff(&c).unwrap();
+        assert_eq!(d.remove, vec!["http://a:1".to_owned()]);
+        assert_eq!(b.apply(&d).unwrap(), c);
+
+        // A reorder cannot be a delta.
+        let mut r = a.clone();
+        r.version = 2;
+        r.endpoints.swap(0, 1);
+        assert!(a.diff(&r).is_none());
+    }
+
+    #[test]
+    fn deltas_apply_only_to_their_base_and_only_forward() {
+        let a = snapshot();
+        let mut b = a.clone();
+        b.version = 5;
+        b.endpoints[0].healthy = false;
+        let d = a.diff(&b).unwrap();
+        assert!(matches!(
+            b.apply(&d),
+            Err(SnapshotError::DeltaBase { base: 1, have: 5 })
+        ));
+        let backwards = SnapshotDelta {
+            base: 1,
+            version: 1,
+            ..Default::default()
+        };
+        assert!(matches!(a.apply(&backwards), Err(SnapshotError::DeltaVersion(1))));
+        let broken = SnapshotDelta {
+            base: 1,
+            version: 2,
+            remove: vec!["http://b:2".into()],
+            ..Default::default()
+        };
+        assert!(matches!(a.apply(&broken), Err(SnapshotError::BadEndpointIndex { .. })));
+    }
+
+    #[test]
+    fn stream_messages_are_tagged_lines() {
+        let m = StreamMessage::Heartbeat { version: 7 };
+        let line = serde_json::to_string(&m).unwrap();
+        assert_eq!(line, r#"{"type":"heartbeat","version":7}"#);
+        assert_eq!(serde_json::from_str::<StreamMessage>(&line).unwrap(), m);
+        assert!(serde_json::from_str::<StreamMessage>(r#"{"type":"nope"}"#).is_err());
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! The router's own endpoints: `/health`, `/version`, `/metrics` and the merged
 //! `/v1/models`. Each returns (status, content type, body); the pipeline writes it.
 
+use std::sync::atomic::Ordering;
+
 use bytes::Bytes;
+
+use crate::config::DiscoveryMode;
 
 use crate::worker::WorkerCtx;
 
@@ -36,7 +40,8 @@ pub fn serve(ctx: &WorkerCtx, local: Local) -> (u16, &'static str, Bytes) {
 }
 
 /// 200 when at least one model has a healthy endpoint and the router is not shutting down;
-/// 503 otherwise. The body tells, per model, how many endpoints are healthy.
+/// 503 otherwise. The body tells, per model, how many endpoints are healthy, and in control
+/// mode whether control's stream is up (the router keeps routing either way).
 fn health(ctx: &WorkerCtx) -> (u16, &'static str, Bytes) {
     let state = ctx.routing_state();
     let models: Vec<serde_json::Value> = state
@@ -57,10 +62,19 @@ fn health(ctx: &WorkerCtx) -> (u16, &'static str, Bytes) {
     } else {
         (503, "no_healthy_endpoint")
     };
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": text,
         "snapshot_version": state.version,
         "models": models,
     });
+    // In control mode, whether the routing view is live or the last one control sent.
+    if ctx.shared.config.discovery.mode == DiscoveryMode::Control {
+        let link = &ctx.shared.control;
+        body["control"] = serde_json::json!({
+            "url": ctx.shared.config.discovery.control.url,
+            "connected": link.connected.load(Ordering::Relaxed),
+            "last_message_unix_ms": link.last_message_ms.load(Ordering::Relaxed),
+        });
+    }
     (status, JSON, Bytes::from(body.to_string()))
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use lmstack_http::head::MAX_HEADERS_CAP;
+pub use lmstack_probe::{BackendUrl, HealthCheckConfig};
 use lmstack_route::affinity::{SLOT_BYTES, WAYS};
 use lmstack_route::{AffinityLimits, Bound, PolicyName, PolicyParams};
 use serde::{Deserialize, Serialize};
@@ -149,9 +150,14 @@ impl Default for UpstreamConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DiscoveryMode {
-    /// A fixed list of backends, health-checked by the router itself.
+    /// A fixed list of backends (`discovery.backends`), health-checked by the router itself.
     #[default]
     Static,
+    /// Backends listed in a file (`discovery.file`), re-read when it changes, health-checked
+    /// by the router itself.
+    File,
+    /// Snapshots streamed by lmstack-control (`discovery.control`).
+    Control,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -160,6 +166,9 @@ pub struct DiscoveryConfig {
     pub mode: DiscoveryMode,
     /// Static backends.
     pub backends: Vec<BackendConfig>,
+    /// File mode: a YAML (or JSON) file holding `backends:` as in this section.
+    pub file: Option<PathBuf>,
+    pub control: ControlConfig,
     pub health: HealthCheckConfig,
     /// Read each healthy engine's `/metrics` every interval (running and waiting requests,
     /// KV usage, prefix cache counters) for load-aware routing.
@@ -171,8 +180,41 @@ impl Default for DiscoveryConfig {
         Self {
             mode: DiscoveryMode::Static,
             backends: Vec::new(),
+            file: None,
+            control: ControlConfig::default(),
             health: HealthCheckConfig::default(),
             scrape_metrics: true,
+        }
+    }
+}
+
+/// How the router follows lmstack-control.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// lmstack-control's base URL, `http://host:port`.
+    pub url: String,
+    /// Time allowed to connect and get the stream's response head.
+    pub connect_timeout_ms: u64,
+    /// Silence on the stream (control sends a heartbeat every second) after which the
+    /// connection is given up and opened again.
+    pub stale_after_ms: u64,
+    /// Wait before reconnecting; doubles after each failure up to `max_backoff_ms`.
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Largest message accepted on the stream.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://lmstack-control:8090".into(),
+            connect_timeout_ms: 2_000,
+            stale_after_ms: 5_000,
+            backoff_ms: 200,
+            max_backoff_ms: 5_000,
+            max_message_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -188,31 +230,34 @@ pub struct BackendConfig {
     pub models: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HealthCheckConfig {
-    /// Time between probes of each backend.
-    pub interval_ms: u64,
-    /// Time allowed for one probe.
-    pub timeout_ms: u64,
-    /// Consecutive failed probes that take a healthy endpoint out of rotation.
-    pub unhealthy_after: u32,
-    /// Consecutive good probes that bring it back.
-    pub healthy_after: u32,
-    /// Path probed with GET; 2xx is healthy.
-    pub path: String,
+/// The file of `discovery.mode: file`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendsFile {
+    pub backends: Vec<BackendConfig>,
 }
 
-impl Default for HealthCheckConfig {
-    fn default() -> Self {
-        Self {
-            interval_ms: 5_000,
-            timeout_ms: 2_000,
-            unhealthy_after: 2,
-            healthy_after: 1,
-            path: "/health".into(),
+impl BackendsFile {
+    pub fn parse(text: &str) -> Result<Vec<BackendConfig>, String> {
+        let file: BackendsFile = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        check_backends(&file.backends)?;
+        Ok(file.backends)
+    }
+}
+
+/// Backends must parse, be listed once and name no empty model.
+pub fn check_backends(backends: &[BackendConfig]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for b in backends {
+        let parsed = BackendUrl::parse(&b.url).map_err(|e| format!("backend {:?}: {e}", b.url))?;
+        if !seen.insert(parsed.base.clone()) {
+            return Err(format!("backend {} is listed twice", parsed.base));
+        }
+        if b.models.iter().any(|m| m.trim().is_empty()) {
+            return Err(format!("backend {}: empty model name", b.url));
         }
     }
+    Ok(())
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -414,9 +459,16 @@ pub struct Cli {
     /// Worker threads (0: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// production-stack compatible; only `static` in this version.
+    /// Where endpoints come from: `static` (production-stack compatible: --static-backends),
+    /// `file` (--discovery-file, re-read on change) or `control` (--control-url).
     #[arg(long, value_enum)]
     pub service_discovery: Option<ServiceDiscoveryFlag>,
+    /// The backends file of `--service-discovery file`.
+    #[arg(long)]
+    pub discovery_file: Option<PathBuf>,
+    /// lmstack-control's URL for `--service-discovery control`.
+    #[arg(long)]
+    pub control_url: Option<String>,
     /// Comma-separated backend URLs (`http://host:port`).
     #[arg(long, value_delimiter = ',')]
     pub static_backends: Option<Vec<String>>,
@@ -453,6 +505,8 @@ pub struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ServiceDiscoveryFlag {
     Static,
+    File,
+    Control,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -507,8 +561,18 @@ impl Config {
         if let Some(w) = cli.workers {
             self.workers = w;
         }
-        if let Some(ServiceDiscoveryFlag::Static) = cli.service_discovery {
-            self.discovery.mode = DiscoveryMode::Static;
+        if let Some(mode) = cli.service_discovery {
+            self.discovery.mode = match mode {
+                ServiceDiscoveryFlag::Static => DiscoveryMode::Static,
+                ServiceDiscoveryFlag::File => DiscoveryMode::File,
+                ServiceDiscoveryFlag::Control => DiscoveryMode::Control,
+            };
+        }
+        if let Some(path) = &cli.discovery_file {
+            self.discovery.file = Some(path.clone());
+        }
+        if let Some(url) = &cli.control_url {
+            self.discovery.control.url = url.clone();
         }
         if let Some(urls) = &cli.static_backends {
             let urls: Vec<&String> = urls.iter().filter(|u| !u.trim().is_empty()).collect();
@@ -616,20 +680,43 @@ impl Config {
             return Err(invalid("discovery.health.path must start with '/'"));
         }
         self.listen_addr()?;
-        if self.discovery.backends.is_empty() {
-            return Err(invalid(
-                "no backends: give --static-backends URL,URL or discovery.backends in the config file",
-            ));
+        let d = &self.discovery;
+        match d.mode {
+            DiscoveryMode::Static if d.backends.is_empty() => {
+                return Err(invalid(
+                    "no backends: give --static-backends URL,URL or discovery.backends in the config file",
+                ));
+            }
+            DiscoveryMode::Static => check_backends(&d.backends).map_err(invalid)?,
+            DiscoveryMode::File => {
+                let path = d
+                    .file
+                    .as_ref()
+                    .ok_or_else(|| invalid("discovery.mode file needs discovery.file (--discovery-file)"))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| invalid(format!("discovery.file {}: {e}", path.display())))?;
+                BackendsFile::parse(&text).map_err(|e| invalid(format!("discovery.file {}: {e}", path.display())))?;
+            }
+            DiscoveryMode::Control => {
+                BackendUrl::parse(&d.control.url).map_err(|e| invalid(format!("discovery.control.url: {e}")))?;
+                let c = &d.control;
+                for (name, v) in [
+                    ("connect_timeout_ms", c.connect_timeout_ms),
+                    ("stale_after_ms", c.stale_after_ms),
+                    ("backoff_ms", c.backoff_ms),
+                    ("max_backoff_ms", c.max_backoff_ms),
+                    ("max_message_bytes", c.max_message_bytes as u64),
+                ] {
+                    if v == 0 {
+                        return Err(invalid(format!("discovery.control.{name} must be greater than 0")));
+                    }
+                }
+            }
         }
-        let mut seen = std::collections::HashSet::new();
-        for b in &self.discovery.backends {
-            let parsed = BackendUrl::parse(&b.url).map_err(|e| invalid(format!("backend {:?}: {e}", b.url)))?;
-            if !seen.insert(parsed.base.clone()) {
-                return Err(invalid(format!("backend {} is listed twice", parsed.base)));
-            }
-            if b.models.iter().any(|m| m.trim().is_empty()) {
-                return Err(invalid(format!("backend {}: empty model name", b.url)));
-            }
+        if d.mode != DiscoveryMode::Static && !d.backends.is_empty() {
+            return Err(invalid(
+                "discovery.backends (--static-backends) is for discovery.mode static only",
+            ));
         }
         for h in &self.routing.session.headers {
             if h.is_empty() || !h.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)) {
@@ -686,58 +773,6 @@ impl Config {
 /// Millisecond settings as durations.
 pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
-}
-
-/// A backend URL, checked: `http://host:port` with no path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendUrl {
-    /// Normalised `http://host:port`: the endpoint's identity and metric label.
-    pub base: String,
-    pub host: String,
-    pub port: u16,
-}
-
-impl BackendUrl {
-    pub fn parse(url: &str) -> Result<BackendUrl, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            "only http:// backends are supported (engines speak plain HTTP inside the cluster)".to_owned()
-        })?;
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.contains('/') {
-            return Err("a backend URL cannot have a path".into());
-        }
-        if authority.contains('@') {
-            return Err("a backend URL cannot carry credentials".into());
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port: u16 = p.parse().map_err(|_| format!("invalid port {p:?}"))?;
-                (h.to_owned(), port)
-            }
-            _ => (authority.to_owned(), 80),
-        };
-        if host.is_empty() {
-            return Err("missing host".into());
-        }
-        Ok(BackendUrl {
-            base: format!("http://{host}:{port}"),
-            host,
-            port,
-        })
-    }
-
-    /// The `Host` header value for requests to it.
-    pub fn authority(&self) -> String {
-        format!("{}:{}", self.host, self.port)
-    }
-
-    pub fn resolve(&self) -> std::io::Result<SocketAddr> {
-        let host = self.host.trim_start_matches('[').trim_end_matches(']');
-        (host, self.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::other(format!("{} resolves to nothing", self.host)))
-    }
 }
 
 #[cfg(test)]

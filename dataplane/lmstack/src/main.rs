@@ -8,11 +8,11 @@
 mod admin;
 mod bufio;
 mod config;
+mod control;
 mod discovery;
 mod downstream;
 mod error;
 mod metrics;
-mod probe;
 mod proxy;
 mod queue;
 mod relay;
@@ -111,6 +111,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         config,
         prometheus,
         draining: AtomicBool::new(false),
+        control: Default::default(),
     });
     discovery::spawn(shared.clone()).context("starting discovery")?;
     spawn_upkeep(shared.clone())?;

@@ -49,6 +49,10 @@ pub const ENDPOINT_HEALTHY: &str = "lmstack_endpoint_healthy";
 pub const HEALTH_CHECKS_TOTAL: &str = "lmstack_health_checks_total";
 pub const SNAPSHOT_VERSION: &str = "lmstack_snapshot_version";
 pub const SNAPSHOT_UPDATES_TOTAL: &str = "lmstack_snapshot_updates_total";
+pub const SNAPSHOT_REJECTED_TOTAL: &str = "lmstack_snapshot_rejected_total";
+pub const CONTROL_CONNECTED: &str = "lmstack_control_connected";
+pub const CONTROL_DISCONNECTS_TOTAL: &str = "lmstack_control_disconnects_total";
+pub const DISCOVERY_FILE_READS_TOTAL: &str = "lmstack_discovery_file_reads_total";
 pub const BUILD_INFO: &str = "lmstack_build_info";
 pub const WORKERS: &str = "lmstack_workers";
 
@@ -157,6 +161,22 @@ fn describe() {
     );
     describe_gauge!(SNAPSHOT_VERSION, "Version of the routing snapshot in use.");
     describe_counter!(SNAPSHOT_UPDATES_TOTAL, "Routing snapshots applied.");
+    describe_counter!(
+        SNAPSHOT_REJECTED_TOTAL,
+        "Snapshot messages from control rejected, by error_kind (malformed, invalid, out_of_order, too_large)."
+    );
+    describe_gauge!(
+        CONTROL_CONNECTED,
+        "1 while the snapshot stream from lmstack-control is open (control mode)."
+    );
+    describe_counter!(
+        CONTROL_DISCONNECTS_TOTAL,
+        "Snapshot streams from lmstack-control lost or refused (the last snapshot stays in use)."
+    );
+    describe_counter!(
+        DISCOVERY_FILE_READS_TOTAL,
+        "Reads of the backends file (file mode), by status (ok, fail)."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
     describe_gauge!(WORKERS, "Worker threads, by IO driver (io_uring or epoll).");
 }

@@ -190,7 +190,10 @@ impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
 
 /// Where snapshots are published; shared by the discovery thread and all workers.
 pub struct SnapshotCell {
+    /// The snapshot version in use.
     version: AtomicU64,
+    /// Moves on every store (a replacing snapshot may repeat or lower the version).
+    generation: AtomicU64,
     state: ArcSwap<RoutingState>,
     routing: RoutingConfig,
     loads: Mutex<HashMap<String, Arc<CachePadded<EndpointLoad>>>>,
@@ -205,6 +208,7 @@ impl SnapshotCell {
     pub fn new(routing: RoutingConfig) -> Self {
         Self {
             version: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             state: ArcSwap::from_pointee(RoutingState::empty()),
             affinity: AffinityTable::new(routing.affinity.limits()),
             epoch: Instant::now(),
@@ -220,6 +224,11 @@ impl SnapshotCell {
         self.version.load(Ordering::Acquire)
     }
 
+    /// What workers watch to know the state changed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Milliseconds on the affinity table's clock (wraps after 49 days; the table copes).
     pub fn now_ms(&self) -> u32 {
         self.epoch.elapsed().as_millis() as u32
@@ -232,9 +241,19 @@ impl SnapshotCell {
     /// Validates and applies `snapshot`. A snapshot that fails validation, or is not newer
     /// than the current one, is rejected and the current state kept.
     pub fn publish(&self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+        self.store(snapshot, false)
+    }
+
+    /// Validates and applies `snapshot` whatever its version (a new source's first word
+    /// is authoritative, e.g. a restarted control process).
+    pub fn replace(&self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+        self.store(snapshot, true)
+    }
+
+    fn store(&self, snapshot: &Snapshot, any_version: bool) -> Result<(), SnapshotError> {
         snapshot.validate()?;
         let current = self.version();
-        if snapshot.version <= current && current != 0 {
+        if snapshot.version <= current && current != 0 && !any_version {
             return Ok(());
         }
         let state = self.build(snapshot);
@@ -271,6 +290,7 @@ impl SnapshotCell {
         ::metrics::counter!(metrics::SNAPSHOT_UPDATES_TOTAL).increment(1);
         self.state.store(Arc::new(state));
         self.version.store(snapshot.version, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -357,7 +377,7 @@ impl std::ops::Deref for StateRef {
     }
 }
 
-/// A worker's view of the current routing state: refreshed when the cell's version moves.
+/// A worker's view of the current routing state: refreshed when the cell's generation moves.
 pub struct LocalRouting {
     seen: Cell<u64>,
     current: RefCell<StateRef>,
@@ -366,14 +386,14 @@ pub struct LocalRouting {
 impl LocalRouting {
     pub fn new(cell: &SnapshotCell) -> Self {
         Self {
-            seen: Cell::new(cell.version()),
+            seen: Cell::new(cell.generation()),
             current: RefCell::new(StateRef(Rc::new(cell.load()))),
         }
     }
 
     /// The current state, and whether it changed since the last call.
     pub fn current(&self, cell: &SnapshotCell) -> (StateRef, bool) {
-        let v = cell.version();
+        let v = cell.generation();
         let changed = v != self.seen.get();
         if changed {
             *self.current.borrow_mut() = StateRef(Rc::new(cell.load()));

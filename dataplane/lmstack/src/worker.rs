@@ -33,6 +33,8 @@ pub struct Shared {
     pub cell: Arc<SnapshotCell>,
     pub prometheus: PrometheusHandle,
     pub draining: AtomicBool,
+    /// The link to lmstack-control (control mode only).
+    pub control: crate::control::ControlLink,
 }
 
 /// Limits and timeouts, converted once from the configuration.

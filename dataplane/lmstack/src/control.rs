@@ -1,0 +1,166 @@
+//! Following lmstack-control: one long-lived `GET /v1/snapshots/watch`, newline-delimited
+//! JSON (a full snapshot, then deltas and heartbeats), applied to the snapshot cell as it
+//! comes. On its own thread, off the workers; the workers see a new version on their next
+//! request.
+//!
+//! When control is gone (refused, silent past `stale_after_ms`, a broken message) the router
+//! keeps routing on the last good snapshot, says so in `/health` and `lmstack_control_connected`,
+//! and reconnects with backoff; the first message of a new stream is a full snapshot, which
+//! replaces whatever the router had. Not here: probing engines (control does it).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lmstack_probe::client::Response;
+use lmstack_snapshot::{Snapshot, StreamMessage};
+
+use crate::config::{BackendUrl, ControlConfig, ms};
+use crate::metrics;
+use crate::worker::Shared;
+
+pub const WATCH_PATH: &str = "/v1/snapshots/watch";
+
+/// The state of the link to control, for `/health`.
+#[derive(Debug, Default)]
+pub struct ControlLink {
+    pub connected: AtomicBool,
+    /// Unix milliseconds of the last message (0: none yet).
+    pub last_message_ms: AtomicU64,
+}
+
+impl ControlLink {
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::CONTROL_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn spawn(shared: Arc<Shared>) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("lmstack-control".into())
+        .spawn(move || run(&shared))
+}
+
+fn run(shared: &Shared) {
+    let config = &shared.config.discovery.control;
+    let mut backoff = config.backoff_ms;
+    shared.control.set_connected(false);
+    loop {
+        let mut progressed = false;
+        let outcome = follow(shared, config, &mut progressed);
+        shared.control.set_connected(false);
+        ::metrics::counter!(metrics::CONTROL_DISCONNECTS_TOTAL).increment(1);
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(url = %config.url, "control closed the snapshot stream; keeping the last snapshot")
+            }
+            Err(e) => tracing::warn!(url = %config.url, "control unreachable ({e}); keeping the last snapshot"),
+        }
+        if progressed {
+            backoff = config.backoff_ms;
+        }
+        thread::sleep(ms(backoff));
+        backoff = (backoff * 2).min(config.max_backoff_ms);
+    }
+}
+
+/// One connection: until the stream ends (`Ok`) or fails.
+fn follow(shared: &Shared, config: &ControlConfig, progressed: &mut bool) -> Result<(), String> {
+    let url = BackendUrl::parse(&config.url)?;
+    let addr = url.resolve().map_err(|e| format!("cannot resolve {}: {e}", url.host))?;
+    let mut response = Response::open(
+        addr,
+        &url.authority(),
+        "GET",
+        WATCH_PATH,
+        &[],
+        ms(config.connect_timeout_ms),
+    )
+    .map_err(|e| e.to_string())?;
+    if response.status != 200 {
+        return Err(format!("{WATCH_PATH} answered {}", response.status));
+    }
+    tracing::info!(url = %config.url, "following control's snapshot stream");
+    shared.control.set_connected(true);
+    // The snapshot the stream's deltas apply to; none until its first (full) message.
+    let mut base: Option<Snapshot> = None;
+    let mut buf = Vec::new();
+    let stale = Duration::from_millis(config.stale_after_ms);
+    loop {
+        let more = response
+            .read_body(&mut buf, stale)
+            .map_err(|e| format!("stream: {e}"))?;
+        let mut start = 0;
+        while let Some(len) = buf[start..].iter().position(|&b| b == b'\n') {
+            let line = &buf[start..start + len];
+            start += len + 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            shared.control.last_message_ms.store(unix_ms(), Ordering::Relaxed);
+            apply(shared, line, &mut base)?;
+            *progressed = true;
+        }
+        buf.drain(..start);
+        if buf.len() > config.max_message_bytes {
+            reject("too_large");
+            return Err(format!("a message over {} bytes", config.max_message_bytes));
+        }
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+fn reject(kind: &'static str) {
+    ::metrics::counter!(metrics::SNAPSHOT_REJECTED_TOTAL, "error_kind" => kind).increment(1);
+}
+
+/// Applies one message. A message that cannot be used ends the connection: the next one
+/// starts with a full snapshot, and the current one stays in use meanwhile.
+fn apply(shared: &Shared, line: &[u8], base: &mut Option<Snapshot>) -> Result<(), String> {
+    let message: StreamMessage = serde_json::from_slice(line).map_err(|e| {
+        reject("malformed");
+        format!("malformed message: {e}")
+    })?;
+    let next = match message {
+        StreamMessage::Heartbeat { .. } => return Ok(()),
+        StreamMessage::Full { snapshot } => {
+            shared.cell.replace(&snapshot).map_err(|e| {
+                reject("invalid");
+                format!("invalid snapshot {}: {e}", snapshot.version)
+            })?;
+            snapshot
+        }
+        StreamMessage::Delta { delta } => {
+            let Some(current) = base.as_ref() else {
+                reject("out_of_order");
+                return Err("a delta before any full snapshot".into());
+            };
+            let next = current.apply(&delta).map_err(|e| {
+                reject("invalid");
+                format!("delta to version {}: {e}", delta.version)
+            })?;
+            shared.cell.publish(&next).map_err(|e| {
+                reject("invalid");
+                format!("snapshot {}: {e}", next.version)
+            })?;
+            next
+        }
+    };
+    tracing::debug!(
+        version = next.version,
+        endpoints = next.endpoints.len(),
+        "snapshot from control applied"
+    );
+    *base = Some(next);
+    Ok(())
+}
