@@ -1,0 +1,99 @@
+//! The prober thread: holds the current targets (from the source), probes them every
+//! interval with lmstack-probe, and publishes a snapshot to the hub whenever what a data
+//! plane needs to know changed. A change of targets (a pod gone, drained or new) is
+//! published at once, before the next probe round, so that removals reach the data planes
+//! within one stream hop.
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use lmstack_probe::{Prober, Target};
+
+use crate::config::Cli;
+use crate::hub::Hub;
+use crate::metrics;
+
+/// Hands new target sets to the prober thread.
+#[derive(Clone)]
+pub struct Targets(mpsc::Sender<Vec<Target>>);
+
+impl Targets {
+    pub fn set(&self, targets: Vec<Target>) {
+        let _ = self.0.send(targets);
+    }
+}
+
+pub fn spawn(cli: &Cli, hub: Arc<Hub>) -> std::io::Result<Targets> {
+    let (tx, rx) = mpsc::channel();
+    let mut prober = Prober::new(cli.health(), !cli.no_scrape_metrics);
+    // Versions start from the clock so that a restarted control continues past what the
+    // data planes already have.
+    let start = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    prober.continue_from(start);
+    thread::Builder::new()
+        .name("lmstack-prober".into())
+        .spawn(move || run(prober, rx, &hub))?;
+    Ok(Targets(tx))
+}
+
+fn run(mut prober: Prober, rx: mpsc::Receiver<Vec<Target>>, hub: &Hub) {
+    let mut next_round = Instant::now();
+    let mut have_targets = false;
+    loop {
+        let wait = next_round.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(mut targets) => {
+                // Only the latest set matters.
+                while let Ok(newer) = rx.try_recv() {
+                    targets = newer;
+                }
+                tracing::info!(targets = targets.len(), "engine targets changed");
+                prober.set_targets(targets);
+                have_targets = true;
+                publish(&mut prober, hub);
+                next_round = Instant::now();
+                continue;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if have_targets {
+            let started = Instant::now();
+            for probed in prober.probe_all() {
+                ::metrics::counter!(
+                    metrics::HEALTH_CHECKS_TOTAL,
+                    "endpoint" => probed.url,
+                    "status" => if probed.ok { "ok" } else { "fail" }
+                )
+                .increment(1);
+            }
+            ::metrics::histogram!(metrics::PROBE_ROUND_SECONDS).record(started.elapsed().as_secs_f64());
+            publish(&mut prober, hub);
+        }
+        next_round = Instant::now() + prober.interval();
+    }
+}
+
+fn publish(prober: &mut Prober, hub: &Hub) {
+    let Some(snapshot) = prober.changed() else { return };
+    if let Err(e) = snapshot.validate() {
+        tracing::error!("built an invalid snapshot, not publishing it: {e}");
+        return;
+    }
+    let healthy = snapshot.endpoints.iter().filter(|e| e.healthy).count();
+    tracing::info!(
+        version = snapshot.version,
+        models = snapshot.models.len(),
+        healthy,
+        endpoints = snapshot.endpoints.len(),
+        "snapshot published"
+    );
+    ::metrics::gauge!(metrics::SNAPSHOT_VERSION).set(snapshot.version as f64);
+    ::metrics::gauge!(metrics::ENDPOINTS, "status" => "healthy").set(healthy as f64);
+    ::metrics::gauge!(metrics::ENDPOINTS, "status" => "unhealthy").set((snapshot.endpoints.len() - healthy) as f64);
+    ::metrics::counter!(metrics::SNAPSHOTS_TOTAL).increment(1);
+    prober.published(snapshot.clone());
+    hub.publish(snapshot);
+}

@@ -1,0 +1,42 @@
+//! lmstack-control's metric names, described once at start.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const SNAPSHOT_VERSION: &str = "lmstack_control_snapshot_version";
+pub const SNAPSHOTS_TOTAL: &str = "lmstack_control_snapshots_total";
+pub const ENDPOINTS: &str = "lmstack_control_endpoints";
+pub const HEALTH_CHECKS_TOTAL: &str = "lmstack_control_health_checks_total";
+pub const PROBE_ROUND_SECONDS: &str = "lmstack_control_probe_round_seconds";
+pub const SUBSCRIBERS: &str = "lmstack_control_subscribers";
+pub const STREAM_MESSAGES_TOTAL: &str = "lmstack_control_stream_messages_total";
+pub const WATCH_EVENTS_TOTAL: &str = "lmstack_control_watch_events_total";
+pub const WATCH_ERRORS_TOTAL: &str = "lmstack_control_watch_errors_total";
+pub const PODS: &str = "lmstack_control_pods";
+
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new().install_recorder()?;
+    describe_gauge!(SNAPSHOT_VERSION, "Version of the latest snapshot published.");
+    describe_counter!(SNAPSHOTS_TOTAL, "Snapshots published.");
+    describe_gauge!(ENDPOINTS, "Endpoints in the latest snapshot, by status (healthy, unhealthy).");
+    describe_counter!(
+        HEALTH_CHECKS_TOTAL,
+        "Health probes of endpoints, by endpoint and status (ok, fail)."
+    );
+    describe_histogram!(PROBE_ROUND_SECONDS, "Time to probe every endpoint once.");
+    describe_gauge!(SUBSCRIBERS, "Data plane snapshot streams open.");
+    describe_counter!(
+        STREAM_MESSAGES_TOTAL,
+        "Messages sent on snapshot streams, by type (full, delta, heartbeat)."
+    );
+    describe_counter!(
+        WATCH_EVENTS_TOTAL,
+        "Kubernetes pod watch events, by type (init, apply, delete, init_done)."
+    );
+    describe_counter!(
+        WATCH_ERRORS_TOTAL,
+        "Kubernetes watch errors (each followed by a retry; a 410 Gone by a relist)."
+    );
+    describe_gauge!(PODS, "Engine pods seen, by status (routable, drained, no_ip).");
+    Ok(handle)
+}
