@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod kube;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -38,8 +40,18 @@ pub fn bin(name: &str) -> PathBuf {
         let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bins", "-p", "lmstack", "-p", "lmstack-perf"])
-            .current_dir(workspace_root());
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "lmstack",
+            "-p",
+            "lmstack-perf",
+            "-p",
+            "lmstack-control",
+        ])
+        .current_dir(workspace_root());
         if profile != "debug" {
             cmd.args(["--profile", if profile == "release" { "release" } else { &profile }]);
         }
@@ -184,6 +196,41 @@ pub fn router_env(args: &[String], env: &[(&str, &str)]) -> Proc {
         .collect();
     all.extend(args.iter().cloned());
     Proc::start(&bin("lmstack"), &all, env)
+}
+
+/// Starts lmstack-control on a free port with `args`.
+pub fn control(args: &[String], env: &[(&str, &str)]) -> Proc {
+    let mut all = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    all.extend(args.iter().cloned());
+    Proc::start(&bin("lmstack-control"), &all, env)
+}
+
+/// Starts a router following `control`.
+pub fn router_following(control: &Proc, extra: &[&str]) -> Proc {
+    let mut a = args(&["--service-discovery", "control", "--control-url"]);
+    a.push(control.url());
+    a.extend(args(extra));
+    router(&a)
+}
+
+/// Healthy endpoints of `model` in the router's /health (0 when not served).
+pub fn healthy_endpoints(router: &Proc, model: &str) -> u64 {
+    let health = get(router, "/health").json();
+    health["models"]
+        .as_array()
+        .and_then(|models| models.iter().find(|m| m["model"] == model))
+        .and_then(|m| m["healthy_endpoints"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Endpoints (healthy or not) of `model` in the router's /health.
+pub fn listed_endpoints(router: &Proc, model: &str) -> u64 {
+    let health = get(router, "/health").json();
+    health["models"]
+        .as_array()
+        .and_then(|models| models.iter().find(|m| m["model"] == model))
+        .and_then(|m| m["endpoints"].as_u64())
+        .unwrap_or(0)
 }
 
 /// `--static-backends` for these engines.

@@ -21,7 +21,11 @@ pub struct PodConfig {
     #[arg(long, env = "LMSTACK_CONTROL_NAMESPACE", default_value = "")]
     pub namespace: String,
     /// Label selector of engine pods.
-    #[arg(long, env = "LMSTACK_CONTROL_LABEL_SELECTOR", default_value = "lmstack.io/role=engine")]
+    #[arg(
+        long,
+        env = "LMSTACK_CONTROL_LABEL_SELECTOR",
+        default_value = "lmstack.io/role=engine"
+    )]
     pub label_selector: String,
     /// The container port, by name, engines listen on (production-stack names it
     /// `container-port`); a pod without it uses `--engine-port`.
@@ -139,7 +143,11 @@ impl Cli {
             }
             targets.push(Target {
                 url,
-                models: self.static_models.get(i).map(|m| vec![m.trim().to_owned()]).unwrap_or_default(),
+                models: self
+                    .static_models
+                    .get(i)
+                    .map(|m| vec![m.trim().to_owned()])
+                    .unwrap_or_default(),
                 drained: false,
             });
         }
@@ -160,8 +168,15 @@ mod tests {
 
     #[test]
     fn static_backends_with_models_build_targets() {
-        let c = cli(&["--source", "static", "--static-backends", "http://a:1,http://b:2", "--static-models", "m,n"])
-            .unwrap();
+        let c = cli(&[
+            "--source",
+            "static",
+            "--static-backends",
+            "http://a:1,http://b:2",
+            "--static-models",
+            "m,n",
+        ])
+        .unwrap();
         let t = c.static_targets().unwrap();
         assert_eq!(t[1].url.base, "http://b:2");
         assert_eq!(t[1].models, vec!["n".to_owned()]);
@@ -170,7 +185,11 @@ mod tests {
     #[test]
     fn bad_flags_are_errors() {
         assert!(cli(&["--source", "static"]).unwrap_err().contains("--static-backends"));
-        assert!(cli(&["--static-backends", "http://a:1"]).unwrap_err().contains("--source static"));
+        assert!(
+            cli(&["--static-backends", "http://a:1"])
+                .unwrap_err()
+                .contains("--source static")
+        );
         assert!(
             cli(&["--source", "static", "--static-backends", "http://a:1,http://a:1"])
                 .unwrap_err()

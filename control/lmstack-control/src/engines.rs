@@ -20,6 +20,11 @@ use crate::metrics;
 pub struct Targets(mpsc::Sender<Vec<Target>>);
 
 impl Targets {
+    #[cfg(test)]
+    pub fn for_tests(tx: mpsc::Sender<Vec<Target>>) -> Self {
+        Self(tx)
+    }
+
     pub fn set(&self, targets: Vec<Target>) {
         let _ = self.0.send(targets);
     }
@@ -30,7 +35,9 @@ pub fn spawn(cli: &Cli, hub: Arc<Hub>) -> std::io::Result<Targets> {
     let mut prober = Prober::new(cli.health(), !cli.no_scrape_metrics);
     // Versions start from the clock so that a restarted control continues past what the
     // data planes already have.
-    let start = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let start = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     prober.continue_from(start);
     thread::Builder::new()
         .name("lmstack-prober".into())

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use lmstack_probe::{BackendUrl, Target};
 
@@ -29,7 +29,9 @@ pub enum PodTarget {
 
 /// Reads one pod. Pure: the watcher logic's unit tests feed it pods.
 pub fn pod_target(pod: &Pod, config: &PodConfig) -> PodTarget {
-    let Some(status) = &pod.status else { return PodTarget::NoIp };
+    let Some(status) = &pod.status else {
+        return PodTarget::NoIp;
+    };
     let Some(ip) = status.pod_ip.as_deref().filter(|ip| !ip.is_empty()) else {
         return PodTarget::NoIp;
     };
@@ -41,7 +43,11 @@ pub fn pod_target(pod: &Pod, config: &PodConfig) -> PodTarget {
         .find(|p| p.name.as_deref() == Some(config.engine_port_name.as_str()))
         .and_then(|p| u16::try_from(p.container_port).ok())
         .unwrap_or(config.engine_port);
-    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_owned()
+    };
     let Ok(url) = BackendUrl::parse(&format!("http://{host}:{port}")) else {
         return PodTarget::NoIp;
     };
@@ -191,5 +197,138 @@ pub async fn run(client: Client, config: PodConfig, targets: Targets) {
                 last = Some(next);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    fn config() -> PodConfig {
+        PodConfig {
+            namespace: "default".into(),
+            label_selector: "lmstack.io/role=engine".into(),
+            engine_port_name: "container-port".into(),
+            engine_port: 8000,
+            model_label: "model".into(),
+        }
+    }
+
+    fn pod_json(name: &str, ip: Option<&str>, ready: bool, port_name: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": "1", "labels": {"model": "m"}},
+            "spec": {"containers": [{"name": "vllm", "ports": [{"name": port_name, "containerPort": 9000}]}]},
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+            },
+        })
+    }
+
+    fn pod(name: &str, ip: Option<&str>, ready: bool) -> Pod {
+        serde_json::from_value(pod_json(name, ip, ready, "container-port")).unwrap()
+    }
+
+    #[test]
+    fn ready_pods_route_unready_or_terminating_ones_drain_and_pods_without_ip_wait() {
+        let c = config();
+        match pod_target(&pod("a", Some("10.0.0.1"), true), &c) {
+            PodTarget::Routable(t) => {
+                assert_eq!(t.url.base, "http://10.0.0.1:9000");
+                assert_eq!(t.models, vec!["m".to_owned()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(pod_target(&pod("a", Some("10.0.0.1"), false), &c), PodTarget::Drained(t) if t.drained));
+        let mut terminating = pod("a", Some("10.0.0.1"), true);
+        terminating.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert!(matches!(pod_target(&terminating, &c), PodTarget::Drained(_)));
+        assert_eq!(pod_target(&pod("a", None, true), &c), PodTarget::NoIp);
+        // No port by that name: the configured port.
+        let other: Pod = serde_json::from_value(pod_json("a", Some("fd00::1"), true, "metrics")).unwrap();
+        assert!(matches!(pod_target(&other, &c), PodTarget::Routable(t) if t.url.base == "http://[fd00::1]:8000"));
+    }
+
+    #[test]
+    fn a_relist_replaces_the_pods_whole() {
+        let c = config();
+        let mut set = PodSet::default();
+        assert!(!set.apply(Event::Init));
+        set.apply(Event::InitApply(pod("a", Some("10.0.0.1"), true)));
+        set.apply(Event::InitApply(pod("b", Some("10.0.0.2"), true)));
+        assert!(set.apply(Event::InitDone));
+        assert_eq!(set.targets(&c).len(), 2);
+        // The watch broke; b was deleted meanwhile and no Delete event ever comes.
+        set.apply(Event::Init);
+        set.apply(Event::InitApply(pod("a", Some("10.0.0.1"), true)));
+        assert_eq!(
+            set.targets(&c).len(),
+            2,
+            "the old view holds until the list is complete"
+        );
+        assert!(set.apply(Event::InitDone));
+        let targets = set.targets(&c);
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].url.base, "http://10.0.0.1:9000");
+    }
+
+    #[test]
+    fn an_ip_reused_by_a_new_pod_routes_to_the_ready_one() {
+        let c = config();
+        let mut set = PodSet::default();
+        set.apply(Event::Init);
+        let mut old = pod("a-old", Some("10.0.0.1"), true);
+        old.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        set.apply(Event::InitApply(old));
+        set.apply(Event::InitApply(pod("b-new", Some("10.0.0.1"), true)));
+        set.apply(Event::InitDone);
+        let targets = set.targets(&c);
+        assert_eq!(targets.len(), 1);
+        assert!(!targets[0].drained);
+    }
+
+    /// The watcher against kube's tower-test mock: it lists with the selector, watches from
+    /// the list's resourceVersion, and each change reaches the prober as a target set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_watcher_lists_then_watches_and_hands_over_targets() {
+        let (service, mut handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let client = Client::new(service, "default");
+        let (tx, rx) = std::sync::mpsc::channel();
+        tokio::spawn(run(client, config(), Targets::for_tests(tx)));
+
+        let (request, reply) = handle.next_request().await.expect("a list request");
+        let uri = request.uri().to_string();
+        assert!(uri.starts_with("/api/v1/namespaces/default/pods?"), "{uri}");
+        assert!(uri.contains("labelSelector=lmstack.io%2Frole%3Dengine"), "{uri}");
+        assert!(!uri.contains("watch=true"), "{uri}");
+        let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "41"},
+            "items": [pod_json("a", Some("10.0.0.1"), true, "container-port")]});
+        reply.send_response(http::Response::new(Body::from(serde_json::to_vec(&list).unwrap())));
+
+        let (request, reply) = handle.next_request().await.expect("a watch request");
+        let uri = request.uri().to_string();
+        assert!(
+            uri.contains("watch=true") && uri.contains("resourceVersion=41"),
+            "{uri}"
+        );
+        let added = json!({"type": "ADDED", "object": pod_json("b", Some("10.0.0.2"), true, "container-port")});
+        let deleted = json!({"type": "DELETED", "object": pod_json("a", Some("10.0.0.1"), true, "container-port")});
+        let body = format!("{added}\n{deleted}\n");
+        reply.send_response(http::Response::new(Body::from(body.into_bytes())));
+
+        // (Blocking receives: the watcher runs on the runtime's other thread.)
+        let recv = || rx.recv_timeout(std::time::Duration::from_secs(10)).expect("targets");
+        let urls = |t: Vec<Target>| t.into_iter().map(|t| t.url.base).collect::<Vec<_>>();
+        assert_eq!(urls(recv()), vec!["http://10.0.0.1:9000"]);
+        assert_eq!(urls(recv()), vec!["http://10.0.0.1:9000", "http://10.0.0.2:9000"]);
+        assert_eq!(urls(recv()), vec!["http://10.0.0.2:9000"]);
     }
 }

@@ -18,7 +18,8 @@ use crate::config::{Cli, Source};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    cli.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    cli.validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)

@@ -18,7 +18,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new().install_recorder()?;
     describe_gauge!(SNAPSHOT_VERSION, "Version of the latest snapshot published.");
     describe_counter!(SNAPSHOTS_TOTAL, "Snapshots published.");
-    describe_gauge!(ENDPOINTS, "Endpoints in the latest snapshot, by status (healthy, unhealthy).");
+    describe_gauge!(
+        ENDPOINTS,
+        "Endpoints in the latest snapshot, by status (healthy, unhealthy)."
+    );
     describe_counter!(
         HEALTH_CHECKS_TOTAL,
         "Health probes of endpoints, by endpoint and status (ok, fail)."

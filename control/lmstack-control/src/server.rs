@@ -70,8 +70,10 @@ pub async fn serve(
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -86,7 +88,11 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         (true, "/v1/snapshots/watch") => watch(&ctx),
         (true, "/v1/snapshots") => {
             let current = ctx.hub.current();
-            full(StatusCode::OK, JSON, serde_json::to_vec(&current.snapshot).unwrap_or_default())
+            full(
+                StatusCode::OK,
+                JSON,
+                serde_json::to_vec(&current.snapshot).unwrap_or_default(),
+            )
         }
         (true, "/health") => {
             let current = ctx.hub.current();
