@@ -310,3 +310,72 @@ fn pods_scaling_from_two_to_four_reach_every_router_and_unready_pods_are_drained
         assert!(!engines_used(r, 9).contains("e3"));
     }
 }
+
+#[test]
+fn a_prefix_routed_by_one_replica_is_routed_the_same_way_by_the_other() {
+    let e = sims(4);
+    let c = static_control(&e);
+    let routers = [
+        router_following(&c, &["--routing-logic", "prefix"]),
+        router_following(&c, &["--routing-logic", "prefix"]),
+    ];
+    for r in &routers {
+        wait_until("routers see all engines", || healthy_endpoints(r, "sim-model") == 4);
+    }
+    let prompt = |u: usize, round: usize| {
+        let mut p = format!("User {u} shares a long document. ");
+        p.push_str(&"Paragraph of the document, with details that matter. ".repeat(30 + u));
+        for k in 0..round {
+            p.push_str(&format!(" Question {k} and its answer."));
+        }
+        p
+    };
+    let engine = |r: &Proc, u: usize, round: usize| {
+        let reply = post(
+            r,
+            "/v1/completions",
+            &json!({"model": "sim-model", "prompt": prompt(u, round), "max_tokens": 2}),
+            &[],
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        reply.header("x-sim-engine").unwrap().to_owned()
+    };
+    let applied = |r: &Proc| {
+        metric_sum(
+            &metrics_text(r),
+            "lmstack_affinity_shared_blocks_total",
+            &[("status", "applied")],
+        )
+    };
+    let users = 8;
+    let first: Vec<String> = (0..users).map(|u| engine(&routers[0], u, 0)).collect();
+    assert!(
+        first.iter().collect::<HashSet<_>>().len() > 1,
+        "users spread over engines: {first:?}"
+    );
+    let start = Instant::now();
+    // Every block the first replica recorded (its table's entries) has been reported.
+    let sent = metrics_when(&routers[0], "assignments reported", |t| {
+        let entries = metric(t, "lmstack_affinity_entries", &[]).unwrap_or(0.0);
+        entries > 0.0 && metric_sum(t, "lmstack_affinity_shared_blocks_total", &[("status", "sent")]) >= entries
+    });
+    let sent = metric_sum(&sent, "lmstack_affinity_shared_blocks_total", &[("status", "sent")]);
+    wait_until("the other replica learns them", || applied(&routers[1]) >= sent);
+    println!(
+        "{sent} blocks from one replica applied by the other after {:?}",
+        start.elapsed()
+    );
+    // The next round of every conversation goes through the other replica: same engines.
+    let second: Vec<String> = (0..users).map(|u| engine(&routers[1], u, 1)).collect();
+    assert_eq!(first, second);
+    // A replica that connects later learns the recent assignments too.
+    let late = router_following(&c, &["--routing-logic", "prefix"]);
+    wait_until("the late replica sees all engines", || {
+        healthy_endpoints(&late, "sim-model") == 4
+    });
+    wait_until("the late replica learns the recent assignments", || {
+        applied(&late) >= sent
+    });
+    let third: Vec<String> = (0..users).map(|u| engine(&late, u, 2)).collect();
+    assert_eq!(first, third);
+}

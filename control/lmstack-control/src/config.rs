@@ -81,6 +81,10 @@ pub struct Cli {
     /// silent control.
     #[arg(long, env = "LMSTACK_CONTROL_HEARTBEAT_MS", default_value_t = 1_000)]
     pub heartbeat_ms: u64,
+    /// Prompt blocks of the latest shared prefix assignments kept for replicas that connect
+    /// later (about 8 bytes each in memory, more on the wire).
+    #[arg(long, env = "LMSTACK_CONTROL_AFFINITY_KEEP_BLOCKS", default_value_t = 1 << 20)]
+    pub affinity_keep_blocks: usize,
     #[arg(long, env = "LMSTACK_CONTROL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Validate the flags, print them and exit.

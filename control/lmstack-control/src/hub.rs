@@ -1,11 +1,17 @@
 //! Where snapshots are published and data plane streams pick them up: the latest snapshot
 //! with the delta from the one before it. A stream that saw that one gets the delta; a new
 //! or lagging stream gets the full snapshot.
+//!
+//! Also the shared affinity: batches of prefix assignments reported by replicas are relayed
+//! to every stream (a broadcast channel; a stream that lags loses batches, counted), and the
+//! latest ones, up to a bound in blocks, are kept to bring a newly connected replica up to
+//! date.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
-use lmstack_snapshot::{Snapshot, SnapshotDelta, StreamMessage};
-use tokio::sync::watch;
+use lmstack_snapshot::{AffinityBatch, Snapshot, SnapshotDelta, StreamMessage};
+use tokio::sync::{broadcast, watch};
 
 #[derive(Debug, Default)]
 pub struct Published {
@@ -28,13 +34,54 @@ impl Published {
 
 pub struct Hub {
     tx: watch::Sender<Arc<Published>>,
+    affinity: broadcast::Sender<Arc<AffinityBatch>>,
+    /// The latest batches, for streams that connect later, and their block count.
+    recent: Mutex<(VecDeque<Arc<AffinityBatch>>, usize)>,
+    recent_max_blocks: usize,
 }
 
 impl Hub {
-    pub fn new() -> Self {
+    pub fn new(recent_max_blocks: usize) -> Self {
         Self {
             tx: watch::Sender::new(Arc::new(Published::default())),
+            affinity: broadcast::Sender::new(1024),
+            recent: Mutex::new((VecDeque::new(), 0)),
+            recent_max_blocks,
         }
+    }
+
+    /// Relays a replica's assignments to every stream and keeps them for later ones.
+    pub fn share(&self, batch: AffinityBatch) {
+        let batch = Arc::new(batch);
+        let blocks = batch.blocks();
+        let _ = self.affinity.send(batch.clone());
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.0.push_back(batch);
+        recent.1 += blocks;
+        while recent.1 > self.recent_max_blocks {
+            let Some(old) = recent.0.pop_front() else { break };
+            recent.1 -= old.blocks();
+        }
+    }
+
+    /// The kept batches, without entries of endpoints the current snapshot no longer has.
+    pub fn recent_affinity(&self) -> Vec<AffinityBatch> {
+        let current = self.current();
+        let live = |url: &str| current.snapshot.endpoints.iter().any(|e| e.url == url);
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .0
+            .iter()
+            .map(|b| AffinityBatch {
+                replica: b.replica.clone(),
+                entries: b.entries.iter().filter(|e| live(&e.endpoint)).cloned().collect(),
+            })
+            .filter(|b| !b.entries.is_empty())
+            .collect()
+    }
+
+    pub fn subscribe_affinity(&self) -> broadcast::Receiver<Arc<AffinityBatch>> {
+        self.affinity.subscribe()
     }
 
     /// Publishes `snapshot` (already validated, version past the current one).
@@ -82,8 +129,33 @@ mod tests {
     }
 
     #[test]
+    fn kept_affinity_is_bounded_and_forgets_removed_endpoints() {
+        let hub = Hub::new(10);
+        hub.publish(snapshot(1, true));
+        let batch = |endpoint: &str, n: usize| AffinityBatch {
+            replica: "r".into(),
+            entries: vec![lmstack_snapshot::AffinityEntry {
+                endpoint: endpoint.into(),
+                blocks: (0..n as u64).collect(),
+            }],
+        };
+        hub.share(batch("http://a:1", 4));
+        hub.share(batch("http://gone:2", 4));
+        assert_eq!(
+            hub.recent_affinity().len(),
+            1,
+            "entries of unknown endpoints are left out"
+        );
+        hub.share(batch("http://a:1", 4));
+        // 12 blocks > 10: the oldest batch went.
+        let kept = hub.recent_affinity();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(hub.recent.lock().unwrap().1, 8);
+    }
+
+    #[test]
     fn streams_that_saw_the_last_version_get_a_delta_others_a_full_snapshot() {
-        let hub = Hub::new();
+        let hub = Hub::new(1000);
         hub.publish(snapshot(10, true));
         assert!(matches!(hub.current().message_for(0), StreamMessage::Full { .. }));
         hub.publish(snapshot(11, false));

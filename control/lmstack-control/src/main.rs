@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let prometheus = metrics::install().context("installing the metrics recorder")?;
-    let hub = Arc::new(hub::Hub::new());
+    let hub = Arc::new(hub::Hub::new(cli.affinity_keep_blocks));
     let targets = engines::spawn(&cli, hub.clone()).context("starting the prober")?;
     match cli.source {
         Source::Static => targets.set(cli.static_targets().map_err(anyhow::Error::msg)?),

@@ -13,6 +13,8 @@ pub const STREAM_MESSAGES_TOTAL: &str = "lmstack_control_stream_messages_total";
 pub const WATCH_EVENTS_TOTAL: &str = "lmstack_control_watch_events_total";
 pub const WATCH_ERRORS_TOTAL: &str = "lmstack_control_watch_errors_total";
 pub const PODS: &str = "lmstack_control_pods";
+pub const AFFINITY_BLOCKS_TOTAL: &str = "lmstack_control_affinity_blocks_total";
+pub const AFFINITY_BATCHES_LAGGED_TOTAL: &str = "lmstack_control_affinity_batches_lagged_total";
 
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new().install_recorder()?;
@@ -41,5 +43,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Kubernetes watch errors (each followed by a retry; a 410 Gone by a relist)."
     );
     describe_gauge!(PODS, "Engine pods seen, by status (routable, drained, no_ip).");
+    describe_counter!(
+        AFFINITY_BLOCKS_TOTAL,
+        "Prompt blocks of prefix assignments reported by data plane replicas, by status (received)."
+    );
+    describe_counter!(
+        AFFINITY_BATCHES_LAGGED_TOTAL,
+        "Affinity batches a slow stream missed (its replica learns them from its own traffic)."
+    );
     Ok(handle)
 }

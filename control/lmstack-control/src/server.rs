@@ -1,6 +1,7 @@
 //! The HTTP side: `GET /v1/snapshots/watch` (the stream data planes follow: newline-
 //! delimited JSON, a full snapshot, then deltas or full snapshots as they are published,
-//! and a heartbeat when nothing changed for a while), `GET /v1/snapshots` (the current one),
+//! other replicas' prefix assignments, and a heartbeat when nothing changed for a while),
+//! `POST /v1/affinity` (a replica's assignments), `GET /v1/snapshots` (the current one),
 //! `/health` and `/metrics`. hyper on tokio: a handful of long-lived connections, not a
 //! request path.
 
@@ -10,15 +11,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lmstack_snapshot::StreamMessage;
+use lmstack_snapshot::{AffinityBatch, StreamMessage};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::hub::Hub;
 use crate::metrics;
@@ -26,6 +27,9 @@ use crate::metrics;
 type Body = BoxBody<Bytes, Infallible>;
 
 const JSON: &str = "application/json";
+
+/// Largest affinity report accepted.
+const MAX_REPORT_BYTES: usize = 64 * 1024 * 1024;
 
 struct Ctx {
     hub: Arc<Hub>,
@@ -83,6 +87,9 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
 }
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if req.method() == Method::POST && req.uri().path() == "/v1/affinity" {
+        return Ok(report(&ctx, req).await);
+    }
     let get = req.method() == Method::GET;
     Ok(match (get, req.uri().path()) {
         (true, "/v1/snapshots/watch") => watch(&ctx),
@@ -112,11 +119,28 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
             "text/plain; version=0.0.4; charset=utf-8",
             ctx.prometheus.render(),
         ),
+        (_, "/v1/affinity") => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (false, "/v1/snapshots/watch" | "/v1/snapshots" | "/health" | "/metrics") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
         (_, path) => error(StatusCode::NOT_FOUND, &format!("no route for {path}")),
     })
+}
+
+async fn report(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("cannot read the report: {e}")),
+    };
+    match serde_json::from_slice::<AffinityBatch>(&body) {
+        Ok(batch) => {
+            ::metrics::counter!(metrics::AFFINITY_BLOCKS_TOTAL, "status" => "received")
+                .increment(batch.blocks() as u64);
+            ctx.hub.share(batch);
+            full(StatusCode::NO_CONTENT, JSON, Bytes::new())
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &format!("not an affinity batch: {e}")),
+    }
 }
 
 fn line(message: &StreamMessage) -> Bytes {
@@ -130,6 +154,7 @@ fn count(message: &StreamMessage) {
         StreamMessage::Full { .. } => "full",
         StreamMessage::Delta { .. } => "delta",
         StreamMessage::Heartbeat { .. } => "heartbeat",
+        StreamMessage::Affinity { .. } => "affinity",
     };
     ::metrics::counter!(metrics::STREAM_MESSAGES_TOTAL, "type" => kind).increment(1);
 }
@@ -138,6 +163,8 @@ fn count(message: &StreamMessage) {
 /// closes) or the hub does.
 fn watch(ctx: &Ctx) -> Response<Body> {
     let mut rx = ctx.hub.subscribe();
+    let mut affinity = ctx.hub.subscribe_affinity();
+    let hub = ctx.hub.clone();
     let heartbeat = ctx.heartbeat;
     // A small queue: a data plane that stops reading holds at most this much, then the
     // writer waits (and its heartbeat with it).
@@ -155,11 +182,36 @@ fn watch(ctx: &Ctx) -> Response<Body> {
                 if tx.send(line(&message)).await.is_err() {
                     break;
                 }
+                let first = seen == 0;
                 seen = current.snapshot.version;
                 ticker.reset();
+                // A new stream learns what other replicas assigned lately.
+                if first {
+                    for batch in hub.recent_affinity() {
+                        let message = StreamMessage::Affinity { batch };
+                        count(&message);
+                        if tx.send(line(&message)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
             }
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { break },
+                batch = affinity.recv() => match batch {
+                    Ok(batch) if seen != 0 => {
+                        let message = StreamMessage::Affinity { batch: (*batch).clone() };
+                        count(&message);
+                        if tx.send(line(&message)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        ::metrics::counter!(metrics::AFFINITY_BATCHES_LAGGED_TOTAL).increment(n);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
                 _ = ticker.tick() => {
                     let message = StreamMessage::Heartbeat { version: seen };
                     count(&message);

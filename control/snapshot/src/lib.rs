@@ -111,9 +111,44 @@ pub struct SnapshotDelta {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum StreamMessage {
-    Full { snapshot: Snapshot },
-    Delta { delta: SnapshotDelta },
-    Heartbeat { version: u64 },
+    Full {
+        snapshot: Snapshot,
+    },
+    Delta {
+        delta: SnapshotDelta,
+    },
+    Heartbeat {
+        version: u64,
+    },
+    /// Prefix assignments another replica made, for every replica's affinity table.
+    Affinity {
+        batch: AffinityBatch,
+    },
+}
+
+/// Prefix assignments one data plane replica made: which endpoint got which prompt blocks
+/// (chained block hashes, in prompt order). Replicas report them to control
+/// (`POST /v1/affinity`), control relays them on every stream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityBatch {
+    /// The reporting replica, so that it can skip its own.
+    pub replica: String,
+    pub entries: Vec<AffinityEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityEntry {
+    /// The endpoint's URL, as in snapshots.
+    pub endpoint: String,
+    pub blocks: Vec<u64>,
+}
+
+impl AffinityBatch {
+    pub fn blocks(&self) -> usize {
+        self.entries.iter().map(|e| e.blocks.len()).sum()
+    }
 }
 
 impl Snapshot {

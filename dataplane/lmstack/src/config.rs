@@ -204,6 +204,14 @@ pub struct ControlConfig {
     pub max_backoff_ms: u64,
     /// Largest message accepted on the stream.
     pub max_message_bytes: usize,
+    /// Report this router's prefix assignments to control and apply other replicas' (so
+    /// that every replica routes a prefix the same way).
+    pub share_affinity: bool,
+    /// How often assignments are reported (the bulk of the delay before other replicas
+    /// know them).
+    pub affinity_report_interval_ms: u64,
+    /// Prompt blocks waiting to be reported, at most; more are dropped (and counted).
+    pub affinity_max_pending_blocks: usize,
 }
 
 impl Default for ControlConfig {
@@ -215,6 +223,9 @@ impl Default for ControlConfig {
             backoff_ms: 200,
             max_backoff_ms: 5_000,
             max_message_bytes: 64 * 1024 * 1024,
+            share_affinity: true,
+            affinity_report_interval_ms: 100,
+            affinity_max_pending_blocks: 1 << 20,
         }
     }
 }
@@ -706,6 +717,8 @@ impl Config {
                     ("backoff_ms", c.backoff_ms),
                     ("max_backoff_ms", c.max_backoff_ms),
                     ("max_message_bytes", c.max_message_bytes as u64),
+                    ("affinity_report_interval_ms", c.affinity_report_interval_ms),
+                    ("affinity_max_pending_blocks", c.affinity_max_pending_blocks as u64),
                 ] {
                     if v == 0 {
                         return Err(invalid(format!("discovery.control.{name} must be greater than 0")));

@@ -7,6 +7,12 @@
 //! keeps routing on the last good snapshot, says so in `/health` and `lmstack_control_connected`,
 //! and reconnects with backoff; the first message of a new stream is a full snapshot, which
 //! replaces whatever the router had. Not here: probing engines (control does it).
+//!
+//! Shared affinity: workers hand the prefix assignments they make (prompt blocks an endpoint
+//! did not hold yet) to a reporter thread, which posts them to control every
+//! `affinity_report_interval_ms`; control relays every replica's batches on the stream, and
+//! each router records the others' into its own affinity table, so replicas route a prefix
+//! the same way.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,13 +20,14 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lmstack_probe::client::Response;
-use lmstack_snapshot::{Snapshot, StreamMessage};
+use lmstack_snapshot::{AffinityBatch, AffinityEntry, Snapshot, StreamMessage};
 
 use crate::config::{BackendUrl, ControlConfig, ms};
 use crate::metrics;
 use crate::worker::Shared;
 
 pub const WATCH_PATH: &str = "/v1/snapshots/watch";
+pub const AFFINITY_PATH: &str = "/v1/affinity";
 
 /// The state of the link to control, for `/health`.
 #[derive(Debug, Default)]
@@ -133,6 +140,10 @@ fn apply(shared: &Shared, line: &[u8], base: &mut Option<Snapshot>) -> Result<()
     })?;
     let next = match message {
         StreamMessage::Heartbeat { .. } => return Ok(()),
+        StreamMessage::Affinity { batch } => {
+            learn(shared, &batch);
+            return Ok(());
+        }
         StreamMessage::Full { snapshot } => {
             shared.cell.replace(&snapshot).map_err(|e| {
                 reject("invalid");
@@ -162,5 +173,90 @@ fn apply(shared: &Shared, line: &[u8], base: &mut Option<Snapshot>) -> Result<()
         "snapshot from control applied"
     );
     *base = Some(next);
+    Ok(())
+}
+
+/// Records another replica's assignments in this router's affinity table. Endpoints this
+/// router does not know (yet, or any more) are skipped.
+fn learn(shared: &Shared, batch: &AffinityBatch) {
+    if batch.replica == shared.replica {
+        return;
+    }
+    let cell = &shared.cell;
+    let state = cell.load();
+    let now = cell.now_ms();
+    let mut applied = 0u64;
+    for entry in &batch.entries {
+        let tag = state
+            .endpoints
+            .iter()
+            .find(|e| *e.url == *entry.endpoint)
+            .and_then(|e| e.tag);
+        if let Some(tag) = tag {
+            cell.affinity.record(&entry.blocks, tag, now);
+            applied += entry.blocks.len() as u64;
+        }
+    }
+    ::metrics::counter!(metrics::AFFINITY_SHARED_BLOCKS_TOTAL, "status" => "applied").increment(applied);
+}
+
+pub fn spawn_reporter(
+    shared: Arc<Shared>,
+    rx: crossbeam_channel::Receiver<Vec<AffinityEntry>>,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("lmstack-affinity".into())
+        .spawn(move || report(&shared, &rx))
+}
+
+/// Collects the workers' assignments and posts them to control once per interval. What
+/// cannot be sent (control away, too much pending) is dropped and counted: affinity is a
+/// hint, and the table of each replica still learns from its own traffic.
+fn report(shared: &Shared, rx: &crossbeam_channel::Receiver<Vec<AffinityEntry>>) {
+    let config = &shared.config.discovery.control;
+    let interval = ms(config.affinity_report_interval_ms);
+    let dropped = |blocks: usize| {
+        ::metrics::counter!(metrics::AFFINITY_SHARED_BLOCKS_TOTAL, "status" => "dropped").increment(blocks as u64);
+    };
+    loop {
+        let Ok(first) = rx.recv() else { return };
+        let deadline = std::time::Instant::now() + interval;
+        let mut batch = AffinityBatch {
+            replica: shared.replica.clone(),
+            entries: first,
+        };
+        while let Ok(more) = rx.recv_deadline(deadline) {
+            if batch.blocks() + more.iter().map(|e| e.blocks.len()).sum::<usize>() > config.affinity_max_pending_blocks
+            {
+                dropped(more.iter().map(|e| e.blocks.len()).sum());
+                continue;
+            }
+            batch.entries.extend(more);
+        }
+        let blocks = batch.blocks();
+        match post(config, &batch) {
+            Ok(()) => {
+                ::metrics::counter!(metrics::AFFINITY_SHARED_BLOCKS_TOTAL, "status" => "sent").increment(blocks as u64)
+            }
+            Err(e) => {
+                tracing::debug!("affinity report not sent: {e}");
+                dropped(blocks);
+            }
+        }
+    }
+}
+
+fn post(config: &ControlConfig, batch: &AffinityBatch) -> Result<(), String> {
+    let url = BackendUrl::parse(&config.url)?;
+    let addr = url.resolve().map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
+    let timeout = ms(config.connect_timeout_ms);
+    let mut response =
+        Response::open(addr, &url.authority(), "POST", AFFINITY_PATH, &body, timeout).map_err(|e| e.to_string())?;
+    let mut sink = Vec::new();
+    while response.read_body(&mut sink, timeout).map_err(|e| e.to_string())? {}
+    if !(200..300).contains(&response.status) {
+        return Err(format!("{AFFINITY_PATH} answered {}", response.status));
+    }
     Ok(())
 }

@@ -33,7 +33,7 @@ use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::{Cli, Config, LogFormat};
+use crate::config::{Cli, Config, DiscoveryMode, LogFormat};
 
 /// mimalloc: per-thread free lists suit thread-per-core workers that allocate and free
 /// request buffers on the same thread (measured in perf/results: fewer cycles per request
@@ -106,13 +106,26 @@ fn run(config: Config) -> anyhow::Result<()> {
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("blocking signals")?;
 
+    // Control mode shares prefix assignments: workers hand them to the reporter thread.
+    let share = config.discovery.mode == DiscoveryMode::Control && config.discovery.control.share_affinity;
+    let (affinity_out, affinity_in) = if share {
+        let (tx, rx) = crossbeam_channel::bounded(256);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
     let shared = Arc::new(Shared {
         cell: Arc::new(SnapshotCell::new(config.routing.clone())),
         config,
         prometheus,
         draining: AtomicBool::new(false),
         control: Default::default(),
+        affinity_out,
+        replica: format!("{:x}-{:x}", std::process::id(), worker::now_nanos()),
     });
+    if let Some(rx) = affinity_in {
+        control::spawn_reporter(shared.clone(), rx).context("starting the affinity reporter")?;
+    }
     discovery::spawn(shared.clone()).context("starting discovery")?;
     spawn_upkeep(shared.clone())?;
     for (id, listener) in listeners.into_iter().enumerate() {

@@ -51,6 +51,7 @@ pub const SNAPSHOT_VERSION: &str = "lmstack_snapshot_version";
 pub const SNAPSHOT_UPDATES_TOTAL: &str = "lmstack_snapshot_updates_total";
 pub const SNAPSHOT_REJECTED_TOTAL: &str = "lmstack_snapshot_rejected_total";
 pub const CONTROL_CONNECTED: &str = "lmstack_control_connected";
+pub const AFFINITY_SHARED_BLOCKS_TOTAL: &str = "lmstack_affinity_shared_blocks_total";
 pub const CONTROL_DISCONNECTS_TOTAL: &str = "lmstack_control_disconnects_total";
 pub const DISCOVERY_FILE_READS_TOTAL: &str = "lmstack_discovery_file_reads_total";
 pub const BUILD_INFO: &str = "lmstack_build_info";
@@ -168,6 +169,10 @@ fn describe() {
     describe_gauge!(
         CONTROL_CONNECTED,
         "1 while the snapshot stream from lmstack-control is open (control mode)."
+    );
+    describe_counter!(
+        AFFINITY_SHARED_BLOCKS_TOTAL,
+        "Prompt blocks of prefix assignments shared through control, by status (sent, dropped, applied: received from another replica)."
     );
     describe_counter!(
         CONTROL_DISCONNECTS_TOTAL,

@@ -360,6 +360,10 @@ async fn forward(
                     let cell = &ctx.shared.cell;
                     cell.affinity.record(plan.blocks(), tag, cell.now_ms());
                 }
+                // Blocks this endpoint did not hold yet are news for the other replicas.
+                if matched < plan.blocks().len() {
+                    ctx.share_assignment(&endpoint.url, plan.blocks());
+                }
                 mm.match_ratio(matched as f64 / plan.blocks().len() as f64);
                 (plan.blocks().len() as u64, (plan.blocks().len() - matched) as u64)
             }

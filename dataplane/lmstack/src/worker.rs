@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use lmstack_http::Version;
 use lmstack_http::head::HeadLimits;
+use lmstack_snapshot::AffinityEntry;
 use metrics_exporter_prometheus::PrometheusHandle;
 use monoio::io::AsyncWriteRent;
 use monoio::net::{TcpListener, TcpStream};
@@ -35,6 +36,11 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// The link to lmstack-control (control mode only).
     pub control: crate::control::ControlLink,
+    /// Where workers hand their prefix assignments for control (control mode with
+    /// `share_affinity` only).
+    pub affinity_out: Option<crossbeam_channel::Sender<Vec<AffinityEntry>>>,
+    /// This process among the router's replicas.
+    pub replica: String,
 }
 
 /// Limits and timeouts, converted once from the configuration.
@@ -136,6 +142,8 @@ pub struct WorkerCtx {
     request_seq: Cell<u64>,
     connections: Cell<usize>,
     scratch_free: std::cell::RefCell<Vec<PrefixBuffers>>,
+    /// Prefix assignments made here since the last flush, for control (shared affinity).
+    affinity_out: std::cell::RefCell<Vec<AffinityEntry>>,
 }
 
 impl WorkerCtx {
@@ -157,12 +165,38 @@ impl WorkerCtx {
             request_seq: Cell::new(0),
             connections: Cell::new(0),
             scratch_free: std::cell::RefCell::new(Vec::new()),
+            affinity_out: std::cell::RefCell::new(Vec::new()),
             shared,
         }
     }
 
     /// The routing state to use for a request; on a new version, closes idle connections
     /// to endpoints that are gone.
+    /// Notes that `endpoint` got the prompt `blocks`, for the other replicas (control mode
+    /// with `share_affinity` only).
+    pub fn share_assignment(&self, endpoint: &str, blocks: &[u64]) {
+        if self.shared.affinity_out.is_some() {
+            self.affinity_out.borrow_mut().push(AffinityEntry {
+                endpoint: endpoint.to_owned(),
+                blocks: blocks.to_vec(),
+            });
+        }
+    }
+
+    /// Hands this worker's assignments to the reporter thread (never blocks: when its
+    /// queue is full they are dropped and counted).
+    fn flush_assignments(&self) {
+        let Some(tx) = &self.shared.affinity_out else { return };
+        let entries = std::mem::take(&mut *self.affinity_out.borrow_mut());
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = tx.try_send(entries) {
+            let blocks: usize = e.into_inner().iter().map(|e| e.blocks.len()).sum();
+            ::metrics::counter!(metrics::AFFINITY_SHARED_BLOCKS_TOTAL, "status" => "dropped").increment(blocks as u64);
+        }
+    }
+
     pub fn routing_state(&self) -> StateRef {
         let (state, changed) = self.routing.current(&self.shared.cell);
         if changed {
@@ -194,7 +228,7 @@ impl WorkerCtx {
     }
 }
 
-fn now_nanos() -> u128 {
+pub fn now_nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
@@ -339,6 +373,7 @@ async fn housekeeping(ctx: Rc<WorkerCtx>) {
     loop {
         crate::time::sleep(metrics::FLUSH_INTERVAL).await;
         ctx.metrics.flush();
+        ctx.flush_assignments();
         ticks = ticks.wrapping_add(1);
         if ticks.is_multiple_of(10) {
             let state = ctx.routing_state();
