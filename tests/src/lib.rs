@@ -215,21 +215,20 @@ pub fn router_following(control: &Proc, extra: &[&str]) -> Proc {
 
 /// Healthy endpoints of `model` in the router's /health (0 when not served).
 pub fn healthy_endpoints(router: &Proc, model: &str) -> u64 {
-    let health = get(router, "/health").json();
-    health["models"]
-        .as_array()
-        .and_then(|models| models.iter().find(|m| m["model"] == model))
-        .and_then(|m| m["healthy_endpoints"].as_u64())
-        .unwrap_or(0)
+    model_health(router, model, "healthy_endpoints")
 }
 
 /// Endpoints (healthy or not) of `model` in the router's /health.
 pub fn listed_endpoints(router: &Proc, model: &str) -> u64 {
+    model_health(router, model, "endpoints")
+}
+
+fn model_health(router: &Proc, model: &str, field: &str) -> u64 {
     let health = get(router, "/health").json();
     health["models"]
         .as_array()
         .and_then(|models| models.iter().find(|m| m["model"] == model))
-        .and_then(|m| m["endpoints"].as_u64())
+        .and_then(|m| m[field].as_u64())
         .unwrap_or(0)
 }
 
