@@ -189,10 +189,6 @@ impl Prober {
         }
     }
 
-    pub fn config(&self) -> &HealthCheckConfig {
-        &self.config
-    }
-
     /// Replaces the set of targets. Targets seen before keep their state (health streaks,
     /// models, address); new ones are probed from scratch; gone ones are forgotten. Order
     /// follows `targets`.
@@ -211,14 +207,6 @@ impl Prober {
                 None => self.backends.push(Backend::new(target)),
             }
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.backends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.backends.is_empty()
     }
 
     /// Probes every target once, all at the same time, and applies the results.
@@ -257,15 +245,10 @@ impl Prober {
             .collect()
     }
 
-    /// The snapshot of what is known now (version 0).
-    pub fn snapshot(&self) -> Snapshot {
-        build(&self.backends)
-    }
-
     /// The next snapshot to publish, versioned one past the last one, when anything
     /// changed since; `published` tells whether the receiver took it.
     pub fn changed(&self) -> Option<Snapshot> {
-        let mut snapshot = self.snapshot();
+        let mut snapshot = build(&self.backends);
         if let Some(p) = &self.published {
             snapshot.version = p.version;
             if *p == snapshot {
