@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use lmstack_e2e::{Proc, agent, metric};
 
-use crate::build_bins;
+use crate::{build_bins, start_router};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -34,7 +34,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             let name = format!("engine-{i}");
             Proc::start(
                 &bins.join("lmstack-sim"),
-                &strings(&[
+                &lmstack_e2e::args(&[
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -50,21 +50,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let backends = engines.iter().map(Proc::url).collect::<Vec<_>>().join(",");
-    let router = Proc::start(
-        &bins.join("lmstack"),
-        &strings(&[
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &args.port.to_string(),
-            "--static-backends",
-            &backends,
-            "--routing-logic",
-            "session",
-        ]),
-        &[],
-    );
+    let backends: Vec<String> = engines.iter().map(Proc::url).collect();
+    let router = start_router(&bins, args.port, &backends, &["--routing-logic", "session"]);
     let url = router.url();
     let http = agent();
     let started = std::time::Instant::now();
@@ -183,8 +170,4 @@ fn header(r: &ureq::http::Response<ureq::Body>, name: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("?")
         .to_owned()
-}
-
-fn strings(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
 }

@@ -68,6 +68,16 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the router from `bins` on 127.0.0.1:`port` (0: any) over `backends`, with `extra`
+/// flags.
+pub fn start_router(bins: &Path, port: u16, backends: &[String], extra: &[&str]) -> lmstack_e2e::Proc {
+    let port = port.to_string();
+    let list = backends.join(",");
+    let mut args = lmstack_e2e::args(&["--host", "127.0.0.1", "--port", &port, "--static-backends", &list]);
+    args.extend(lmstack_e2e::args(extra));
+    lmstack_e2e::Proc::start(&bins.join("lmstack"), &args, &[])
+}
+
 /// Builds the binaries with `profile` and returns their directory.
 pub fn build_bins(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();

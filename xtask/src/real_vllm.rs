@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
-use lmstack_e2e::{Proc, agent, metric, metric_sum};
+use lmstack_e2e::{agent, metric, metric_sum};
 use serde_json::{Value, json};
 
-use crate::{build_bins, root, run_cmd};
+use crate::{build_bins, root, run_cmd, start_router};
 
 #[derive(Args)]
 pub struct RealVllmArgs {
@@ -64,22 +64,11 @@ pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
         keep: args.keep,
     };
     let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
-    let router = Proc::start(
-        &bins.join("lmstack"),
-        &[
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--static-backends",
-            &urls.join(","),
-            "--routing-logic",
-            "session",
-            "--health-check-interval-ms",
-            "1000",
-        ]
-        .map(str::to_owned),
-        &[],
+    let router = start_router(
+        &bins,
+        0,
+        &urls,
+        &["--routing-logic", "session", "--health-check-interval-ms", "1000"],
     );
     let url = router.url();
     let http = agent();

@@ -83,10 +83,6 @@ fn environment(when: u64) -> Value {
     })
 }
 
-fn strings(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
-
 fn command_output(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)

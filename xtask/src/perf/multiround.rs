@@ -17,7 +17,8 @@ use clap::Args;
 use lmstack_e2e::{Proc, agent, metric_sum};
 use serde_json::{Value, json};
 
-use super::{strings, wait_ready};
+use super::wait_ready;
+use crate::start_router;
 
 /// The simulated engines' costs: prefill 50 us a token (a 5k-token history takes 250 ms),
 /// 5 ms a token to decode plus 0.2 ms for every other running sequence.
@@ -133,30 +134,15 @@ fn run_target(
     let blocks = blocks.to_string();
     let sims: Vec<Proc> = (0..engines)
         .map(|i| {
-            let mut a = strings(&["--host", "127.0.0.1", "--port", "0", "--name", &format!("e{i}")]);
-            a.extend(strings(&ENGINE_COSTS));
-            a.extend(strings(&["--num-gpu-blocks", &blocks]));
+            let mut a = lmstack_e2e::args(&["--host", "127.0.0.1", "--port", "0", "--name", &format!("e{i}")]);
+            a.extend(lmstack_e2e::args(&ENGINE_COSTS));
+            a.extend(lmstack_e2e::args(&["--num-gpu-blocks", &blocks]));
             Proc::start(&bins.join("lmstack-sim"), &a, &[])
         })
         .collect();
     let router = policy.map(|p| {
-        let list = sims.iter().map(Proc::url).collect::<Vec<_>>().join(",");
-        Proc::start(
-            &bins.join("lmstack"),
-            &strings(&[
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--static-backends",
-                &list,
-                "--routing-logic",
-                p,
-                "--log-level",
-                "warn",
-            ]),
-            &[],
-        )
+        let urls: Vec<String> = sims.iter().map(Proc::url).collect();
+        start_router(bins, 0, &urls, &["--routing-logic", p, "--log-level", "warn"])
     });
     let url = match &router {
         Some(r) => {

@@ -22,7 +22,8 @@ use clap::Args;
 use lmstack_e2e::Proc;
 use serde_json::{Value, json};
 
-use super::{command_output, strings, wait_ready};
+use super::{command_output, wait_ready};
+use crate::start_router;
 
 #[derive(Args)]
 pub struct ProxyArgs {
@@ -73,24 +74,11 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
             "4096",
         ];
         a.extend_from_slice(extra);
-        Proc::start(&bins.join("lmstack-sim"), &strings(&a), &[])
+        Proc::start(&bins.join("lmstack-sim"), &lmstack_e2e::args(&a), &[])
     };
     let router = |engines: &[&Proc]| {
-        let list = engines.iter().map(|e| e.url()).collect::<Vec<_>>().join(",");
-        Proc::start(
-            &bins.join("lmstack"),
-            &strings(&[
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--static-backends",
-                &list,
-                "--log-level",
-                "warn",
-            ]),
-            &[],
-        )
+        let urls: Vec<String> = engines.iter().map(|e| e.url()).collect();
+        start_router(bins, 0, &urls, &["--log-level", "warn"])
     };
 
     // Throughput.
