@@ -192,6 +192,12 @@ pub fn main() -> anyhow::Result<()> {
                     s.ttft_ms.p99,
                     s.itl_ms_mean
                 );
+                if s.follow_ups > 0 {
+                    println!(
+                        "follow-up rounds on the previous round's engine: {}/{} ({:.3})",
+                        s.follow_ups_same_engine, s.follow_ups, s.same_engine_share
+                    );
+                }
             }
         }
     }

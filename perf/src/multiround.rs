@@ -28,9 +28,11 @@ use crate::load::Percentiles;
 
 #[derive(Clone, Debug, Args)]
 pub struct MultiRoundArgs {
-    /// Base URL: http://host:port
-    #[arg(long)]
-    pub url: String,
+    /// Base URL(s): http://host:port. With several (comma-separated), a user's rounds take
+    /// turns among them, so every follow-up round goes through another router than the
+    /// round before it (for replicas that must agree on where a conversation lives).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub url: Vec<String>,
     #[arg(long, default_value = "sim-model")]
     pub model: String,
     /// Users in all.
@@ -71,6 +73,13 @@ pub struct MultiRoundArgs {
     pub chars_per_token: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Response header naming the engine that served a request (the simulator's): follow-up
+    /// rounds served by the engine of the round before are counted.
+    #[arg(long, default_value = "x-sim-engine")]
+    pub engine_header: String,
+    /// Follow-up rounds started in the first seconds are not counted for the engine share.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_s: f64,
     #[arg(long, default_value = "multi-round")]
     pub label: String,
     #[arg(long)]
@@ -87,6 +96,12 @@ pub struct MultiRoundSummary {
     pub ttft_ms: Percentiles,
     /// Mean gap between streamed chunks, over all requests.
     pub itl_ms_mean: f64,
+    /// Follow-up rounds (after the warm-up) whose engine and the previous round's are known.
+    pub follow_ups: u64,
+    /// Of those, served by the engine that served the previous round (where the conversation's
+    /// prefix is cached).
+    pub follow_ups_same_engine: u64,
+    pub same_engine_share: f64,
 }
 
 /// Deterministic filler text: `tokens` words of `chars_per_token` characters.
@@ -123,6 +138,8 @@ struct Recorder {
     gaps: u64,
     requests: u64,
     errors: u64,
+    follow_ups: u64,
+    same_engine: u64,
 }
 
 pub fn run_blocking(args: &MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
@@ -134,12 +151,17 @@ pub fn run_blocking(args: &MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> 
 }
 
 async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
-    let host = a
+    let hosts = a
         .url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow::anyhow!("--url must start with http://"))?
-        .trim_end_matches('/')
-        .to_owned();
+        .iter()
+        .map(|u| {
+            u.strip_prefix("http://")
+                .map(|h| h.trim_end_matches('/').to_owned())
+                .ok_or_else(|| anyhow::anyhow!("--url must start with http://: {u}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!hosts.is_empty(), "--url is empty");
+    let hosts = Arc::new(hosts);
     let a = Arc::new(a);
     let rounds = Arc::new(rounds_per_user(&a));
     let system = Arc::new(text(a.seed, a.system_tokens, a.chars_per_token));
@@ -155,13 +177,15 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
         gaps: 0,
         requests: 0,
         errors: 0,
+        follow_ups: 0,
+        same_engine: 0,
     }));
     let interval = (a.qps > 0.0).then(|| Duration::from_secs_f64(a.active as f64 / a.qps));
     let start = Instant::now();
     let mut slots = Vec::new();
     for slot in 0..a.active.max(1) {
         let (a, rounds, system, docs) = (a.clone(), rounds.clone(), system.clone(), docs.clone());
-        let (next_user, recorder, host) = (next_user.clone(), recorder.clone(), host.clone());
+        let (next_user, recorder, hosts) = (next_user.clone(), recorder.clone(), hosts.clone());
         // Users join over time (one pacing interval), not all at once.
         let join = interval.map_or(Duration::ZERO, |i| i.mul_f64(slot as f64 / a.active.max(1) as f64));
         slots.push(tokio::spawn(async move {
@@ -175,7 +199,9 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
                     *n += 1;
                     *n - 1
                 };
-                chat(&a, &host, user, rounds[user], &system, &docs, interval, &recorder).await;
+                let counted_from = start + Duration::from_secs_f64(a.warmup_s.max(0.0));
+                let chat = Chat { a: &a, hosts: &hosts, system: &system, docs: &docs, interval, counted_from };
+                chat.run(user, rounds[user], &recorder).await;
             }
         }));
     }
@@ -196,81 +222,115 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
         } else {
             r.gaps_us / r.gaps as f64 / 1000.0
         },
+        follow_ups: r.follow_ups,
+        follow_ups_same_engine: r.same_engine,
+        same_engine_share: if r.follow_ups == 0 {
+            0.0
+        } else {
+            r.same_engine as f64 / r.follow_ups as f64
+        },
     })
 }
 
-/// One user's chat: `rounds` requests on one keep-alive connection.
-#[allow(clippy::too_many_arguments)]
-async fn chat(
-    a: &MultiRoundArgs,
-    host: &str,
-    user: usize,
-    rounds: usize,
-    system: &str,
-    docs: &[String],
+/// What every chat of a run shares.
+struct Chat<'a> {
+    a: &'a MultiRoundArgs,
+    hosts: &'a [String],
+    system: &'a str,
+    docs: &'a [String],
     interval: Option<Duration>,
-    recorder: &Mutex<Recorder>,
-) {
-    let cpt = a.chars_per_token;
-    let history = text(a.seed ^ (1 << 40) ^ user as u64, a.history_tokens, cpt);
-    let mut first = String::new();
-    if !docs.is_empty() {
-        first.push_str(&docs[user % docs.len()]);
-        first.push('\n');
-    }
-    first.push_str(&history);
-    let mut messages = vec![json!({"role": "system", "content": system})];
-    let mut sender: Option<http1::SendRequest<Full<Bytes>>> = None;
-    let mut next_at = Instant::now();
-    for round in 0..rounds {
-        if let Some(i) = interval {
-            tokio::time::sleep_until(next_at.into()).await;
-            next_at += i;
+    /// Follow-ups started before this are warm-up, not counted for the engine share.
+    counted_from: Instant,
+}
+
+impl Chat<'_> {
+    /// One user's chat: `rounds` requests, on one keep-alive connection per target; round `r`
+    /// goes to target `(user + r) % targets`.
+    async fn run(&self, user: usize, rounds: usize, recorder: &Mutex<Recorder>) {
+        let a = self.a;
+        let cpt = a.chars_per_token;
+        let history = text(a.seed ^ (1 << 40) ^ user as u64, a.history_tokens, cpt);
+        let mut first = String::new();
+        if !self.docs.is_empty() {
+            first.push_str(&self.docs[user % self.docs.len()]);
+            first.push('\n');
         }
-        let question = text(
-            a.seed ^ (2 << 40) ^ ((user as u64) << 16) ^ round as u64,
-            a.question_tokens,
-            cpt,
-        );
-        let content = if round == 0 {
-            format!("{first}\n{question}")
-        } else {
-            question
-        };
-        messages.push(json!({"role": "user", "content": content}));
-        let body = json!({
-            "model": a.model, "messages": messages, "stream": true,
-            "max_tokens": a.answer_tokens, "ignore_eos": true,
-        });
-        let outcome = exchange(&mut sender, host, &body, (!a.no_session_header).then_some(user)).await;
-        let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
-        match outcome {
-            Ok((ttft, gaps, answer)) => {
-                r.requests += 1;
-                let _ = r.ttft.record(ttft.as_micros().max(1) as u64);
-                r.gaps += gaps.len() as u64;
-                r.gaps_us += gaps.iter().map(|g| g.as_micros() as f64).sum::<f64>();
-                drop(r);
-                messages.push(json!({"role": "assistant", "content": answer}));
+        first.push_str(&history);
+        let mut messages = vec![json!({"role": "system", "content": self.system})];
+        let mut senders: Vec<Option<http1::SendRequest<Full<Bytes>>>> =
+            self.hosts.iter().map(|_| None).collect();
+        let mut next_at = Instant::now();
+        let mut last_engine: Option<String> = None;
+        for round in 0..rounds {
+            if let Some(i) = self.interval {
+                tokio::time::sleep_until(next_at.into()).await;
+                next_at += i;
             }
-            Err(_) => {
-                r.errors += 1;
-                drop(r);
-                sender = None;
-                messages.push(json!({"role": "assistant", "content": ""}));
+            let question = text(
+                a.seed ^ (2 << 40) ^ ((user as u64) << 16) ^ round as u64,
+                a.question_tokens,
+                cpt,
+            );
+            let content = if round == 0 {
+                format!("{first}\n{question}")
+            } else {
+                question
+            };
+            messages.push(json!({"role": "user", "content": content}));
+            let body = json!({
+                "model": a.model, "messages": messages, "stream": true,
+                "max_tokens": a.answer_tokens, "ignore_eos": true,
+            });
+            let target = (user + round) % self.hosts.len();
+            let counted = Instant::now() >= self.counted_from;
+            let user_header = (!a.no_session_header).then_some(user);
+            let outcome = exchange(&mut senders[target], &self.hosts[target], &body, user_header, &a.engine_header).await;
+            let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
+            match outcome {
+                Ok(reply) => {
+                    r.requests += 1;
+                    let _ = r.ttft.record(reply.ttft.as_micros().max(1) as u64);
+                    r.gaps += reply.gaps.len() as u64;
+                    r.gaps_us += reply.gaps.iter().map(|g| g.as_micros() as f64).sum::<f64>();
+                    if let (true, Some(last), Some(now)) = (counted, &last_engine, &reply.engine) {
+                        r.follow_ups += 1;
+                        r.same_engine += u64::from(last == now);
+                    }
+                    drop(r);
+                    last_engine = reply.engine;
+                    messages.push(json!({"role": "assistant", "content": reply.answer}));
+                }
+                Err(_) => {
+                    r.errors += 1;
+                    drop(r);
+                    senders[target] = None;
+                    last_engine = None;
+                    messages.push(json!({"role": "assistant", "content": ""}));
+                }
             }
         }
     }
 }
 
-/// Sends one streaming chat request; returns the time to the first event, the gaps between
-/// chunks, and the answer's text.
+/// One streamed answer.
+struct Reply {
+    /// Time to the first event.
+    ttft: Duration,
+    /// Gaps between chunks.
+    gaps: Vec<Duration>,
+    answer: String,
+    /// The engine that served it, from the engine header.
+    engine: Option<String>,
+}
+
+/// Sends one streaming chat request and reads the answer.
 async fn exchange(
     sender: &mut Option<http1::SendRequest<Full<Bytes>>>,
     host: &str,
     body: &Value,
     user: Option<usize>,
-) -> anyhow::Result<(Duration, Vec<Duration>, String)> {
+    engine_header: &str,
+) -> anyhow::Result<Reply> {
     let s = match sender {
         Some(s) if !s.is_closed() => s,
         _ => {
@@ -294,6 +354,11 @@ async fn exchange(
     s.ready().await?;
     let resp = s.send_request(req).await?;
     anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
+    let engine = resp
+        .headers()
+        .get(engine_header)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut body = resp.into_body();
     let (mut first, mut last, mut gaps) = (None, None, Vec::new());
     let mut raw = Vec::new();
@@ -316,7 +381,12 @@ async fn exchange(
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
         .collect::<String>();
-    Ok((first.ok_or_else(|| anyhow::anyhow!("no events"))?, gaps, answer))
+    Ok(Reply {
+        ttft: first.ok_or_else(|| anyhow::anyhow!("no events"))?,
+        gaps,
+        answer,
+        engine,
+    })
 }
 
 #[cfg(test)]
@@ -334,7 +404,7 @@ mod tests {
     #[test]
     fn skew_keeps_the_mean_and_favours_early_users() {
         let mut a = MultiRoundArgs {
-            url: String::new(),
+            url: vec![],
             model: String::new(),
             users: 100,
             active: 1,
@@ -350,6 +420,8 @@ mod tests {
             no_session_header: false,
             chars_per_token: 4,
             seed: 1,
+            engine_header: String::new(),
+            warmup_s: 0.0,
             label: String::new(),
             json: false,
         };

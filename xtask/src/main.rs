@@ -81,7 +81,7 @@ pub fn start_router(bins: &Path, port: u16, backends: &[String], extra: &[&str])
 /// Builds the binaries with `profile` and returns their directory.
 pub fn build_bins(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--bins", "-p", "lmstack", "-p", "lmstack-perf"]);
+    cmd.args(["build", "--bins", "-p", "lmstack", "-p", "lmstack-perf", "-p", "lmstack-control"]);
     if release {
         cmd.arg("--release");
     }

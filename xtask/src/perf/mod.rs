@@ -5,12 +5,15 @@
 //! - `multi-round`: the multi-round QA workload against simulated engines with tight KV
 //!   caches, per routing policy, with one big engine as the reference for hit rate.
 //! - `affinity-memory`: the prefix affinity table's resident memory under 10^6 prompts.
+//! - `replicas`: two routers behind one lmstack-control on the multi-round workload: how
+//!   often they agree on where a conversation lives, against one router alone.
 //!
 //! Each prints its tables and writes JSON under target/perf/ (or `--out`).
 
 mod memory;
 mod multiround;
 mod proxy;
+mod replicas;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,6 +31,8 @@ pub enum Scenario {
     Proxy,
     MultiRound,
     AffinityMemory,
+    Replicas,
+    /// proxy, affinity-memory and multi-round.
     All,
 }
 
@@ -43,6 +48,8 @@ pub struct PerfArgs {
     proxy: proxy::ProxyArgs,
     #[command(flatten)]
     multi_round: multiround::MultiRoundArgs,
+    #[command(flatten)]
+    replicas: replicas::ReplicasArgs,
 }
 
 pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
@@ -70,6 +77,9 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
     }
     if all || args.scenario == Scenario::MultiRound {
         save("multi-round", multiround::run(&bins, &args.multi_round)?)?;
+    }
+    if args.scenario == Scenario::Replicas {
+        save("replicas", replicas::run(&bins, &work, &args.multi_round, &args.replicas)?)?;
     }
     Ok(())
 }

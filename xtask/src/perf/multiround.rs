@@ -22,7 +22,7 @@ use crate::start_router;
 
 /// The simulated engines' costs: prefill 50 us a token (a 5k-token history takes 250 ms),
 /// 5 ms a token to decode plus 0.2 ms for every other running sequence.
-const ENGINE_COSTS: [&str; 10] = [
+pub(super) const ENGINE_COSTS: [&str; 10] = [
     "--prefill-base-ms",
     "2",
     "--prefill-us-per-token",
@@ -39,21 +39,21 @@ const ENGINE_COSTS: [&str; 10] = [
 pub struct MultiRoundArgs {
     /// Engines behind the router.
     #[arg(id = "mr-engines", long = "mr-engines", default_value_t = 4)]
-    engines: usize,
+    pub(super) engines: usize,
     /// KV cache of each engine, in 16-token blocks (the reference engine has them all).
     #[arg(id = "mr-blocks", long = "mr-blocks", default_value_t = 4000)]
-    blocks: usize,
+    pub(super) blocks: usize,
     #[arg(id = "mr-users", long = "mr-users", default_value_t = 128)]
-    users: usize,
+    pub(super) users: usize,
     #[arg(id = "mr-active", long = "mr-active", default_value_t = 32)]
-    active: usize,
+    pub(super) active: usize,
     #[arg(id = "mr-rounds", long = "mr-rounds", default_value_t = 10)]
-    rounds: usize,
+    pub(super) rounds: usize,
     /// Aggregate request rate.
     #[arg(id = "mr-qps", long = "mr-qps", default_value_t = 24.0)]
-    qps: f64,
+    pub(super) qps: f64,
     #[arg(id = "mr-history-tokens", long = "mr-history-tokens", default_value_t = 4000)]
-    history_tokens: usize,
+    pub(super) history_tokens: usize,
     /// Policies to compare.
     #[arg(
         id = "mr-policies",
@@ -73,7 +73,7 @@ pub struct MultiRoundArgs {
     variants: Vec<String>,
 }
 
-fn variant_args(variant: &str) -> anyhow::Result<Vec<&'static str>> {
+pub(super) fn variant_args(variant: &str) -> anyhow::Result<Vec<&'static str>> {
     Ok(match variant {
         "base" => vec![],
         "no-header" => vec!["--no-session-header"],
@@ -131,15 +131,7 @@ fn run_target(
     engines: usize,
     blocks: usize,
 ) -> anyhow::Result<Value> {
-    let blocks = blocks.to_string();
-    let sims: Vec<Proc> = (0..engines)
-        .map(|i| {
-            let mut a = lmstack_e2e::args(&["--host", "127.0.0.1", "--port", "0", "--name", &format!("e{i}")]);
-            a.extend(lmstack_e2e::args(&ENGINE_COSTS));
-            a.extend(lmstack_e2e::args(&["--num-gpu-blocks", &blocks]));
-            Proc::start(&bins.join("lmstack-sim"), &a, &[])
-        })
-        .collect();
+    let sims = start_engines(bins, engines, blocks);
     let router = policy.map(|p| {
         let urls: Vec<String> = sims.iter().map(Proc::url).collect();
         start_router(bins, 0, &urls, &["--routing-logic", p, "--log-level", "warn"])
@@ -151,45 +143,12 @@ fn run_target(
         }
         None => sims[0].url(),
     };
-    let out = Command::new(bins.join("lmstack-load"))
-        .args([
-            "multi-round",
-            "--url",
-            &url,
-            "--json",
-            "--label",
-            policy.unwrap_or("one_big_engine"),
-        ])
-        .args(["--users", &args.users.to_string(), "--active", &args.active.to_string()])
-        .args(["--rounds", &args.rounds.to_string(), "--qps", &args.qps.to_string()])
-        .args(["--history-tokens", &args.history_tokens.to_string()])
-        .args(extra)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running lmstack-load multi-round")?;
-    anyhow::ensure!(out.status.success(), "lmstack-load multi-round failed");
-    let mut run: Value = serde_json::from_slice(&out.stdout)?;
-    let http = agent();
-    let (mut hits, mut queries, mut per_engine) = (0.0, 0.0, Vec::new());
-    for s in &sims {
-        let text = http
-            .get(format!("{}/metrics", s.url()))
-            .call()?
-            .body_mut()
-            .read_to_string()?;
-        hits += metric_sum(&text, "vllm:prefix_cache_hits_total", &[]);
-        queries += metric_sum(&text, "vllm:prefix_cache_queries_total", &[]);
-        per_engine.push(metric_sum(&text, "vllm:request_success_total", &[]));
-    }
-    let max = per_engine.iter().copied().fold(0.0, f64::max);
-    let min = per_engine.iter().copied().fold(f64::INFINITY, f64::min);
-    run["hit_rate"] = json!(if queries > 0.0 { hits / queries } else { 0.0 });
-    run["requests_per_engine"] = json!(per_engine);
-    run["requests_max_over_min"] = json!(if min > 0.0 { max / min } else { f64::INFINITY });
+    let mut run = run_load(bins, args, &[url], policy.unwrap_or("one_big_engine"), extra)?;
+    add_engine_stats(&mut run, &sims)?;
     if let Some(r) = &router {
         // The router's own view: decisions by reason, the mean matched share.
         std::thread::sleep(std::time::Duration::from_millis(250));
-        let text = http
+        let text = agent()
             .get(format!("{}/metrics", r.url()))
             .call()?
             .body_mut()
@@ -210,7 +169,64 @@ fn run_target(
     Ok(run)
 }
 
-fn f(v: &Value, path: &str) -> f64 {
+/// Starts `n` simulated engines named e0.. with `blocks` KV blocks each and the benchmark's costs.
+pub(super) fn start_engines(bins: &Path, n: usize, blocks: usize) -> Vec<Proc> {
+    let blocks = blocks.to_string();
+    (0..n)
+        .map(|i| {
+            let mut a = lmstack_e2e::args(&["--host", "127.0.0.1", "--port", "0", "--name", &format!("e{i}")]);
+            a.extend(lmstack_e2e::args(&ENGINE_COSTS));
+            a.extend(lmstack_e2e::args(&["--num-gpu-blocks", &blocks]));
+            Proc::start(&bins.join("lmstack-sim"), &a, &[])
+        })
+        .collect()
+}
+
+/// Runs `lmstack-load multi-round` against `urls` (several: rounds take turns) and returns its
+/// summary.
+pub(super) fn run_load(
+    bins: &Path,
+    args: &MultiRoundArgs,
+    urls: &[String],
+    label: &str,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
+    let out = Command::new(bins.join("lmstack-load"))
+        .args(["multi-round", "--url", &urls.join(","), "--json", "--label", label])
+        .args(["--users", &args.users.to_string(), "--active", &args.active.to_string()])
+        .args(["--rounds", &args.rounds.to_string(), "--qps", &args.qps.to_string()])
+        .args(["--history-tokens", &args.history_tokens.to_string()])
+        .args(extra)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running lmstack-load multi-round")?;
+    anyhow::ensure!(out.status.success(), "lmstack-load multi-round failed");
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Adds the engines' own figures to `run`: prefix-cache hit rate and requests per engine.
+pub(super) fn add_engine_stats(run: &mut Value, sims: &[Proc]) -> anyhow::Result<()> {
+    let http = agent();
+    let (mut hits, mut queries, mut per_engine) = (0.0, 0.0, Vec::new());
+    for s in sims {
+        let text = http
+            .get(format!("{}/metrics", s.url()))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        hits += metric_sum(&text, "vllm:prefix_cache_hits_total", &[]);
+        queries += metric_sum(&text, "vllm:prefix_cache_queries_total", &[]);
+        per_engine.push(metric_sum(&text, "vllm:request_success_total", &[]));
+    }
+    let max = per_engine.iter().copied().fold(0.0, f64::max);
+    let min = per_engine.iter().copied().fold(f64::INFINITY, f64::min);
+    run["hit_rate"] = json!(if queries > 0.0 { hits / queries } else { 0.0 });
+    run["requests_per_engine"] = json!(per_engine);
+    run["requests_max_over_min"] = json!(if min > 0.0 { max / min } else { f64::INFINITY });
+    Ok(())
+}
+
+pub(super) fn f(v: &Value, path: &str) -> f64 {
     path.split('.')
         .try_fold(v, |v, k| v.get(k))
         .and_then(Value::as_f64)
