@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -358,7 +358,7 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
             "text_completion"
         };
         let head = format!(r#""id":"{id}","object":"{object}","created":{created},"model":{model_json}"#);
-        if !sleep_unless_gone(&tx, admitted.first_token_at).await {
+        if !sleep_unless_gone(&tx, admitted.first_token_at, engine.precise_timers()).await {
             metrics.finished(FinishReason::Abort);
             return;
         }
@@ -378,7 +378,7 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
         for i in 0..max_tokens {
             if i > 0 {
                 at += engine.decode_delay();
-                if !sleep_unless_gone(&tx, at).await {
+                if !sleep_unless_gone(&tx, at, engine.precise_timers()).await {
                     metrics.generation_tokens.increment(i as u64);
                     metrics.finished(FinishReason::Abort);
                     return;
@@ -441,10 +441,23 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
 }
 
 /// Sleeps until `at`; false if the client went away (the stream's receiver was dropped).
-async fn sleep_unless_gone(tx: &mpsc::Sender<Bytes>, at: Instant) -> bool {
+async fn sleep_unless_gone(tx: &mpsc::Sender<Bytes>, at: Instant, precise: bool) -> bool {
     tokio::select! {
-        _ = tokio::time::sleep_until(at) => true,
+        _ = sleep_until(at, precise) => true,
         _ = tx.closed() => false,
+    }
+}
+
+/// Sleeps until `at`: on tokio's timer (a millisecond's resolution, rounding up), or when
+/// `precise`, on it until 2 ms before and then on a blocking-pool thread.
+async fn sleep_until(at: Instant, precise: bool) {
+    if !precise {
+        return tokio::time::sleep_until(at).await;
+    }
+    tokio::time::sleep_until(at - Duration::from_millis(2)).await;
+    let rest = at.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
     }
 }
 

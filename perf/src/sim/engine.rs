@@ -32,6 +32,9 @@ pub struct EngineConfig {
     pub prefill_per_token: Duration,
     pub decode_base: Duration,
     pub decode_per_seq: Duration,
+    /// Hit token deadlines to within tens of microseconds (tokio's timer alone is up to a
+    /// millisecond late): the last stretch of each wait is a thread sleep.
+    pub precise_timers: bool,
 }
 
 /// What admission decided for one request.
@@ -210,6 +213,10 @@ impl Engine {
         self.schedule(&mut state);
     }
 
+    pub fn precise_timers(&self) -> bool {
+        self.config.precise_timers
+    }
+
     /// Time for the next output token, given how many sequences run now.
     pub fn decode_delay(&self) -> Duration {
         let others = self.running.load(Ordering::Relaxed).saturating_sub(1);
@@ -232,6 +239,7 @@ mod tests {
                 prefill_per_token: Duration::from_micros(100),
                 decode_base: Duration::from_millis(1),
                 decode_per_seq: Duration::from_micros(500),
+                precise_timers: false,
             },
             SimMetrics::new("m", 4, num_blocks),
         )

@@ -65,6 +65,11 @@ pub struct SimArgs {
     /// Added to the time per output token for every other running sequence, microseconds.
     #[arg(long, default_value_t = 50.0)]
     pub decode_us_per_seq: f64,
+    /// Hit the first-token and token deadlines to within tens of microseconds instead of
+    /// tokio's millisecond (a blocking-pool thread sleeps the last 2 ms of each wait; costs a
+    /// thread hand-off per token). For checks that compare timings against these settings.
+    #[arg(long)]
+    pub precise_timers: bool,
     /// Output tokens when the request sets no max_tokens.
     #[arg(long, default_value_t = 16)]
     pub default_max_tokens: usize,
@@ -129,6 +134,7 @@ async fn serve(args: SimArgs) -> anyhow::Result<()> {
             prefill_per_token: us(args.prefill_us_per_token),
             decode_base: ms(args.decode_base_ms),
             decode_per_seq: us(args.decode_us_per_seq),
+            precise_timers: args.precise_timers,
         },
         metrics::SimMetrics::new(&args.models[0], args.block_size, args.num_gpu_blocks),
     );
