@@ -200,7 +200,14 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
                     *n - 1
                 };
                 let counted_from = start + Duration::from_secs_f64(a.warmup_s.max(0.0));
-                let chat = Chat { a: &a, hosts: &hosts, system: &system, docs: &docs, interval, counted_from };
+                let chat = Chat {
+                    a: &a,
+                    hosts: &hosts,
+                    system: &system,
+                    docs: &docs,
+                    interval,
+                    counted_from,
+                };
                 chat.run(user, rounds[user], &recorder).await;
             }
         }));
@@ -257,8 +264,7 @@ impl Chat<'_> {
         }
         first.push_str(&history);
         let mut messages = vec![json!({"role": "system", "content": self.system})];
-        let mut senders: Vec<Option<http1::SendRequest<Full<Bytes>>>> =
-            self.hosts.iter().map(|_| None).collect();
+        let mut senders: Vec<Option<http1::SendRequest<Full<Bytes>>>> = self.hosts.iter().map(|_| None).collect();
         let mut next_at = Instant::now();
         let mut last_engine: Option<String> = None;
         for round in 0..rounds {
@@ -284,7 +290,14 @@ impl Chat<'_> {
             let target = (user + round) % self.hosts.len();
             let counted = Instant::now() >= self.counted_from;
             let user_header = (!a.no_session_header).then_some(user);
-            let outcome = exchange(&mut senders[target], &self.hosts[target], &body, user_header, &a.engine_header).await;
+            let outcome = exchange(
+                &mut senders[target],
+                &self.hosts[target],
+                &body,
+                user_header,
+                &a.engine_header,
+            )
+            .await;
             let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
             match outcome {
                 Ok(reply) => {

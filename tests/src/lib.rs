@@ -50,6 +50,8 @@ pub fn bin(name: &str) -> PathBuf {
             "lmstack-perf",
             "-p",
             "lmstack-control",
+            "-p",
+            "lmstack-agent",
         ])
         .current_dir(workspace_root());
         if profile != "debug" {

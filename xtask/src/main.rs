@@ -4,8 +4,10 @@
 //! - `test`: what CI runs: formatting, lints and every test.
 //! - `perf`: the latency and throughput benchmark against nginx, results under perf/results.
 //! - `real-vllm`: an opt-in compatibility check against real vLLM engines on CPU.
+//! - `ebpf`: installs the BPF tool chain and builds lmstack-agent with its probes.
 
 mod demo;
+mod ebpf;
 mod perf;
 mod real_vllm;
 mod test;
@@ -33,6 +35,8 @@ enum Task {
     Perf(perf::PerfArgs),
     /// Check compatibility against real vLLM engines on CPU (opt-in; downloads ~3 GB once).
     RealVllm(real_vllm::RealVllmArgs),
+    /// Install the eBPF tool chain (LLVM 22, rust-src, bpf-linker) and build lmstack-agent.
+    Ebpf(ebpf::EbpfArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test(a) => test::run(&a),
         Task::Perf(a) => perf::run(&a),
         Task::RealVllm(a) => real_vllm::run(&a),
+        Task::Ebpf(a) => ebpf::run(&a),
     }
 }
 
@@ -81,7 +86,16 @@ pub fn start_router(bins: &Path, port: u16, backends: &[String], extra: &[&str])
 /// Builds the binaries with `profile` and returns their directory.
 pub fn build_bins(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--bins", "-p", "lmstack", "-p", "lmstack-perf", "-p", "lmstack-control"]);
+    cmd.args([
+        "build",
+        "--bins",
+        "-p",
+        "lmstack",
+        "-p",
+        "lmstack-perf",
+        "-p",
+        "lmstack-control",
+    ]);
     if release {
         cmd.arg("--release");
     }

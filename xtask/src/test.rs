@@ -20,15 +20,26 @@ pub struct TestArgs {
 
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     ensure_python_venv()?;
+    // The eBPF tests need root and the BPF tool chain; without root they skip (and say so).
+    if crate::ebpf::is_root() {
+        crate::ebpf::ensure_toolchain()?;
+    } else {
+        eprintln!("not root: the eBPF tests will skip, and lmstack-agent builds without its probes");
+    }
     if !args.no_lint {
         ensure_components()?;
         run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
-        run_cmd(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        run_cmd(
+            cargo()
+                .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+                .env("PATH", crate::ebpf::path_with_cargo_bin()),
+        )?;
     }
     run_cmd(
         cargo()
             .args(["test", "--workspace", "--all-targets", "--"])
-            .args(&args.rest),
+            .args(&args.rest)
+            .env("PATH", crate::ebpf::path_with_cargo_bin()),
     )?;
     Ok(())
 }

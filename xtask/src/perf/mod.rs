@@ -79,7 +79,10 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
         save("multi-round", multiround::run(&bins, &args.multi_round)?)?;
     }
     if args.scenario == Scenario::Replicas {
-        save("replicas", replicas::run(&bins, &work, &args.multi_round, &args.replicas)?)?;
+        save(
+            "replicas",
+            replicas::run(&bins, &work, &args.multi_round, &args.replicas)?,
+        )?;
     }
     Ok(())
 }

@@ -1,0 +1,290 @@
+//! The eBPF probes on a real test bed (root only): a network namespace joined to the host by a
+//! veth pair, a cgroup v2 holding the engine simulator inside the namespace, lmstack-agent
+//! attached to that cgroup, and streams from the host at a known cadence. Kernel-measured
+//! TTFT and time between tokens are checked against the simulator's configured delays (not
+//! against client timestamps, which lag under load), and token counts, lost events and map
+//! cleanup against what was sent.
+//!
+//! Skips with the reason where it cannot run (not root, no cgroup v2, an agent built without
+//! probes); under CI (`CI=true`) those are failures, so the check cannot silently vanish.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use lmstack_e2e::{Proc, agent, args, bin, get, metric_sum, wait_until};
+use serde_json::{Value, json};
+
+/// Skips (or fails under CI) with `why`.
+fn skip(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("eBPF test cannot run under CI: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
+fn sh(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace, a veth pair (host side `host_ip`, namespace side `engine_ip`) and a
+/// cgroup; all removed on drop.
+struct TestBed {
+    netns: String,
+    veth: String,
+    cgroup: PathBuf,
+    engine_ip: String,
+}
+
+impl TestBed {
+    fn create(root: &Path) -> TestBed {
+        let id = std::process::id();
+        let netns = format!("lmstack-t{id}");
+        let veth = format!("lmh{id}");
+        let peer = format!("lmn{id}");
+        let subnet = format!("10.201.{}", id % 250);
+        let bed = TestBed {
+            netns: netns.clone(),
+            veth: veth.clone(),
+            cgroup: root.join(format!("lmstack-test-{id}")),
+            engine_ip: format!("{subnet}.2"),
+        };
+        sh("ip", &["netns", "add", &netns]);
+        sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+        sh("ip", &["link", "set", &peer, "netns", &netns]);
+        sh("ip", &["addr", "add", &format!("{subnet}.1/30"), "dev", &veth]);
+        sh("ip", &["link", "set", &veth, "up"]);
+        let in_ns = |a: &[&str]| {
+            let mut all = vec!["netns", "exec", &netns];
+            all.extend_from_slice(a);
+            sh("ip", &all);
+        };
+        in_ns(&["ip", "addr", "add", &format!("{subnet}.2/30"), "dev", &peer]);
+        in_ns(&["ip", "link", "set", &peer, "up"]);
+        in_ns(&["ip", "link", "set", "lo", "up"]);
+        std::fs::create_dir_all(&bed.cgroup).unwrap();
+        bed
+    }
+
+    /// Starts `program` inside the cgroup and the namespace.
+    fn start(&self, program: &Path, extra: &[String]) -> Proc {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} \"$@\"",
+            self.cgroup.display(),
+            self.netns
+        );
+        let mut a = args(&["-c", &script, "sh", program.to_str().unwrap()]);
+        a.extend(extra.iter().cloned());
+        Proc::start(Path::new("/bin/sh"), &a, &[])
+    }
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+        // The cgroup is empty once the simulator (dropped first) has exited.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn cgroup2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.subtree_control").exists())
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+const STREAMS: usize = 30;
+const TOKENS: usize = 100;
+const TTFT_S: f64 = 0.100;
+const TBT_S: f64 = 0.010;
+/// Streams start this far apart, so that none waits for another's prefill (the simulator
+/// prefills one request at a time) and about ten stream at once: ~1,000 tokens/s.
+const SPACING: Duration = Duration::from_millis(110);
+
+#[test]
+fn kernel_measured_ttft_and_tbt_match_the_engines_cadence() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root (BPF programs, network namespaces, cgroups)");
+    }
+    let Some(root) = cgroup2_root() else {
+        return skip("no cgroup v2 hierarchy mounted");
+    };
+    let check = Command::new(bin("lmstack-agent"))
+        .args(["--check", "--cgroup", "/"])
+        .output()
+        .unwrap();
+    let check = String::from_utf8_lossy(&check.stdout).into_owned();
+    if !check.contains("probes: built in") {
+        return skip(&format!(
+            "lmstack-agent was built without its probes (`cargo xtask ebpf` installs bpf-linker): {check}"
+        ));
+    }
+
+    let bed = TestBed::create(&root);
+    let sim = bed.start(
+        &bin("lmstack-sim"),
+        &args(&[
+            "--host",
+            &bed.engine_ip,
+            "--port",
+            "8000",
+            "--name",
+            "engine",
+            "--prefill-base-ms",
+            "100",
+            "--prefill-us-per-token",
+            "0",
+            "--decode-base-ms",
+            "10",
+            "--decode-us-per-seq",
+            "0",
+            "--precise-timers",
+        ]),
+    );
+    let observations = std::env::temp_dir().join(format!("lmstack-agent-obs-{}.ndjson", std::process::id()));
+    let _ = std::fs::remove_file(&observations);
+    let agent_proc = Proc::start(
+        &bin("lmstack-agent"),
+        &args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--cgroup",
+            bed.cgroup.to_str().unwrap(),
+            "--pod",
+            "engine-0",
+            "--namespace",
+            "test",
+            "--model",
+            "sim-model",
+            "--bpf-stats",
+            "--poll-interval-ms",
+            "100",
+            "--observations-log",
+            observations.to_str().unwrap(),
+        ]),
+        &[],
+    );
+    let health = get(&agent_proc, "/health").json();
+    assert_eq!(health["attached_cgroups"], 1, "{health}");
+
+    // The load: STREAMS completions of TOKENS tokens each, started SPACING apart.
+    let url = format!("{}/v1/completions", sim.url());
+    let clients: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::sleep(SPACING);
+            std::thread::spawn(move || {
+                let body = json!({"model": "sim-model", "prompt": format!("stream {i}"), "max_tokens": TOKENS,
+                                  "stream": true, "ignore_eos": true});
+                let mut r = agent().post(&url).send_json(&body).expect("streaming request");
+                let text = r.body_mut().read_to_string().unwrap();
+                assert!(text.contains("data: [DONE]"), "{text}");
+                text.matches("\ndata: {").count() + usize::from(text.starts_with("data: {"))
+            })
+        })
+        .collect();
+    let events_seen_by_clients: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert_eq!(events_seen_by_clients, STREAMS * TOKENS);
+
+    let metrics = || get(&agent_proc, "/metrics").body;
+    let labels = [("pod", "engine-0"), ("namespace", "test"), ("model", "sim-model")];
+    wait_until("the agent to see every stream end", || {
+        metric_sum(&metrics(), "lmstack_ebpf_streams_completed_total", &labels) == STREAMS as f64
+    });
+    let m = metrics();
+    assert_eq!(metric_sum(&m, "lmstack_ebpf_requests_total", &labels), STREAMS as f64);
+    assert_eq!(
+        metric_sum(&m, "lmstack_ebpf_tokens_total", &labels),
+        (STREAMS * TOKENS) as f64
+    );
+    assert_eq!(
+        metric_sum(&m, "lmstack_ebpf_ttft_seconds_count", &labels),
+        STREAMS as f64
+    );
+    assert_eq!(
+        metric_sum(&m, "lmstack_ebpf_tbt_seconds_count", &labels),
+        (STREAMS * (TOKENS - 1)) as f64
+    );
+    assert_eq!(metric_sum(&m, "lmstack_ebpf_events_dropped_total", &[]), 0.0);
+    assert!(metric_sum(&m, "lmstack_ebpf_bytes_total", &[("direction", "tx")]) > 0.0);
+    wait_until("every kernel event to be read", || {
+        let m = metrics();
+        let written = metric_sum(&m, "lmstack_ebpf_kernel_events_total", &[]);
+        written > 0.0 && written == metric_sum(&m, "lmstack_ebpf_events_read_total", &[])
+    });
+
+    // Kernel timestamps against the simulator's settings.
+    let lines: Vec<Value> = std::fs::read_to_string(&observations)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let samples = |kind: &str| -> Vec<f64> {
+        lines
+            .iter()
+            .filter(|l| l["kind"] == kind)
+            .map(|l| l["seconds"].as_f64().unwrap())
+            .collect()
+    };
+    let (mut ttft, mut tbt) = (samples("ttft"), samples("tbt"));
+    assert_eq!(ttft.len(), STREAMS);
+    assert!(tbt.len() >= 1000, "{} gaps", tbt.len());
+    let (ttft_p50, tbt_p50) = (percentile(&mut ttft, 0.5), percentile(&mut tbt, 0.5));
+    let (ttft_p99, tbt_p99) = (percentile(&mut ttft, 0.99), percentile(&mut tbt, 0.99));
+    eprintln!(
+        "kernel-side TTFT p50 {:.3} ms p99 {:.3} ms (configured {} ms); TBT p50 {:.3} ms p99 {:.3} ms over {} gaps (configured {} ms)",
+        ttft_p50 * 1e3,
+        ttft_p99 * 1e3,
+        TTFT_S * 1e3,
+        tbt_p50 * 1e3,
+        tbt_p99 * 1e3,
+        tbt.len(),
+        TBT_S * 1e3
+    );
+    assert!((ttft_p50 - TTFT_S).abs() < 0.001, "TTFT p50 {ttft_p50}");
+    assert!((tbt_p50 - TBT_S).abs() < 0.001, "TBT p50 {tbt_p50}");
+
+    // What the probes cost in the kernel (kernel.bpf_stats_enabled, turned on by the agent).
+    let m = metrics();
+    for program in ["lmstack_ingress", "lmstack_egress", "lmstack_sock_state"] {
+        let runs = metric_sum(&m, "lmstack_ebpf_prog_runs_total", &[("program", program)]);
+        let ns = metric_sum(&m, "lmstack_ebpf_prog_run_nanoseconds_total", &[("program", program)]);
+        eprintln!("{program}: {runs} runs, {:.0} ns a run", ns / runs.max(1.0));
+        assert!(runs > 0.0, "{program} never ran");
+    }
+
+    // Closed connections leave no state behind, in the kernel or in the agent.
+    if health["sees_closes"] == true {
+        wait_until("connection state to be cleaned up", || {
+            let m = metrics();
+            metric_sum(&m, "lmstack_ebpf_connections", &[("side", "kernel")]) == 0.0
+                && metric_sum(&m, "lmstack_ebpf_connections", &[("side", "agent")]) == 0.0
+        });
+    } else {
+        eprintln!("SKIPPED (cleanup on close only): the kernel refused tp_btf/inet_sock_set_state");
+    }
+    drop(agent_proc);
+    drop(sim);
+    let _ = std::fs::remove_file(&observations);
+}
