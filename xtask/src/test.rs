@@ -23,6 +23,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     // The eBPF tests need root and the BPF tool chain; without root they skip (and say so).
     if crate::ebpf::is_root() {
         crate::ebpf::ensure_toolchain()?;
+        ensure_prometheus()?;
     } else {
         eprintln!("not root: the eBPF tests will skip, and lmstack-agent builds without its probes");
     }
@@ -58,6 +59,28 @@ fn ensure_components() -> anyhow::Result<()> {
         run_cmd(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
     }
     Ok(())
+}
+
+/// The eBPF test checks the agent's histograms through a real Prometheus (Debian's package,
+/// run by the test itself; the package's own service is not used).
+fn ensure_prometheus() -> anyhow::Result<()> {
+    if std::path::Path::new("/usr/bin/prometheus").exists() {
+        return Ok(());
+    }
+    run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args([
+                "-o",
+                "DPkg::Lock::Timeout=600",
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "prometheus",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// The OpenAI SDK test needs `python3 -m venv`; Debian splits it into python3-venv.
