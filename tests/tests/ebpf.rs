@@ -194,14 +194,20 @@ const TBT_S: f64 = 0.010;
 /// prefills one request at a time) and about ten stream at once: ~1,000 tokens/s.
 const SPACING: Duration = Duration::from_millis(110);
 
-#[test]
-fn kernel_measured_ttft_and_tbt_match_the_engines_cadence() {
+/// The tests here measure time: they run one at a time, not beside each other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The cgroup v2 root when this test can run here (root, cgroup v2, an agent with probes);
+/// otherwise skips (or fails under CI) and returns None.
+fn preconditions() -> Option<PathBuf> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (BPF programs, network namespaces, cgroups)");
+        skip("needs root (BPF programs, network namespaces, cgroups)");
+        return None;
     }
     let Some(root) = cgroup2_root() else {
-        return skip("no cgroup v2 hierarchy mounted");
+        skip("no cgroup v2 hierarchy mounted");
+        return None;
     };
     let check = Command::new(bin("lmstack-agent"))
         .args(["--check", "--cgroup", "/"])
@@ -209,10 +215,20 @@ fn kernel_measured_ttft_and_tbt_match_the_engines_cadence() {
         .unwrap();
     let check = String::from_utf8_lossy(&check.stdout).into_owned();
     if !check.contains("probes: built in") {
-        return skip(&format!(
+        skip(&format!(
             "lmstack-agent was built without its probes (`cargo xtask ebpf` installs bpf-linker): {check}"
         ));
+        return None;
     }
+    Some(root)
+}
+
+#[test]
+fn kernel_measured_ttft_and_tbt_match_the_engines_cadence() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(root) = preconditions() else {
+        return;
+    };
 
     let bed = TestBed::create(&root);
     let sim = bed.start(
@@ -377,4 +393,101 @@ fn kernel_measured_ttft_and_tbt_match_the_engines_cadence() {
     drop(agent_proc);
     drop(sim);
     let _ = std::fs::remove_file(&observations);
+}
+
+/// Sends one streaming completion of `tokens` tokens to `url` and reads it whole.
+fn stream(url: &str, tokens: usize) {
+    let body = json!({"model": "sim-model", "prompt": "hello", "max_tokens": tokens, "stream": true});
+    let mut r = agent()
+        .post(format!("{url}/v1/completions"))
+        .send_json(&body)
+        .expect("streaming request");
+    let text = r.body_mut().read_to_string().unwrap();
+    assert!(text.contains("data: [DONE]"), "{text}");
+}
+
+#[test]
+fn kube_mode_attaches_to_engine_pods_found_by_uid_and_detaches_when_they_go() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(root) = preconditions() else {
+        return;
+    };
+    // A kubelet-like layout: <root>/lmstack-kube-<pid>/pod<uid>, the engine inside.
+    let pods_root = root.join(format!("lmstack-kube-{}", std::process::id()));
+    let pod_dir = pods_root.join("poduid-engine-0");
+    std::fs::create_dir_all(&pod_dir).unwrap();
+    struct Cleanup(PathBuf, PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for _ in 0..50 {
+                if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_dir(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(pod_dir.clone(), pods_root.clone());
+    let script = format!("echo $$ > {}/cgroup.procs && exec \"$@\"", pod_dir.display());
+    let sim = Proc::start(
+        Path::new("/bin/sh"),
+        &args(&[
+            "-c",
+            &script,
+            "sh",
+            bin("lmstack-sim").to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--decode-base-ms",
+            "1",
+        ]),
+        &[],
+    );
+    let api = lmstack_e2e::kube::FakeApi::start();
+    api.add(lmstack_e2e::kube::engine_pod("engine-0", sim.addr.port(), "sim-model"));
+    let kubeconfig = api.kubeconfig();
+    let agent_proc = Proc::start(
+        &bin("lmstack-agent"),
+        &args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--source",
+            "kube",
+            "--cgroup-root",
+            pods_root.to_str().unwrap(),
+            "--poll-interval-ms",
+            "100",
+        ]),
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let attached = || {
+        get(&agent_proc, "/health").json()["attached_cgroups"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until("the agent to attach to the pod's cgroup", || attached() == 1);
+
+    let labels = [("pod", "engine-0"), ("namespace", "default"), ("model", "sim-model")];
+    let requests = || {
+        metric_sum(
+            &get(&agent_proc, "/metrics").body,
+            "lmstack_ebpf_requests_total",
+            &labels,
+        )
+    };
+    for _ in 0..3 {
+        stream(&sim.url(), 5);
+    }
+    wait_until("three requests counted for the pod", || requests() == 3.0);
+
+    api.delete("engine-0");
+    wait_until("the agent to detach from the deleted pod", || attached() == 0);
+    stream(&sim.url(), 5);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(requests(), 3.0, "a request was counted after the pod was deleted");
+    drop(agent_proc);
+    drop(sim);
 }
