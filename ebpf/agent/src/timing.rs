@@ -168,6 +168,15 @@ mod tests {
         out
     }
 
+    fn ttfts(out: &[Observation]) -> Vec<f64> {
+        out.iter()
+            .filter_map(|o| match o {
+                Observation::FirstToken { ttft_s, .. } => Some(*ttft_s),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn ttft_and_gaps_between_deliveries_with_the_role_chunk_merged() {
         let mut t = Timings::new(500, 100);
@@ -182,13 +191,7 @@ mod tests {
                 ev(EventKind::Tokens, 1, 1140 * MS, 2, FLAG_DONE),
             ],
         );
-        let ttft: Vec<f64> = out
-            .iter()
-            .filter_map(|o| match o {
-                Observation::FirstToken { ttft_s, .. } => Some(*ttft_s),
-                _ => None,
-            })
-            .collect();
+        let ttft = ttfts(&out);
         let gaps: Vec<f64> = out
             .iter()
             .filter_map(|o| match o {
@@ -237,13 +240,7 @@ mod tests {
                 ev(EventKind::Tokens, 1, 1070 * MS, 1, 0),
             ],
         );
-        let ttft: Vec<f64> = out
-            .iter()
-            .filter_map(|o| match o {
-                Observation::FirstToken { ttft_s, .. } => Some(*ttft_s),
-                _ => None,
-            })
-            .collect();
+        let ttft = ttfts(&out);
         assert_eq!(ttft, vec![0.05, 0.07]);
     }
 

@@ -219,6 +219,13 @@ const fn sse_table() -> [u8; SSE_TABLE_BYTES] {
     t
 }
 
+/// The [`SSE_TABLE`] entry for `byte` in `state`: the next state and what was recognised.
+/// Indexing only (the state is masked), so the kernel side can call it without branches.
+#[inline(always)]
+pub fn sse_next(state: u32, byte: u8) -> u8 {
+    SSE_TABLE[(((state & 7) as usize) << 8) | byte as usize]
+}
+
 /// What one step of the counter saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -236,7 +243,7 @@ impl SseCounter {
     /// Feeds one byte.
     #[inline(always)]
     pub fn step(&mut self, b: u8) -> Step {
-        let v = SSE_TABLE[(((self.state & 7) as usize) << 8) | b as usize];
+        let v = sse_next(self.state, b);
         self.state = u32::from(v & SSE_STATE);
         if v & SSE_EVENT != 0 {
             Step::Event

@@ -11,7 +11,7 @@ use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext};
 use aya_log_ebpf::{debug, warn};
 use lmstack_ebpf_common::{
     Conn, EVENTS_BYTES, Endpoint, Event, EventKind, FLAG_DONE, FLAG_FIRST, MAX_CGROUPS, MAX_CONNS, SCAN_BYTES,
-    SSE_DONE, SSE_EVENT, SSE_STATE, SSE_TABLE, SseCounter, Traffic, stat,
+    SSE_DONE, SSE_EVENT, SSE_STATE, SseCounter, Traffic, sse_next, stat,
 };
 
 #[map(name = "EVENTS")]
@@ -263,8 +263,8 @@ extern "C" fn scan_chunk(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
             break;
         }
         // No branch on the state or the byte: the verifier follows one path per byte.
-        let b = buf[i & (SCAN_BYTES - 1)] as usize;
-        let v = SSE_TABLE[(((state & 7) as usize) << 8) | b];
+        let b = buf[i & (SCAN_BYTES - 1)];
+        let v = sse_next(state, b);
         state = u32::from(v & SSE_STATE);
         events += u32::from((v & SSE_EVENT) >> 4);
         done |= u32::from((v & SSE_DONE) >> 5);
