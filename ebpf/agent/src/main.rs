@@ -78,6 +78,11 @@ pub struct Cli {
     /// Streams tracked at once by the agent (the kernel side has its own LRU bound).
     #[arg(long, default_value_t = 65_536)]
     max_streams: usize,
+    /// How often the events ring buffer is drained when the probes have not woken the agent
+    /// (they do once WAKEUP_BYTES are waiting; a wake-up per event would cost more than the
+    /// probe itself).
+    #[arg(long, default_value_t = 10)]
+    drain_interval_ms: u64,
     /// How often kernel counters are read and pending pods retried.
     #[arg(long, default_value_t = 1000)]
     poll_interval_ms: u64,
@@ -104,8 +109,8 @@ impl Cli {
         if self.source == Source::Local && self.cgroups.is_empty() {
             return Err("--source local needs at least one --cgroup".into());
         }
-        if self.poll_interval_ms == 0 || self.max_streams == 0 {
-            return Err("--poll-interval-ms and --max-streams must be positive".into());
+        if self.poll_interval_ms == 0 || self.drain_interval_ms == 0 || self.max_streams == 0 {
+            return Err("--poll-interval-ms, --drain-interval-ms and --max-streams must be positive".into());
         }
         kernel_level(&self.kernel_log_level)?;
         Ok(())
@@ -238,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         shared.clone(),
         Timings::new(cli.burst_window_us, cli.max_streams),
         log,
+        Duration::from_millis(cli.drain_interval_ms),
     ));
     tokio::spawn(poll_kernel(shared.clone(), poll));
     let listener = tokio::net::TcpListener::bind(&cli.listen)
@@ -269,12 +275,24 @@ async fn terminate() {
     }
 }
 
+/// Moves every event waiting in the ring buffer into `batch`.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Event>) {
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<Event>() {
+            // SAFETY: the probes write whole `Event`s (repr(C), any bit pattern valid);
+            // read_unaligned copes with the ring's 8-byte alignment.
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+        }
+    }
+}
+
 /// The events reader: ring buffer -> timings -> metrics.
 async fn read_events(
     events: aya::maps::RingBuf<aya::maps::MapData>,
     shared: Shared,
     mut timings: Timings,
     mut log: Option<std::io::BufWriter<std::fs::File>>,
+    drain_every: Duration,
 ) {
     // SAFETY: the ring buffer owns its map fd, which stays open and the same while it lives.
     let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) };
@@ -288,23 +306,29 @@ async fn read_events(
     let mut out = Vec::new();
     let mut batch = Vec::new();
     let mut last_rescan = Instant::now() - Duration::from_secs(60);
+    // The probes wake this task only when the ring fills past WAKEUP_BYTES; the timer
+    // drains it in between.
+    let mut tick = tokio::time::interval(drain_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
+        let woken = tokio::select! {
+            guard = fd.readable_mut() => Some(guard),
+            _ = tick.tick() => None,
+        };
+        match woken {
+            Some(Ok(mut guard)) => {
+                drain(guard.get_inner_mut(), &mut batch);
+                guard.clear_ready();
+            }
+            Some(Err(e)) => {
                 tracing::error!("events ring buffer: {e}");
                 return;
             }
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() >= size_of::<Event>() {
-                // SAFETY: the probes write whole `Event`s (repr(C), any bit pattern valid);
-                // read_unaligned copes with the ring's 8-byte alignment.
-                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
-            }
+            None => drain(fd.get_mut(), &mut batch),
         }
-        guard.clear_ready();
+        if batch.is_empty() {
+            continue;
+        }
         ::metrics::counter!(metrics::EVENTS_READ_TOTAL).increment(batch.len() as u64);
         for e in batch.drain(..) {
             timings.apply(&e, &mut out);

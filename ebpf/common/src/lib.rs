@@ -17,8 +17,13 @@ pub const STATS_MAP: &str = "STATS";
 pub const MAX_CONNS: u32 = 65_536;
 /// Cgroups counted at once.
 pub const MAX_CGROUPS: u32 = 4_096;
-/// Ring buffer size (a power of two pages): 4,096 events of 40 bytes between two reads.
+/// Ring buffer size (a power of two pages): ~5,400 events (48 bytes with the record header)
+/// between two reads.
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// The probes wake the agent only once this much is waiting in the ring buffer: a wake-up per
+/// event costs ~10 us of the sending CPU's time (an irq_work interrupt), the rest of a probe
+/// run ~1 us. Between wake-ups the agent drains the ring on a timer (`--drain-interval-ms`).
+pub const WAKEUP_BYTES: u64 = EVENTS_BYTES as u64 / 8;
 /// Bytes of one segment's payload scanned for SSE events; a longer segment is scanned up to
 /// here and counted as truncated.
 pub const SCAN_BYTES: usize = 4096;

@@ -1,7 +1,7 @@
 //! The programs (see main.rs). Every loop is bounded by a constant; every map has a fixed size.
 
 use aya_ebpf::EbpfContext;
-use aya_ebpf::bindings::__sk_buff;
+use aya_ebpf::bindings::{__sk_buff, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::generated::{
     bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop, bpf_skb_cgroup_id, bpf_skb_load_bytes,
 };
@@ -11,7 +11,7 @@ use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext};
 use aya_log_ebpf::{debug, warn};
 use lmstack_ebpf_common::{
     Conn, EVENTS_BYTES, Endpoint, Event, EventKind, FLAG_DONE, FLAG_FIRST, MAX_CGROUPS, MAX_CONNS, SCAN_BYTES,
-    SSE_DONE, SSE_EVENT, SSE_STATE, SseCounter, Traffic, sse_next, stat,
+    SSE_DONE, SSE_EVENT, SSE_STATE, SseCounter, Traffic, WAKEUP_BYTES, sse_next, stat,
 };
 
 #[map(name = "EVENTS")]
@@ -44,8 +44,14 @@ fn bump(index: u32) {
     }
 }
 
+/// Writes an event, waking the agent only when enough has piled up (see WAKEUP_BYTES).
 fn emit(event: &Event) {
-    if EVENTS.output::<Event>(event, 0).is_ok() {
+    let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<Event>(event, wakeup as u64).is_ok() {
         bump(stat::EVENTS);
     } else {
         bump(stat::DROPPED);

@@ -97,6 +97,9 @@ fn bad_request(message: impl Into<String>, engine: &str) -> Response<Body> {
 }
 
 pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    // Prefill is timed from here (the head has arrived), not from after the body is parsed and
+    // tokenised, so that TTFT seen on the wire matches the configured delays closely.
+    let arrived = Instant::now();
     let name = sim.name.clone();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
@@ -129,7 +132,7 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
                 Ok(_) => return Ok(bad_request("the body must be a JSON object", &name)),
                 Err(e) => return Ok(bad_request(format!("invalid JSON: {e}"), &name)),
             };
-            post(&sim, &path, request).await
+            post(&sim, &path, request, arrived).await
         }
         _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
     };
@@ -160,7 +163,7 @@ fn models(sim: &Sim) -> Value {
     json!({"object": "list", "data": data})
 }
 
-async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
+async fn post(sim: &Arc<Sim>, path: &str, req: Value, arrived: Instant) -> Response<Body> {
     let name = &sim.name;
     let model = match req.get("model") {
         Some(Value::String(m)) => m.clone(),
@@ -183,12 +186,12 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
                 return bad_request("`prompt` is required", name);
             };
             match tokens::prompt_tokens(prompt, cpt) {
-                Ok(t) => generate(sim, Kind::Completion, model, t, &req).await,
+                Ok(t) => generate(sim, Kind::Completion, model, t, &req, arrived).await,
                 Err(e) => bad_request(e, name),
             }
         }
         "/v1/chat/completions" => match req.get("messages").map(tokens::render_chat) {
-            Some(Ok(text)) => generate(sim, Kind::Chat, model, tokens::tokenize(&text, cpt), &req).await,
+            Some(Ok(text)) => generate(sim, Kind::Chat, model, tokens::tokenize(&text, cpt), &req, arrived).await,
             Some(Err(e)) => bad_request(e, name),
             None => bad_request("`messages` is required", name),
         },
@@ -202,7 +205,7 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value) -> Response<Body> {
                 return bad_request("the simulator does not stream /v1/responses", name);
             }
             match text {
-                Ok(text) => generate(sim, Kind::Responses, model, tokens::tokenize(&text, cpt), &req).await,
+                Ok(text) => generate(sim, Kind::Responses, model, tokens::tokenize(&text, cpt), &req, arrived).await,
                 Err(e) => bad_request(e, name),
             }
         }
@@ -263,7 +266,14 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
-async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, req: &Value) -> Response<Body> {
+async fn generate(
+    sim: &Arc<Sim>,
+    kind: Kind,
+    model: String,
+    prompt: Vec<u32>,
+    req: &Value,
+    arrived: Instant,
+) -> Response<Body> {
     let name = sim.name.clone();
     let max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
@@ -277,8 +287,7 @@ async fn generate(sim: &Arc<Sim>, kind: Kind, model: String, prompt: Vec<u32>, r
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let arrived = Instant::now();
-    let (lease, admitted) = match sim.engine.admit(&prompt, max_tokens).await {
+    let (lease, admitted) = match sim.engine.admit(&prompt, max_tokens, arrived).await {
         Ok(a) => a,
         Err(e) => return admit_error(e, &name),
     };
@@ -488,7 +497,7 @@ fn vector(tokens: &[u32], dim: usize) -> Vec<f64> {
 
 /// Runs the prefill cost of `prompt` and waits for it, as a pooling request would.
 async fn prefill(sim: &Sim, prompt: &[u32]) -> Result<(), AdmitError> {
-    let (lease, admitted) = sim.engine.admit(prompt, 1).await?;
+    let (lease, admitted) = sim.engine.admit(prompt, 1, Instant::now()).await?;
     tokio::time::sleep_until(admitted.first_token_at).await;
     drop(lease);
     Ok(())

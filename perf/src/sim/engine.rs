@@ -47,6 +47,13 @@ pub struct Admitted {
     pub first_token_at: Instant,
 }
 
+/// Why `schedule` runs: a request arrived, or one finished and made room.
+#[derive(Clone, Copy)]
+enum Admission {
+    OnArrival,
+    OnRelease,
+}
+
 struct Pending {
     hashes: Vec<u64>,
     usable_hits: usize,
@@ -120,8 +127,14 @@ impl Engine {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits a request (waiting for room if needed) and schedules its prefill.
-    pub async fn admit(self: &Arc<Self>, tokens: &[u32], max_tokens: usize) -> Result<(Lease, Admitted), AdmitError> {
+    /// Admits a request that arrived at `arrived` (waiting for room if needed) and schedules its
+    /// prefill: from its arrival when admitted at once, else from when room was made.
+    pub async fn admit(
+        self: &Arc<Self>,
+        tokens: &[u32],
+        max_tokens: usize,
+        arrived: Instant,
+    ) -> Result<(Lease, Admitted), AdmitError> {
         let c = &self.config;
         let total = tokens.len() + max_tokens;
         if total > c.max_model_len {
@@ -151,10 +164,10 @@ impl Engine {
                 usable_hits,
                 anonymous,
                 prompt_len: tokens.len(),
-                arrived: Instant::now(),
+                arrived,
                 tx,
             });
-            self.schedule(&mut state);
+            self.schedule(&mut state, Admission::OnArrival);
         }
         let admitted = rx.await.map_err(|_| AdmitError::Gone)?;
         Ok((
@@ -168,7 +181,7 @@ impl Engine {
     }
 
     /// Admits waiting requests in order while they fit.
-    fn schedule(&self, state: &mut State) {
+    fn schedule(&self, state: &mut State, admission: Admission) {
         let c = &self.config;
         while let Some(front) = state.waiting.front() {
             if state.running >= c.max_num_seqs || !state.pool.fits(&front.hashes, front.usable_hits, front.anonymous) {
@@ -180,7 +193,13 @@ impl Engine {
             let alloc = state.pool.allocate(&p.hashes, p.usable_hits, p.anonymous);
             let cached = alloc.hit_blocks * c.block_size;
             let now = Instant::now();
-            let start = now.max(state.prefill_free_at);
+            // On arrival only the request just queued can be admitted (the ones before it are
+            // still blocked): it has had room since it arrived.
+            let ready = match admission {
+                Admission::OnArrival => p.arrived.min(now),
+                Admission::OnRelease => now,
+            };
+            let start = ready.max(state.prefill_free_at);
             let prefill = c.prefill_base + c.prefill_per_token * (p.prompt_len - cached) as u32;
             state.prefill_free_at = start + prefill;
             state.running += 1;
@@ -210,7 +229,7 @@ impl Engine {
         let mut state = self.lock();
         state.pool.release(hashes, anonymous);
         state.running -= 1;
-        self.schedule(&mut state);
+        self.schedule(&mut state, Admission::OnRelease);
     }
 
     pub fn precise_timers(&self) -> bool {
@@ -250,13 +269,13 @@ mod tests {
         let e = engine(100, 4);
         let tokens: Vec<u32> = (0..40).collect();
         let t0 = Instant::now();
-        let (lease, first) = e.admit(&tokens, 4).await.unwrap();
+        let (lease, first) = e.admit(&tokens, 4, Instant::now()).await.unwrap();
         assert_eq!(first.cached_tokens, 0);
         assert_eq!(first.first_token_at - t0, Duration::from_millis(5));
         tokio::time::sleep_until(first.first_token_at).await;
         drop(lease);
         let t1 = Instant::now();
-        let (_lease, second) = e.admit(&tokens, 4).await.unwrap();
+        let (_lease, second) = e.admit(&tokens, 4, Instant::now()).await.unwrap();
         assert_eq!(second.cached_tokens, 36);
         assert_eq!(second.first_token_at - t1, Duration::from_micros(1400));
     }
@@ -264,9 +283,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn requests_wait_for_a_running_slot() {
         let e = engine(100, 1);
-        let (lease, _) = e.admit(&[1, 2, 3, 4, 5], 2).await.unwrap();
+        let (lease, _) = e.admit(&[1, 2, 3, 4, 5], 2, Instant::now()).await.unwrap();
         let e2 = e.clone();
-        let waiter = tokio::spawn(async move { e2.admit(&[9, 9, 9, 9, 9], 2).await.map(|(_, a)| a.queued) });
+        let waiter = tokio::spawn(async move {
+            e2.admit(&[9, 9, 9, 9, 9], 2, Instant::now())
+                .await
+                .map(|(_, a)| a.queued)
+        });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(e.lock().waiting.len(), 1);
         drop(lease);
@@ -281,8 +304,8 @@ mod tests {
         let a: Vec<u32> = (0..40).collect();
         let b: Vec<u32> = (100..140).collect();
         let t0 = Instant::now();
-        let (_la, first) = e.admit(&a, 1).await.unwrap();
-        let (_lb, second) = e.admit(&b, 1).await.unwrap();
+        let (_la, first) = e.admit(&a, 1, Instant::now()).await.unwrap();
+        let (_lb, second) = e.admit(&b, 1, Instant::now()).await.unwrap();
         assert_eq!(first.first_token_at - t0, Duration::from_millis(5));
         assert_eq!(second.first_token_at - t0, Duration::from_millis(10));
     }
@@ -290,7 +313,13 @@ mod tests {
     #[tokio::test]
     async fn oversized_requests_are_refused() {
         let e = engine(3, 4);
-        assert!(matches!(e.admit(&[0; 40], 1).await, Err(AdmitError::TooBig { .. })));
-        assert!(matches!(e.admit(&[0; 990], 20).await, Err(AdmitError::TooLong { .. })));
+        assert!(matches!(
+            e.admit(&[0; 40], 1, Instant::now()).await,
+            Err(AdmitError::TooBig { .. })
+        ));
+        assert!(matches!(
+            e.admit(&[0; 990], 20, Instant::now()).await,
+            Err(AdmitError::TooLong { .. })
+        ));
     }
 }
