@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod bed;
 pub mod kube;
 
 use std::collections::HashMap;
