@@ -68,6 +68,13 @@ impl TestBed {
         bed
     }
 
+    /// Starts the engine simulator inside the bed on `engine_ip`:8000, named `name`.
+    pub fn start_sim(&self, name: &str, extra: &[&str]) -> Proc {
+        let mut a = args(&["--host", &self.engine_ip, "--port", "8000", "--name", name]);
+        a.extend(args(extra));
+        self.start(&bin("lmstack-sim"), &a)
+    }
+
     /// Starts `program` inside the cgroup and the namespace.
     pub fn start(&self, program: &Path, extra: &[String]) -> Proc {
         let script = format!(
@@ -110,6 +117,11 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
+    /// The installed server (Debian's package), if any.
+    pub fn exe() -> Option<PathBuf> {
+        find_exe(&["/usr/bin/prometheus", "/usr/local/bin/prometheus"])
+    }
+
     /// Scrapes one target every 500 ms.
     pub fn start(target: &str) -> Option<Prometheus> {
         Prometheus::start_with(&format!(
@@ -120,9 +132,7 @@ impl Prometheus {
 
     /// Runs with this configuration file (scrape and rule files).
     pub fn start_with(config_yaml: &str) -> Option<Prometheus> {
-        let exe = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())?;
+        let exe = Prometheus::exe()?;
         let dir = std::env::temp_dir().join(format!("lmstack-prom-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");

@@ -249,29 +249,16 @@ fn series(prom: &Prometheus, query: &str, deadline: Instant) -> Result<usize, St
 
 #[test]
 fn every_panel_returns_data_from_a_real_prometheus() {
-    let Some(prometheus_exe) = find_exe(&["/usr/bin/prometheus", "/usr/local/bin/prometheus"]) else {
+    if Prometheus::exe().is_none() {
         skip("no prometheus (apt-get install prometheus)");
         return;
-    };
-    let _ = prometheus_exe;
+    }
     // As root, one engine runs in a cgroup + network namespace with lmstack-agent on it; else
     // the eBPF dashboard's panels cannot have data and are left out (a failure under CI).
     let bed_root = ebpf_preconditions();
     let bed = bed_root.as_ref().map(|r| TestBed::create(r));
     let engine_a = match &bed {
-        Some(bed) => bed.start(
-            &bin("lmstack-sim"),
-            &args(&[
-                "--host",
-                &bed.engine_ip,
-                "--port",
-                "8000",
-                "--name",
-                "engine-a",
-                "--model",
-                MODEL,
-            ]),
-        ),
+        Some(bed) => bed.start_sim("engine-a", &["--model", MODEL]),
         None => sim("engine-a", &["--model", MODEL]),
     };
     let engine_b = sim("engine-b", &["--model", MODEL]);

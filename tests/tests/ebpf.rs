@@ -39,15 +39,9 @@ fn kernel_measured_ttft_and_tbt_match_the_engines_cadence() {
     };
 
     let bed = TestBed::create(&root);
-    let sim = bed.start(
-        &bin("lmstack-sim"),
-        &args(&[
-            "--host",
-            &bed.engine_ip,
-            "--port",
-            "8000",
-            "--name",
-            "engine",
+    let sim = bed.start_sim(
+        "engine",
+        &[
             "--prefill-base-ms",
             "100",
             "--prefill-us-per-token",
@@ -57,7 +51,7 @@ fn kernel_measured_ttft_and_tbt_match_the_engines_cadence() {
             "--decode-us-per-seq",
             "0",
             "--precise-timers",
-        ]),
+        ],
     );
     let observations = std::env::temp_dir().join(format!("lmstack-agent-obs-{}.ndjson", std::process::id()));
     let _ = std::fs::remove_file(&observations);
