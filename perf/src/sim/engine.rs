@@ -2,7 +2,8 @@
 //!
 //! - Admission: requests wait in FIFO order until a running slot (`max_num_seqs`) and KV
 //!   blocks for their prompt and output are free (cached blocks nobody holds are evicted).
-//! - Prefill: one prefill lane per engine, first come first served; a prompt takes
+//! - Prefill: one prefill lane per engine (`prefill_lanes` to model several engines merged
+//!   into one), first come first served on the lane that frees first; a prompt takes
 //!   `prefill_base + prefill_per_token x uncached prompt tokens`, so time to first token
 //!   grows with the uncached prompt and with the prefills queued before it.
 //! - Decode: every output token takes `decode_base + decode_per_seq x (other running
@@ -28,6 +29,8 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     pub max_num_seqs: usize,
     pub max_model_len: usize,
+    /// Prefills that run at once.
+    pub prefill_lanes: usize,
     pub prefill_base: Duration,
     pub prefill_per_token: Duration,
     pub decode_base: Duration,
@@ -67,7 +70,8 @@ struct State {
     pool: BlockPool,
     waiting: VecDeque<Pending>,
     running: usize,
-    prefill_free_at: Instant,
+    /// When each prefill lane is free again.
+    prefill_free_at: Vec<Instant>,
 }
 
 pub struct Engine {
@@ -115,7 +119,7 @@ impl Engine {
                 pool,
                 waiting: VecDeque::new(),
                 running: 0,
-                prefill_free_at: Instant::now(),
+                prefill_free_at: vec![Instant::now(); config.prefill_lanes.max(1)],
             }),
             running: AtomicUsize::new(0),
             metrics,
@@ -199,9 +203,12 @@ impl Engine {
                 Admission::OnArrival => p.arrived.min(now),
                 Admission::OnRelease => now,
             };
-            let start = ready.max(state.prefill_free_at);
+            let lane = (0..state.prefill_free_at.len())
+                .min_by_key(|&l| state.prefill_free_at[l])
+                .unwrap_or(0);
+            let start = ready.max(state.prefill_free_at[lane]);
             let prefill = c.prefill_base + c.prefill_per_token * (p.prompt_len - cached) as u32;
-            state.prefill_free_at = start + prefill;
+            state.prefill_free_at[lane] = start + prefill;
             state.running += 1;
             self.metrics.prompt(p.prompt_len, cached);
             let admitted = Admitted {
@@ -248,12 +255,17 @@ mod tests {
     use super::*;
 
     fn engine(num_blocks: usize, max_num_seqs: usize) -> Arc<Engine> {
+        engine_with_lanes(num_blocks, max_num_seqs, 1)
+    }
+
+    fn engine_with_lanes(num_blocks: usize, max_num_seqs: usize, lanes: usize) -> Arc<Engine> {
         Engine::new(
             EngineConfig {
                 block_size: 4,
                 num_blocks,
                 max_num_seqs,
                 max_model_len: 1000,
+                prefill_lanes: lanes,
                 prefill_base: Duration::from_millis(1),
                 prefill_per_token: Duration::from_micros(100),
                 decode_base: Duration::from_millis(1),
@@ -308,6 +320,22 @@ mod tests {
         let (_lb, second) = e.admit(&b, 1, Instant::now()).await.unwrap();
         assert_eq!(first.first_token_at - t0, Duration::from_millis(5));
         assert_eq!(second.first_token_at - t0, Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lanes_prefill_side_by_side() {
+        let e = engine_with_lanes(100, 4, 2);
+        let t0 = Instant::now();
+        let prompts: Vec<Vec<u32>> = (0..3).map(|k| (k * 100..k * 100 + 40).collect()).collect();
+        let mut ready = Vec::new();
+        let mut leases = Vec::new();
+        for p in &prompts {
+            let (lease, a) = e.admit(p, 1, Instant::now()).await.unwrap();
+            ready.push(a.first_token_at - t0);
+            leases.push(lease);
+        }
+        // Two lanes: the first two prefill at once, the third waits for a lane.
+        assert_eq!(ready, [5, 5, 10].map(Duration::from_millis));
     }
 
     #[tokio::test]

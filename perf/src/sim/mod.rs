@@ -53,6 +53,10 @@ pub struct SimArgs {
     pub max_num_seqs: usize,
     #[arg(long, default_value_t = 32768)]
     pub max_model_len: usize,
+    /// Prefills that run at once (1 for a vLLM engine). More lanes model one engine with the
+    /// compute of several: the routing benchmark's limit, where a pool's engines are merged.
+    #[arg(long, default_value_t = 1)]
+    pub prefill_lanes: usize,
     /// Fixed prefill cost per request, ms.
     #[arg(long, default_value_t = 2.0)]
     pub prefill_base_ms: f64,
@@ -108,6 +112,7 @@ pub fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.block_size > 0, "--block-size must be positive");
     anyhow::ensure!(args.num_gpu_blocks > 0, "--num-gpu-blocks must be positive");
     anyhow::ensure!(args.max_num_seqs > 0, "--max-num-seqs must be positive");
+    anyhow::ensure!(args.prefill_lanes > 0, "--prefill-lanes must be positive");
     anyhow::ensure!(!args.models.is_empty(), "--model is required");
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -130,6 +135,7 @@ async fn serve(args: SimArgs) -> anyhow::Result<()> {
             num_blocks: args.num_gpu_blocks,
             max_num_seqs: args.max_num_seqs,
             max_model_len: args.max_model_len,
+            prefill_lanes: args.prefill_lanes,
             prefill_base: ms(args.prefill_base_ms),
             prefill_per_token: us(args.prefill_us_per_token),
             decode_base: ms(args.decode_base_ms),
