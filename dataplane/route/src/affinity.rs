@@ -11,6 +11,12 @@
 //! full bucket evicts its least recently used slot, deeper blocks first on ties, which keeps
 //! hot prefixes (a system prompt is touched by every request) and drops cold tails.
 //!
+//! Each block also counts its continuations: how many distinct next blocks were recorded after
+//! it. A block with two or more is a branch point, so it and every block before it in the
+//! chain are a prefix several prompts share (a system prompt, a popular document); a lookup
+//! reports how far that shared prefix reaches (`Matches::shared`), which lets a policy tell a
+//! conversation's own history from what everyone holds, from the table alone.
+//!
 //! Endpoints are known by a small id and a generation; removing an endpoint bumps its
 //! generation, which makes its entries invisible at once ([`AffinityTable::purge`] then
 //! reclaims their slots). Timestamps are passed in (`now`, in milliseconds), never read here.
@@ -18,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// Slots per bucket.
 pub const WAYS: usize = 8;
@@ -74,9 +80,21 @@ struct Keys([AtomicU64; WAYS]);
 
 #[repr(C, align(64))]
 struct Owners {
-    /// depth (block index, 16 bits) << 32 | last use (32 bits).
-    meta: AtomicU64,
+    /// Last use (the caller's milliseconds).
+    last_use: AtomicU32,
+    /// Block index in its prompt (saturating).
+    depth: AtomicU16,
+    /// Distinct next blocks recorded after this one (saturating).
+    children: AtomicU16,
     owners: [AtomicU64; OWNERS],
+}
+
+/// What a lookup found besides the per-endpoint matches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Matches {
+    /// Leading blocks of the prompt that several prompts share: up to and including the
+    /// deepest matched block with two or more continuations (0: none known).
+    pub shared: u32,
 }
 
 /// Counts for metrics.
@@ -132,7 +150,9 @@ impl AffinityTable {
                 .collect(),
             slots: (0..buckets * WAYS)
                 .map(|_| Owners {
-                    meta: AtomicU64::new(0),
+                    last_use: AtomicU32::new(0),
+                    depth: AtomicU16::new(0),
+                    children: AtomicU16::new(0),
                     owners: std::array::from_fn(|_| AtomicU64::new(0)),
                 })
                 .collect(),
@@ -244,18 +264,59 @@ impl AffinityTable {
     }
 
     /// Records that `who` served the prompt whose blocks are `blocks` (in order), at `now`.
+    /// A block seen for the first time counts as a new continuation of the block before it.
     pub fn record(&self, blocks: &[u64], who: EndpointTag, now: u32) {
+        let mut parent: Option<usize> = None;
         for (depth, &hash) in blocks.iter().enumerate() {
             let key = mix_key(hash);
             let slot = match self.find(key) {
                 Some(s) => s,
                 None => match self.claim(key, depth, now) {
-                    Some(s) => s,
-                    None => continue,
+                    Some(s) => {
+                        if let Some(p) = parent {
+                            let children = &self.slots[p].children;
+                            let _ = children.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_add(1));
+                        }
+                        s
+                    }
+                    None => {
+                        parent = None;
+                        continue;
+                    }
                 },
             };
             self.add_owner(slot, who, now);
+            parent = Some(slot);
         }
+    }
+
+    /// Of `candidates`, the one that served the block `hash` most recently (by `now`'s
+    /// clock), if any did: where a session's last request went, when `hash` names the
+    /// session.
+    pub fn latest(&self, hash: u64, candidates: &[Option<EndpointTag>], now: u32) -> Option<usize> {
+        let key = mix_key(hash);
+        let slot = self.find(key)?;
+        let s = &self.slots[slot];
+        let owners: [u64; OWNERS] = std::array::from_fn(|k| s.owners[k].load(Ordering::Relaxed));
+        if self.keys[slot / WAYS].0[slot % WAYS].load(Ordering::Acquire) != key {
+            return None;
+        }
+        let mut best: Option<(u32, usize)> = None;
+        for (i, c) in candidates.iter().enumerate() {
+            let Some(tag) = c else { continue };
+            if !self.live(tag.owner(0)) {
+                continue;
+            }
+            for &o in &owners {
+                if o != 0 && tag.is_owner(o) {
+                    let a = age(now, owner_time(o));
+                    if best.is_none_or(|(ba, _)| a < ba) {
+                        best = Some((a, i));
+                    }
+                }
+            }
+        }
+        best.map(|(_, i)| i)
     }
 
     /// Takes a slot for `key`: an empty one, else the bucket's least recently used.
@@ -277,8 +338,11 @@ impl AffinityTable {
                 if current == BUSY {
                     continue;
                 }
-                let meta = self.slots[b * WAYS + w].meta.load(Ordering::Relaxed);
-                let rank = (age(now, meta as u32), (meta >> 32) as usize);
+                let slot = &self.slots[b * WAYS + w];
+                let rank = (
+                    age(now, slot.last_use.load(Ordering::Relaxed)),
+                    usize::from(slot.depth.load(Ordering::Relaxed)),
+                );
                 if victim.is_none_or(|(_, _, r)| rank > r) {
                     victim = Some((w, current, rank));
                 }
@@ -294,10 +358,9 @@ impl AffinityTable {
             for o in &slot.owners {
                 o.store(0, Ordering::Relaxed);
             }
-            slot.meta.store(
-                ((depth.min(u16::MAX as usize) as u64) << 32) | u64::from(now),
-                Ordering::Relaxed,
-            );
+            slot.last_use.store(now, Ordering::Relaxed);
+            slot.depth.store(depth.min(u16::MAX as usize) as u16, Ordering::Relaxed);
+            slot.children.store(0, Ordering::Relaxed);
             ways[w].store(key, Ordering::Release);
             if expected == EMPTY {
                 self.entries.fetch_add(1, Ordering::Relaxed);
@@ -311,8 +374,7 @@ impl AffinityTable {
 
     fn add_owner(&self, slot: usize, who: EndpointTag, now: u32) {
         let s = &self.slots[slot];
-        let depth = s.meta.load(Ordering::Relaxed) >> 32;
-        s.meta.store((depth << 32) | u64::from(now), Ordering::Relaxed);
+        s.last_use.store(now, Ordering::Relaxed);
         let fresh = who.owner(now);
         for _ in 0..4 {
             let mut oldest: Option<(usize, u64, u32)> = None;
@@ -345,9 +407,11 @@ impl AffinityTable {
     }
 
     /// For each candidate, how many leading `blocks` it served (its longest cached prefix),
-    /// written to `out[i]`. Stops as soon as no candidate still matches; allocates nothing.
-    /// Candidates beyond [`MAX_CANDIDATES`] get 0.
-    pub fn matched(&self, blocks: &[u64], candidates: &[Option<EndpointTag>], out: &mut [u32]) {
+    /// written to `out[i]`, and how far the prefix shared by several prompts reaches. Stops as
+    /// soon as no candidate still matches; allocates nothing. Candidates beyond
+    /// [`MAX_CANDIDATES`] get 0.
+    pub fn matched(&self, blocks: &[u64], candidates: &[Option<EndpointTag>], out: &mut [u32]) -> Matches {
+        let mut found = Matches::default();
         let n = candidates.len().min(out.len()).min(MAX_CANDIDATES);
         out.iter_mut().for_each(|o| *o = 0);
         let mut still = [0u64; MAX_CANDIDATES / 64];
@@ -369,7 +433,11 @@ impl AffinityTable {
                 let s = &self.slots[slot];
                 let owners: [u64; OWNERS] = std::array::from_fn(|k| s.owners[k].load(Ordering::Relaxed));
                 // The slot may have been given to another block while we read it.
+                let children = s.children.load(Ordering::Relaxed);
                 if self.keys[slot / WAYS].0[slot % WAYS].load(Ordering::Acquire) == key {
+                    if children >= 2 {
+                        found.shared = depth as u32 + 1;
+                    }
                     for (i, c) in candidates.iter().take(n).enumerate() {
                         if let Some(tag) = c
                             && still[i / 64] & (1 << (i % 64)) != 0
@@ -401,6 +469,7 @@ impl AffinityTable {
                 bits &= bits - 1;
             }
         }
+        found
     }
 
     /// Clears owners that are no longer live and frees slots left without one. Linear in the
@@ -479,6 +548,47 @@ mod tests {
         other.extend(chain(99, 5));
         t.matched(&other, &[a, b, c], &mut out);
         assert_eq!(out, [2, 2, 0]);
+    }
+
+    #[test]
+    fn a_prefix_several_prompts_continue_is_shared() {
+        let t = table(4096);
+        let a = t.register("a");
+        let system = chain(3, 4);
+        let with = |user: u64, len: usize| {
+            let mut p = system.clone();
+            p.extend(chain(100 + user, len));
+            p
+        };
+        let mut out = [0u32; 1];
+        // One conversation: nothing is shared yet, its later rounds extend it.
+        t.record(&with(1, 2), a.unwrap(), 1);
+        t.record(&with(1, 5), a.unwrap(), 2);
+        assert_eq!(t.matched(&with(1, 6), &[a], &mut out).shared, 0);
+        assert_eq!(out, [9]);
+        // A second conversation after the same system prompt: the system prompt is shared.
+        t.record(&with(2, 3), a.unwrap(), 3);
+        assert_eq!(t.matched(&with(1, 6), &[a], &mut out).shared, 4);
+        assert_eq!(t.matched(&with(3, 6), &[a], &mut out).shared, 4);
+        assert_eq!(out, [4]);
+        // Repeating a prompt adds no continuation.
+        t.record(&with(2, 3), a.unwrap(), 4);
+        assert_eq!(t.matched(&with(2, 3), &[a], &mut out).shared, 4);
+    }
+
+    #[test]
+    fn the_latest_owner_of_a_block_is_known() {
+        let t = table(4096);
+        let tags: Vec<Option<EndpointTag>> = (0..3).map(|i| t.register(&format!("e{i}"))).collect();
+        let session = 0xfeed_u64;
+        assert_eq!(t.latest(session, &tags, 5), None);
+        t.record(&[session], tags[1].unwrap(), 10);
+        t.record(&[session], tags[2].unwrap(), 20);
+        assert_eq!(t.latest(session, &tags, 30), Some(2));
+        t.record(&[session], tags[1].unwrap(), 40);
+        assert_eq!(t.latest(session, &tags, 50), Some(1));
+        // Only candidates count.
+        assert_eq!(t.latest(session, &tags[..1], 50), None);
     }
 
     #[test]

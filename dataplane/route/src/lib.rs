@@ -13,7 +13,7 @@ pub mod affinity;
 pub mod blocks;
 pub mod policy;
 
-pub use affinity::{AffinityLimits, AffinityStats, AffinityTable, EndpointTag};
+pub use affinity::{AffinityLimits, AffinityStats, AffinityTable, EndpointTag, Matches};
 pub use policy::{Bound, Pick, Policy, PolicyError, PolicyName, PolicyParams, Reason};
 
 /// Load of one endpoint, as the router sees it.
@@ -29,6 +29,8 @@ pub struct Load {
     /// Requests sent there recently, decayed with a half-life of seconds: where new
     /// conversations went, which in-flight counts forget between rounds.
     pub recent: f64,
+    /// Prompt blocks sent there recently for prefill (those it did not hold), decayed alike.
+    pub recent_blocks: f64,
     /// The engine's own figures, when they are scraped.
     pub engine: Option<EngineLoad>,
 }
@@ -77,6 +79,11 @@ pub struct PrefixInfo<'a> {
     pub blocks: usize,
     /// Per pool index, the leading blocks that endpoint served recently.
     pub matched: &'a [u32],
+    /// Leading blocks that many prompts share (a system prompt, a popular document), as the
+    /// affinity table knows them ([`crate::Matches::shared`]).
+    pub shared: u32,
+    /// The pool index the request's session went to last, when it has a session key.
+    pub session_home: Option<usize>,
     /// Breaks cost ties the same way on every replica: a hash of the session key, or of the
     /// prompt's first blocks.
     pub tie_key: u64,

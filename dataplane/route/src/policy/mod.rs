@@ -31,26 +31,29 @@ pub enum Reason {
     SessionSpill,
     /// No session key: the fallback policy decided.
     NoSessionKey,
-    /// The endpoint with the longest cached prefix (and the lowest cost).
+    /// The endpoint holding the longest part of the conversation's own history.
     PrefixMatch,
-    /// An endpoint with a shorter cached prefix was cheaper: the longer one was too loaded.
+    /// No endpoint holds the conversation's history; its session key went there last.
+    PrefixSession,
+    /// The conversation's home was over its load bound (or not eligible): placed elsewhere.
     PrefixLoad,
-    /// No endpoint had any of the prompt cached: the least loaded took it.
-    PrefixMiss,
+    /// A new conversation (nothing of it cached but prefixes many share): placed by load.
+    PrefixNew,
     /// The request has no prompt to match: the fallback policy decided.
     NoPrompt,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::RoundRobin,
         Reason::LeastLoad,
         Reason::SessionAffinity,
         Reason::SessionSpill,
         Reason::NoSessionKey,
         Reason::PrefixMatch,
+        Reason::PrefixSession,
         Reason::PrefixLoad,
-        Reason::PrefixMiss,
+        Reason::PrefixNew,
         Reason::NoPrompt,
     ];
 
@@ -63,7 +66,8 @@ impl Reason {
             Reason::NoSessionKey => "no_session_key",
             Reason::PrefixMatch => "prefix_match",
             Reason::PrefixLoad => "prefix_load",
-            Reason::PrefixMiss => "prefix_miss",
+            Reason::PrefixSession => "prefix_session",
+            Reason::PrefixNew => "prefix_new",
             Reason::NoPrompt => "no_prompt",
         }
     }
@@ -174,17 +178,9 @@ pub struct PolicyParams {
     /// `session`: an endpoint takes a session's request only within this bound (consistent
     /// hashing with bounded loads).
     pub session_bound: Bound,
-    /// `prefix`: the same bound, applied to prefix routing (the guard against herding).
+    /// `prefix`: the same bound: a conversation stays on its home while the home is within
+    /// it, and new conversations go only to endpoints within it.
     pub prefix_bound: Bound,
-    /// `prefix`: weight of prefill work (blocks still to prefill, this request's and those
-    /// queued) against decode work (blocks of requests in flight) in the cost.
-    pub prefix_prefill_weight: f64,
-    /// `prefix`: a request whose best match covers less than this share of its prompt is
-    /// placed as new (by load), so that a shared system prompt alone draws no one.
-    pub prefix_min_match_ratio: f64,
-    /// `prefix`: for a new conversation, each request an endpoint was sent recently (decayed
-    /// over seconds) costs this share of the request's own blocks.
-    pub prefix_recent_weight: f64,
 }
 
 impl Default for PolicyParams {
@@ -192,9 +188,6 @@ impl Default for PolicyParams {
         Self {
             session_bound: Bound::default(),
             prefix_bound: Bound::default(),
-            prefix_prefill_weight: 8.0,
-            prefix_min_match_ratio: 0.3,
-            prefix_recent_weight: 0.05,
         }
     }
 }
@@ -219,26 +212,6 @@ impl PolicyParams {
                 });
             }
         }
-        for (name, w) in [
-            ("prefix.prefill_weight", self.prefix_prefill_weight),
-            ("prefix.recent_weight", self.prefix_recent_weight),
-        ] {
-            if !(w >= 0.0 && w.is_finite()) {
-                return Err(PolicyError::BadParameter {
-                    name,
-                    expected: "a number of at least 0",
-                    value: w,
-                });
-            }
-        }
-        let r = self.prefix_min_match_ratio;
-        if !(0.0..=1.0).contains(&r) {
-            return Err(PolicyError::BadParameter {
-                name: "prefix.min_match_ratio",
-                expected: "a number from 0 to 1",
-                value: r,
-            });
-        }
         Ok(())
     }
 }
@@ -254,13 +227,11 @@ pub enum Policy {
         bound: Bound,
         fallback: Box<Policy>,
     },
-    /// Cost of prefill still needed plus load, with bounded loads; requests without a prompt
+    /// Follows a conversation's cached history (or its session) within bounded loads, and
+    /// places new conversations by recent load and prefill work; requests without a prompt
     /// use `fallback`.
     Prefix {
         bound: Bound,
-        prefill_weight: f64,
-        min_match_ratio: f64,
-        recent_weight: f64,
         fallback: Box<Policy>,
     },
 }
@@ -285,9 +256,6 @@ impl Policy {
             },
             PolicyName::Prefix => Policy::Prefix {
                 bound: params.prefix_bound,
-                prefill_weight: params.prefix_prefill_weight,
-                min_match_ratio: params.prefix_min_match_ratio,
-                recent_weight: params.prefix_recent_weight,
                 fallback: fallback(PolicyName::Prefix),
             },
         }
@@ -312,23 +280,8 @@ impl Policy {
                 Some(key) => session::pick(pool, key, *bound),
                 None => with(Reason::NoSessionKey, fallback.pick(pool, req)),
             },
-            Policy::Prefix {
-                bound,
-                prefill_weight,
-                min_match_ratio,
-                recent_weight,
-                fallback,
-            } => match &req.prefix {
-                Some(prefix) if prefix.blocks > 0 => prefix::pick(
-                    pool,
-                    prefix,
-                    prefix::Weights {
-                        bound: *bound,
-                        prefill_weight: *prefill_weight,
-                        min_match_ratio: *min_match_ratio,
-                        recent_weight: *recent_weight,
-                    },
-                ),
+            Policy::Prefix { bound, fallback } => match &req.prefix {
+                Some(prefix) if prefix.blocks > 0 => prefix::pick(pool, prefix, *bound),
                 _ => with(Reason::NoPrompt, fallback.pick(pool, req)),
             },
         }
@@ -424,10 +377,8 @@ mod tests {
                 ..
             })
         ));
-        p = PolicyParams {
-            prefix_prefill_weight: f64::NAN,
-            ..PolicyParams::default()
-        };
+        p = PolicyParams::default();
+        p.prefix_bound.slack = f64::NAN;
         assert!(p.validate().is_err());
     }
 
@@ -468,6 +419,8 @@ mod tests {
             pool in prop::collection::vec((any::<bool>(), 0u32..10), 0..12),
             key in prop::option::of("[a-z0-9]{1,12}"),
             matched in prop::collection::vec(0u32..20, 12),
+            shared in 0u32..25,
+            session_home in prop::option::of(0usize..14),
             ticket in any::<u64>(),
         ) {
             let pool = Pool(pool);
@@ -476,7 +429,7 @@ mod tests {
                 let req = RouteRequest {
                     session_key: key.as_deref(),
                     ticket,
-                    prefix: Some(PrefixInfo { blocks: 20, matched: &matched[..pool.len()], tie_key: ticket }),
+                    prefix: Some(PrefixInfo { blocks: 20, matched: &matched[..pool.len()], shared: shared.min(20), session_home, tie_key: ticket }),
                 };
                 match policy.pick(&pool, &req) {
                     Some(pick) => prop_assert!(pool.eligible(pick.index)),
@@ -500,7 +453,7 @@ mod tests {
                 let req = RouteRequest {
                     session_key: Some(&key),
                     ticket: 0,
-                    prefix: Some(PrefixInfo { blocks: 20, matched: &matched[..pool.len()], tie_key: 7 }),
+                    prefix: Some(PrefixInfo { blocks: 20, matched: &matched[..pool.len()], shared: 3, session_home: Some(0), tie_key: 7 }),
                 };
                 if let Some(pick) = policy.pick(&pool, &req) {
                     let bound = LoadBound::new(&pool, Bound::default());

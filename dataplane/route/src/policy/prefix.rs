@@ -1,18 +1,29 @@
-//! `prefix`: the endpoint where the request costs least, counting the prefill it would still
-//! need there against the load already there (after Dynamo's `prefill + decode blocks`):
+//! `prefix`: send a conversation where its KV cache is, and place new conversations so that
+//! load stays even, with no per-workload threshold.
 //!
-//! `cost = prefill_weight * (uncached blocks + blocks queued for prefill) + blocks in flight`
+//! A prompt's leading blocks are of two kinds, told apart by the affinity table itself:
+//! - the **shared** prefix: blocks that several prompts continue (a system prompt, a popular
+//!   document; see `affinity.rs`). Holding it says nothing about where a conversation lives,
+//!   and copying it to another engine is a one-time cost that every later request there
+//!   repays, so it draws no herd;
+//! - the **private** part: the conversation's own history. An endpoint holding some of it is
+//!   the conversation's home.
 //!
-//! An endpoint that holds more of the prompt saves prefill; one that is busy costs its queue.
-//! Guards against herding on a prefix every request shares, such as a system prompt:
-//! - a request whose best match covers less than `min_match_ratio` of its prompt is new (a
-//!   first round matching only the system prompt): no endpoint is credited with a match,
-//!   and the requests each endpoint was sent recently add to its cost (`recent_weight` of
-//!   this request's blocks each), so new conversations spread evenly, by the rate they will
-//!   come back at, while later rounds, which match most of their prompt, follow their
-//!   history;
-//! - only endpoints within the load bound compete (consistent hashing's bounded loads), so
-//!   concurrent requests cannot pile onto the holder of a popular prefix.
+//! The decision, per request:
+//! 1. **Follow.** The home is the endpoint holding the longest private part; without one,
+//!    the endpoint the request's session key (header or body `user`) went to last, as the
+//!    table remembers it. The request stays there while the home is eligible and within the
+//!    load bound on requests in flight (consistent hashing's bounded loads, with a slack so
+//!    that light load is no imbalance).
+//! 2. **Place.** Otherwise (a new conversation, or a home over its bound) the endpoint with
+//!    the lowest `recent + (queued prefill + this prompt's uncached blocks) / blocks per
+//!    request` among those within the bound: requests sent there recently (a decayed count,
+//!    so it sees load at any rate, not only what is in flight at light load) plus the
+//!    prefill work waiting there now and the work this request would add, both counted in
+//!    requests of the pool's average size. Every term is measured, none is tuned: an endpoint
+//!    that holds nothing (new, restarted, scaled up) has the lowest count and takes new
+//!    conversations until its share is even; one that holds a popular prefix wins ties
+//!    worth less than the prefill it saves.
 //!
 //! Ties go to the rendezvous order of the request's tie key (its session, or its prompt's
 //! last block), the same on every router replica.
@@ -20,56 +31,68 @@
 use super::{Bound, LoadBound, Pick, Reason, weight};
 use crate::{PoolView, PrefixInfo};
 
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Weights {
-    pub bound: Bound,
-    pub prefill_weight: f64,
-    pub min_match_ratio: f64,
-    pub recent_weight: f64,
-}
-
-pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, w: Weights) -> Option<Pick> {
-    let bound = LoadBound::new(pool, w.bound);
-    let blocks = prefix.blocks as f64;
+pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, bound: Bound) -> Option<Pick> {
+    let bound = LoadBound::new(pool, bound);
     let held = |i: usize| prefix.matched.get(i).copied().unwrap_or(0);
-    let longest = (0..pool.len())
-        .filter(|&i| pool.eligible(i))
-        .map(held)
-        .max()
-        .unwrap_or(0);
-    let new = f64::from(longest) < w.min_match_ratio * blocks;
-    let matched = |i: usize| if new { 0 } else { held(i) };
+    let private = |i: usize| held(i).saturating_sub(prefix.shared);
+    let tie = |i: usize| weight(prefix.tie_key, pool.key(i));
+
+    // 1. Follow: the endpoint with the most of the conversation's own history, else where
+    //    its session went last.
+    let mut home: Option<usize> = None;
+    for i in 0..pool.len() {
+        if private(i) == 0 {
+            continue;
+        }
+        let better = match home {
+            None => true,
+            Some(h) => (private(i), pool.eligible(i), tie(i)) > (private(h), pool.eligible(h), tie(h)),
+        };
+        if better {
+            home = Some(i);
+        }
+    }
+    let (home, via) = match home {
+        Some(h) => (Some(h), Reason::PrefixMatch),
+        None => (prefix.session_home.filter(|&h| h < pool.len()), Reason::PrefixSession),
+    };
+    if let Some(h) = home
+        && pool.eligible(h)
+        && bound.admits(pool, h)
+    {
+        return Some(Pick { index: h, reason: via });
+    }
+
+    // 2. Place: the lowest recent load plus prefill work, in requests of the pool's size.
+    let (mut requests, mut blocks) = (0.0, 0.0);
+    for i in (0..pool.len()).filter(|&i| pool.eligible(i)) {
+        let load = pool.load(i);
+        requests += load.recent;
+        blocks += load.recent_blocks;
+    }
+    let per_request = if requests > 0.0 {
+        (blocks / requests).max(1.0)
+    } else {
+        (prefix.blocks as f64).max(1.0)
+    };
     let mut best: Option<(f64, u64, usize)> = None;
     for i in 0..pool.len() {
         if !pool.eligible(i) || !bound.admits(pool, i) {
             continue;
         }
         let load = pool.load(i);
-        let uncached = (blocks - f64::from(matched(i))).max(0.0);
-        let cost = w.prefill_weight * (uncached + load.prefill_blocks as f64) + load.active_blocks as f64;
-        // A new conversation will come back for more rounds: also count where requests
-        // went recently, each as a share of this request's blocks.
-        let cost = if new {
-            cost + w.recent_weight * load.recent * blocks
-        } else {
-            cost
-        };
-        let tie = weight(prefix.tie_key, pool.key(i));
-        let better = match best {
-            None => true,
-            Some((c, t, _)) => cost < c || (cost == c && tie > t),
-        };
-        if better {
-            best = Some((cost, tie, i));
+        let uncached = prefix.blocks.saturating_sub(held(i) as usize) as f64;
+        let score = load.recent + (load.prefill_blocks as f64 + uncached) / per_request;
+        let t = tie(i);
+        if best.is_none_or(|(s, bt, _)| score < s || (score == s && t > bt)) {
+            best = Some((score, t, i));
         }
     }
     let (_, _, index) = best?;
-    let reason = if new {
-        Reason::PrefixMiss
-    } else if matched(index) == longest {
-        Reason::PrefixMatch
-    } else {
+    let reason = if home.is_some() {
         Reason::PrefixLoad
+    } else {
+        Reason::PrefixNew
     };
     Some(Pick { index, reason })
 }
@@ -79,8 +102,10 @@ mod tests {
     use super::*;
     use crate::{Load, PoolView};
 
-    /// Per endpoint: (in-flight requests, blocks queued for prefill, blocks in flight).
-    struct Loaded(Vec<(u32, u64, u64)>);
+    /// Per endpoint: in-flight requests, blocks queued for prefill, recent requests, recent
+    /// prompt blocks.
+    #[derive(Clone)]
+    struct Loaded(Vec<(u32, u64, f64, f64)>);
 
     impl PoolView for Loaded {
         fn len(&self) -> usize {
@@ -93,39 +118,40 @@ mod tests {
             crate::endpoint_key(&format!("e{i}"))
         }
         fn load(&self, i: usize) -> Load {
-            let (inflight, prefill_blocks, active_blocks) = self.0[i];
+            let (inflight, prefill_blocks, recent, recent_blocks) = self.0[i];
             Load {
                 inflight,
                 prefill_blocks,
-                active_blocks,
-                recent: f64::from(inflight),
+                active_blocks: 0,
+                recent,
+                recent_blocks,
                 engine: None,
             }
         }
     }
 
-    const W: Weights = Weights {
-        bound: Bound {
-            factor: 1.25,
-            slack: 0.0,
-        },
-        prefill_weight: 1.0,
-        min_match_ratio: 0.0,
-        recent_weight: 0.05,
+    const B: Bound = Bound {
+        factor: 1.25,
+        slack: 2.0,
     };
 
-    fn info(matched: &[u32]) -> PrefixInfo<'_> {
+    fn info<'a>(matched: &'a [u32], shared: u32, session_home: Option<usize>) -> PrefixInfo<'a> {
         PrefixInfo {
             blocks: 100,
             matched,
+            shared,
+            session_home,
             tie_key: 42,
         }
     }
 
+    fn even(n: usize) -> Loaded {
+        Loaded(vec![(1, 0, 10.0, 100.0); n])
+    }
+
     #[test]
-    fn the_longest_cached_prefix_wins_when_loads_are_equal() {
-        let pool = Loaded(vec![(1, 0, 50); 3]);
-        let p = pick(&pool, &info(&[10, 90, 40]), W).unwrap();
+    fn a_conversation_follows_its_own_history() {
+        let p = pick(&even(3), &info(&[10, 90, 40], 10, None), B).unwrap();
         assert_eq!(
             p,
             Pick {
@@ -136,125 +162,111 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_holder_loses_to_an_idle_endpoint() {
-        // Endpoint 0 holds 30 blocks but has 200 blocks of prefill queued.
-        let pool = Loaded(vec![(2, 200, 100), (2, 0, 100)]);
-        let p = pick(
-            &pool,
-            &info(&[30, 0]),
-            Weights {
-                bound: Bound {
-                    factor: 2.0,
-                    slack: 0.0,
-                },
-                ..W
-            },
-        )
-        .unwrap();
+    fn a_shared_prefix_alone_draws_no_one() {
+        // Endpoint 0 holds the system prompt (30 blocks every conversation shares) and has
+        // been sent more than the others recently: a new conversation goes elsewhere.
+        let mut pool = even(3);
+        pool.0[0].2 = 14.0;
+        let p = pick(&pool, &info(&[30, 0, 0], 30, None), B).unwrap();
+        assert_ne!(p.index, 0);
+        assert_eq!(p.reason, Reason::PrefixNew);
+        // With even loads the holder wins: copying the prefix costs prefill.
+        let p = pick(&even(3), &info(&[30, 0, 0], 30, None), B).unwrap();
+        assert_eq!(p.index, 0);
+    }
+
+    #[test]
+    fn an_endpoint_holding_nothing_takes_new_conversations() {
+        // Three endpoints hold the shared prefix and served plenty; a fresh one holds nothing.
+        let mut pool = even(4);
+        pool.0[3] = (0, 0, 0.0, 0.0);
+        for _ in 0..3 {
+            let p = pick(&pool, &info(&[30, 30, 30, 0], 30, None), B).unwrap();
+            assert_eq!(p.index, 3);
+            pool.0[3].2 += 1.0;
+            pool.0[3].3 += 10.0;
+        }
+    }
+
+    #[test]
+    fn a_busy_home_sends_the_conversation_elsewhere() {
+        let mut pool = even(3);
+        pool.0[1].0 = 9;
+        let p = pick(&pool, &info(&[10, 90, 40], 10, None), B).unwrap();
         assert_eq!(
             p,
             Pick {
-                index: 1,
+                index: 2,
                 reason: Reason::PrefixLoad
             }
         );
     }
 
     #[test]
-    fn nothing_cached_goes_to_the_cheapest() {
-        let pool = Loaded(vec![(3, 0, 300), (1, 0, 100), (2, 0, 200)]);
-        let p = pick(
-            &pool,
-            &info(&[0, 0, 0]),
-            Weights {
-                min_match_ratio: 0.5,
-                ..W
-            },
-        )
-        .unwrap();
+    fn the_session_key_finds_the_home_when_the_prompt_cannot() {
+        let p = pick(&even(3), &info(&[0, 0, 0], 0, Some(2)), B).unwrap();
         assert_eq!(
             p,
             Pick {
-                index: 1,
-                reason: Reason::PrefixMiss
+                index: 2,
+                reason: Reason::PrefixSession
             }
         );
+        // The prompt's own history is stronger evidence than the session's last endpoint.
+        let p = pick(&even(3), &info(&[0, 50, 0], 0, Some(2)), B).unwrap();
+        assert_eq!(p.index, 1);
     }
 
     #[test]
-    fn a_shared_prefix_does_not_herd_concurrent_requests() {
-        // Everyone shares the prefix only endpoint 0 holds; it already has more than its
-        // share of requests: the bound sends the next one elsewhere.
-        let pool = Loaded(vec![(6, 0, 60), (1, 0, 10), (1, 0, 10)]);
-        let p = pick(&pool, &info(&[100, 0, 0]), W).unwrap();
-        assert_ne!(p.index, 0);
+    fn queued_prefill_counts_against_an_endpoint() {
+        let mut pool = even(2);
+        pool.0[0].1 = 500;
+        let p = pick(&pool, &info(&[0, 0], 0, None), B).unwrap();
+        assert_eq!(p.index, 1);
     }
 
     #[test]
-    fn a_match_on_a_small_share_of_the_prompt_counts_as_new() {
-        // Endpoint 0 holds 20 of 100 blocks (a system prompt, say), and has a request running.
-        let pool = Loaded(vec![(1, 0, 30), (0, 0, 0)]);
-        let w = Weights {
-            min_match_ratio: 0.5,
-            ..W
-        };
-        let p = pick(&pool, &info(&[20, 0]), w).unwrap();
-        assert_eq!(
-            p,
-            Pick {
-                index: 1,
-                reason: Reason::PrefixMiss
-            }
-        );
-        // 60 of 100 is the conversation itself: follow it.
-        let p = pick(&pool, &info(&[60, 0]), w).unwrap();
-        assert_eq!(
-            p,
-            Pick {
-                index: 0,
-                reason: Reason::PrefixMatch
-            }
-        );
-    }
-
-    #[test]
-    fn new_conversations_go_where_the_fewest_went_recently() {
-        struct Recent(Vec<f64>);
-        impl PoolView for Recent {
-            fn len(&self) -> usize {
-                self.0.len()
-            }
-            fn eligible(&self, _: usize) -> bool {
-                true
-            }
-            fn key(&self, i: usize) -> u64 {
-                crate::endpoint_key(&format!("e{i}"))
-            }
-            fn load(&self, i: usize) -> Load {
-                Load {
-                    recent: self.0[i],
-                    ..Load::default()
-                }
-            }
+    fn new_conversations_even_out_over_time() {
+        // Placing 400 new conversations, each coming back 4 more times, on 4 endpoints that
+        // started uneven: recent counts even out.
+        let mut pool = Loaded(vec![
+            (0, 0, 40.0, 400.0),
+            (0, 0, 0.0, 0.0),
+            (0, 0, 10.0, 100.0),
+            (0, 0, 0.0, 0.0),
+        ]);
+        for c in 0..400u64 {
+            let i = PrefixInfo {
+                blocks: 10,
+                matched: &[0; 4],
+                shared: 0,
+                session_home: None,
+                tie_key: c,
+            };
+            let p = pick(&pool, &i, B).unwrap();
+            pool.0[p.index].2 += 5.0;
+            pool.0[p.index].3 += 50.0;
         }
-        let pool = Recent(vec![50.0, 20.0, 90.0]);
-        let w = Weights {
-            min_match_ratio: 0.5,
-            ..W
-        };
-        assert_eq!(pick(&pool, &info(&[0, 0, 0]), w).unwrap().index, 1);
+        let r: Vec<f64> = pool.0.iter().map(|e| e.2).collect();
+        let (max, min) = (
+            r.iter().copied().fold(0.0, f64::max),
+            r.iter().copied().fold(f64::MAX, f64::min),
+        );
+        assert!(max - min <= 5.0, "{r:?}");
     }
 
     #[test]
     fn ties_follow_the_tie_key() {
-        let pool = Loaded(vec![(0, 0, 0); 4]);
+        let pool = Loaded(vec![(0, 0, 0.0, 0.0); 4]);
         let placed = |tie_key| {
             let i = PrefixInfo {
                 blocks: 10,
                 matched: &[0; 4],
+                shared: 0,
+                session_home: None,
                 tie_key,
             };
-            pick(&pool, &i, W).unwrap()
+            pick(&pool, &i, B).unwrap()
         };
         let mut seen = std::collections::HashSet::new();
         for key in 0..64 {
