@@ -65,6 +65,21 @@ pub struct MultiRoundArgs {
     /// Zipf exponent of user activity (0: every user alike).
     #[arg(long, default_value_t = 0.0)]
     pub skew: f64,
+    /// Zipf exponent of document popularity (0: user u reads document u mod --docs).
+    #[arg(long, default_value_t = 0.0)]
+    pub doc_skew: f64,
+    /// Agent-like loops: after the first round, each round appends a tool output of
+    /// --tool-chars-min to --tool-chars-max characters instead of a question, --pause-ms after
+    /// the previous answer.
+    #[arg(long)]
+    pub agent: bool,
+    #[arg(long, default_value_t = 1000)]
+    pub tool_chars_min: usize,
+    #[arg(long, default_value_t = 4000)]
+    pub tool_chars_max: usize,
+    /// Agent loops: the pause between an answer and the next round, ms.
+    #[arg(long, default_value_t = 200)]
+    pub pause_ms: u64,
     /// Send no `x-user-id` header.
     #[arg(long)]
     pub no_session_header: bool,
@@ -77,7 +92,8 @@ pub struct MultiRoundArgs {
     /// rounds served by the engine of the round before are counted.
     #[arg(long, default_value = "x-sim-engine")]
     pub engine_header: String,
-    /// Follow-up rounds started in the first seconds are not counted for the engine share.
+    /// Requests started in the first seconds are warm-up: not counted in the measured window
+    /// (TTFT, hit rate, requests per engine, the engine share of follow-ups).
     #[arg(long, default_value_t = 0.0)]
     pub warmup_s: f64,
     #[arg(long, default_value = "multi-round")]
@@ -93,7 +109,15 @@ pub struct MultiRoundSummary {
     pub errors: u64,
     pub seconds: f64,
     pub rounds_per_s: f64,
+    /// Requests started after the warm-up: the measured window.
+    pub measured_requests: u64,
+    /// TTFT of the measured window.
     pub ttft_ms: Percentiles,
+    /// Prompt tokens the engines found cached over prompt tokens, in the measured window (from
+    /// each response's `usage.prompt_tokens_details.cached_tokens`).
+    pub hit_rate: f64,
+    /// Requests per engine in the measured window (the engine header's values).
+    pub engine_requests: std::collections::BTreeMap<String, u64>,
     /// Mean gap between streamed chunks, over all requests.
     pub itl_ms_mean: f64,
     /// Follow-up rounds (after the warm-up) whose engine and the previous round's are known.
@@ -119,6 +143,25 @@ fn text(seed: u64, tokens: usize, chars_per_token: usize) -> String {
     out
 }
 
+/// The document user `user` reads: `user mod docs`, or drawn from a Zipf law of exponent
+/// `doc_skew` over the documents (document 0 the most read), the same in every run.
+fn doc_of(a: &MultiRoundArgs, user: usize, docs: usize) -> usize {
+    if a.doc_skew <= 0.0 || docs <= 1 {
+        return user % docs.max(1);
+    }
+    let weights: Vec<f64> = (0..docs).map(|d| 1.0 / ((d + 1) as f64).powf(a.doc_skew)).collect();
+    let total: f64 = weights.iter().sum();
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(&(user as u64).to_le_bytes(), a.seed ^ (3 << 40));
+    let mut x = (h >> 11) as f64 / (1u64 << 53) as f64 * total;
+    for (d, w) in weights.iter().enumerate() {
+        if x < *w {
+            return d;
+        }
+        x -= w;
+    }
+    docs - 1
+}
+
 /// Rounds of each user: `rounds` each, or Zipf-weighted around it with `skew`.
 fn rounds_per_user(a: &MultiRoundArgs) -> Vec<usize> {
     if a.skew <= 0.0 {
@@ -134,6 +177,10 @@ fn rounds_per_user(a: &MultiRoundArgs) -> Vec<usize> {
 
 struct Recorder {
     ttft: Histogram<u64>,
+    measured: u64,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    per_engine: std::collections::BTreeMap<String, u64>,
     gaps_us: f64,
     gaps: u64,
     requests: u64,
@@ -173,6 +220,10 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
     let next_user = Arc::new(Mutex::new(0usize));
     let recorder = Arc::new(Mutex::new(Recorder {
         ttft: Histogram::new_with_bounds(1, 600_000_000, 3)?,
+        measured: 0,
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        per_engine: std::collections::BTreeMap::new(),
         gaps_us: 0.0,
         gaps: 0,
         requests: 0,
@@ -223,7 +274,14 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
         errors: r.errors,
         seconds,
         rounds_per_s: r.requests as f64 / seconds,
+        measured_requests: r.measured,
         ttft_ms: Percentiles::of(&r.ttft),
+        hit_rate: if r.prompt_tokens == 0 {
+            0.0
+        } else {
+            r.cached_tokens as f64 / r.prompt_tokens as f64
+        },
+        engine_requests: r.per_engine.clone(),
         itl_ms_mean: if r.gaps == 0 {
             0.0
         } else {
@@ -259,7 +317,7 @@ impl Chat<'_> {
         let history = text(a.seed ^ (1 << 40) ^ user as u64, a.history_tokens, cpt);
         let mut first = String::new();
         if !self.docs.is_empty() {
-            first.push_str(&self.docs[user % self.docs.len()]);
+            first.push_str(&self.docs[doc_of(a, user, self.docs.len())]);
             first.push('\n');
         }
         first.push_str(&history);
@@ -268,23 +326,26 @@ impl Chat<'_> {
         let mut next_at = Instant::now();
         let mut last_engine: Option<String> = None;
         for round in 0..rounds {
-            if let Some(i) = self.interval {
+            if a.agent && round > 0 {
+                tokio::time::sleep(Duration::from_millis(a.pause_ms)).await;
+            } else if let Some(i) = self.interval {
                 tokio::time::sleep_until(next_at.into()).await;
                 next_at += i;
             }
-            let question = text(
-                a.seed ^ (2 << 40) ^ ((user as u64) << 16) ^ round as u64,
-                a.question_tokens,
-                cpt,
-            );
+            let round_seed = a.seed ^ (2 << 40) ^ ((user as u64) << 16) ^ round as u64;
             let content = if round == 0 {
-                format!("{first}\n{question}")
+                format!("{first}\n{}", text(round_seed, a.question_tokens, cpt))
+            } else if a.agent {
+                let span = a.tool_chars_max.saturating_sub(a.tool_chars_min) as u64 + 1;
+                let chars = a.tool_chars_min + (xxhash_rust::xxh3::xxh3_64(&round_seed.to_le_bytes()) % span) as usize;
+                format!("Tool output:\n{}", text(round_seed, chars.div_ceil(cpt.max(1)), cpt))
             } else {
-                question
+                text(round_seed, a.question_tokens, cpt)
             };
             messages.push(json!({"role": "user", "content": content}));
             let body = json!({
                 "model": a.model, "messages": messages, "stream": true,
+                "stream_options": {"include_usage": true},
                 "max_tokens": a.answer_tokens, "ignore_eos": true,
             });
             let target = (user + round) % self.hosts.len();
@@ -302,7 +363,15 @@ impl Chat<'_> {
             match outcome {
                 Ok(reply) => {
                     r.requests += 1;
-                    let _ = r.ttft.record(reply.ttft.as_micros().max(1) as u64);
+                    if counted {
+                        r.measured += 1;
+                        let _ = r.ttft.record(reply.ttft.as_micros().max(1) as u64);
+                        r.prompt_tokens += reply.prompt_tokens;
+                        r.cached_tokens += reply.cached_tokens;
+                        if let Some(e) = &reply.engine {
+                            *r.per_engine.entry(e.clone()).or_default() += 1;
+                        }
+                    }
                     r.gaps += reply.gaps.len() as u64;
                     r.gaps_us += reply.gaps.iter().map(|g| g.as_micros() as f64).sum::<f64>();
                     if let (true, Some(last), Some(now)) = (counted, &last_engine, &reply.engine) {
@@ -334,6 +403,9 @@ struct Reply {
     answer: String,
     /// The engine that served it, from the engine header.
     engine: Option<String>,
+    /// From the final usage chunk.
+    prompt_tokens: u64,
+    cached_tokens: u64,
 }
 
 /// Sends one streaming chat request and reads the answer.
@@ -388,17 +460,27 @@ async fn exchange(
             raw.extend_from_slice(d);
         }
     }
-    let answer = String::from_utf8_lossy(&raw)
+    let events: Vec<Value> = String::from_utf8_lossy(&raw)
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    let answer = events
+        .iter()
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str())
         .collect::<String>();
+    let usage = events.iter().rev().find(|v| v["usage"].is_object()).map(|v| &v["usage"]);
+    let prompt_tokens = usage.and_then(|u| u["prompt_tokens"].as_u64()).unwrap_or(0);
+    let cached_tokens = usage
+        .and_then(|u| u["prompt_tokens_details"]["cached_tokens"].as_u64())
+        .unwrap_or(0);
     Ok(Reply {
         ttft: first.ok_or_else(|| anyhow::anyhow!("no events"))?,
         gaps,
         answer,
         engine,
+        prompt_tokens,
+        cached_tokens,
     })
 }
 
@@ -430,6 +512,11 @@ mod tests {
             docs: 0,
             doc_tokens: 1,
             skew: 0.0,
+            doc_skew: 0.0,
+            agent: false,
+            tool_chars_min: 1000,
+            tool_chars_max: 4000,
+            pause_ms: 200,
             no_session_header: false,
             chars_per_token: 4,
             seed: 1,
