@@ -30,6 +30,11 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The packages whose binaries the tests and `cargo xtask` run (`lmstack`; `lmstack-sim` and
+/// `lmstack-load`; `lmstack-control`; `lmstack-agent`, which builds without its probes where
+/// the BPF tool chain is missing): both build exactly this list with `cargo build --bins`.
+pub const BINARY_PACKAGES: [&str; 4] = ["lmstack", "lmstack-perf", "lmstack-control", "lmstack-agent"];
+
 /// The path of a workspace binary, built (once per test process) with the profile the tests
 /// were built with, so tests never run stale binaries.
 pub fn bin(name: &str) -> PathBuf {
@@ -41,20 +46,10 @@ pub fn bin(name: &str) -> PathBuf {
         let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "lmstack",
-            "-p",
-            "lmstack-perf",
-            "-p",
-            "lmstack-control",
-            "-p",
-            "lmstack-agent",
-        ])
-        .current_dir(workspace_root());
+        cmd.args(["build", "--quiet", "--bins"]).current_dir(workspace_root());
+        for package in BINARY_PACKAGES {
+            cmd.args(["-p", package]);
+        }
         if profile != "debug" {
             cmd.args(["--profile", if profile == "release" { "release" } else { &profile }]);
         }

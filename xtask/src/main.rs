@@ -86,16 +86,10 @@ pub fn start_router(bins: &Path, port: u16, backends: &[String], extra: &[&str])
 /// Builds the binaries with `profile` and returns their directory.
 pub fn build_bins(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--bins",
-        "-p",
-        "lmstack",
-        "-p",
-        "lmstack-perf",
-        "-p",
-        "lmstack-control",
-    ]);
+    cmd.args(["build", "--bins"]);
+    for package in lmstack_e2e::BINARY_PACKAGES {
+        cmd.args(["-p", package]);
+    }
     if release {
         cmd.arg("--release");
     }
