@@ -3,19 +3,24 @@
 //! - every PromQL target parses (promql-parser);
 //! - the alert rules pass `promtool check rules` and `promtool test rules`;
 //! - end to end: a real Prometheus scrapes the router, lmstack-control, two simulated engines
-//!   under traffic and (as root) lmstack-agent on one engine's cgroup; every target of every
+//!   under traffic, two routers in trouble (an engine that resets, a control that sends
+//!   garbage) and (as root) lmstack-agent on one engine's cgroup; every target of every
 //!   panel must return series. PNGs of key queries on Prometheus' graph page, rendered by
 //!   headless Chromium, are left under target/dashboards/ for a person to look at.
 //!
 //! Tools come from `cargo xtask test` (target/tools, apt); without them the case skips, and
 //! fails under CI.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lmstack_e2e::bed::{Prometheus, TestBed, ebpf_preconditions, find_exe, node_tools, skip};
-use lmstack_e2e::{Proc, agent, args, bin, control, get, router_following, sim, wait_healthy, workspace_root};
+use lmstack_e2e::{
+    FakeEngine, Misbehave, Proc, agent, args, bin, control, get, router_following, sim, wait_healthy, workspace_root,
+};
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "lmstack-e2e";
@@ -222,6 +227,20 @@ fn traffic(router: &Proc, n: usize) {
     }
 }
 
+/// A control that answers every snapshot stream with a line that is not JSON.
+fn garbage_control() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().map_while(Result::ok) {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nnot json\n");
+        }
+    });
+    addr
+}
+
 /// Polls an instant query until it returns at least one series.
 fn series(prom: &Prometheus, query: &str, deadline: Instant) -> Result<usize, String> {
     loop {
@@ -297,9 +316,38 @@ fn every_panel_returns_data_from_a_real_prometheus() {
     );
     let router = router_following(&control_proc, &["--routing-logic", "prefix"]);
     wait_healthy(&router);
+    // What an operator must see go wrong, made to happen: a router discovering one engine
+    // itself (health probes) that resets every request (upstream errors), and a router whose
+    // control sends garbage (rejected messages, disconnects).
+    let resetting = FakeEngine::start(Misbehave::Reset);
+    let static_router = lmstack_e2e::router(&args(&[
+        "--static-backends",
+        &resetting.url(),
+        "--static-models",
+        MODEL,
+        "--health-check-interval-ms",
+        "200",
+    ]));
+    wait_healthy(&static_router);
+    let reset = lmstack_e2e::post(
+        &static_router,
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}),
+        &[],
+    );
+    assert_eq!(reset.status, 502, "{}", reset.body);
+    let garbage = garbage_control();
+    let lost_router = lmstack_e2e::router(&args(&[
+        "--service-discovery",
+        "control",
+        "--control-url",
+        &format!("http://{garbage}"),
+    ]));
 
     let mut scrape = vec![
         ("router", router.addr.to_string(), false),
+        ("router", static_router.addr.to_string(), false),
+        ("router", lost_router.addr.to_string(), false),
         ("control", control_proc.addr.to_string(), false),
         ("engines", engine_a.addr.to_string(), false),
         ("engines", engine_b.addr.to_string(), false),
@@ -382,6 +430,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
     );
 
     pictures(&prom);
+    drop((static_router, lost_router));
     drop(router);
     drop(bed);
 }
