@@ -35,19 +35,25 @@ pub struct LoadArgs {
     /// Base URL: http://host:port
     #[arg(long)]
     pub url: String,
+    /// Model of every request.
     #[arg(long, default_value = "sim-model")]
     pub model: String,
+    /// What to request.
     #[arg(long, value_enum, default_value = "completions")]
     pub mode: Mode,
     /// Connections, each with one request in flight.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Measured time, seconds, after the warm-up.
     #[arg(long, default_value_t = 10.0)]
     pub duration_s: f64,
+    /// Time under load before measuring, seconds.
     #[arg(long, default_value_t = 2.0)]
     pub warmup_s: f64,
+    /// `max_tokens` of every request.
     #[arg(long, default_value_t = 4)]
     pub max_tokens: usize,
+    /// Prompt of every request.
     #[arg(long, default_value = "Say hello to the load generator.")]
     pub prompt: String,
     /// Extra request header, `name: value` (repeatable).

@@ -33,6 +33,7 @@ pub struct MultiRoundArgs {
     /// round before it (for replicas that must agree on where a conversation lives).
     #[arg(long, value_delimiter = ',', required = true)]
     pub url: Vec<String>,
+    /// Model of every request.
     #[arg(long, default_value = "sim-model")]
     pub model: String,
     /// Users in all.
@@ -48,18 +49,22 @@ pub struct MultiRoundArgs {
     /// as the last answer is in.
     #[arg(long, default_value_t = 0.0)]
     pub qps: f64,
+    /// System prompt every user shares, tokens.
     #[arg(long, default_value_t = 1000)]
     pub system_tokens: usize,
     /// Each user's own history, sent from the first round on.
     #[arg(long, default_value_t = 2000)]
     pub history_tokens: usize,
+    /// Each round's question, tokens.
     #[arg(long, default_value_t = 50)]
     pub question_tokens: usize,
+    /// Each round's answer (`max_tokens`, with `ignore_eos`), tokens.
     #[arg(long, default_value_t = 32)]
     pub answer_tokens: usize,
     /// Documents shared by users, placed after the system prompt (0: none).
     #[arg(long, default_value_t = 0)]
     pub docs: usize,
+    /// Length of each shared document, tokens.
     #[arg(long, default_value_t = 2000)]
     pub doc_tokens: usize,
     /// Zipf exponent of user activity (0: every user alike).
@@ -86,6 +91,7 @@ pub struct MultiRoundArgs {
     /// Characters per token of the generated text (the simulator's default is 4).
     #[arg(long, default_value_t = 4)]
     pub chars_per_token: usize,
+    /// Seed of the generated texts and of every random draw.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Response header naming the engine that served a request (the simulator's): follow-up
@@ -96,8 +102,10 @@ pub struct MultiRoundArgs {
     /// (TTFT, hit rate, requests per engine, the engine share of follow-ups).
     #[arg(long, default_value_t = 0.0)]
     pub warmup_s: f64,
+    /// A name for this run in the output.
     #[arg(long, default_value = "multi-round")]
     pub label: String,
+    /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -42,6 +42,7 @@ pub struct Cli {
     /// Address of /metrics and /health.
     #[arg(long, env = "LMSTACK_AGENT_LISTEN", default_value = "0.0.0.0:9400")]
     listen: String,
+    /// Where the engines to measure come from.
     #[arg(long, value_enum, default_value = "local")]
     source: Source,
     /// (local) A cgroup v2 directory to watch; repeat for several.
@@ -51,8 +52,10 @@ pub struct Cli {
     /// unless given.
     #[arg(long, default_value = "")]
     pod: String,
+    /// (local) The namespace label of the local cgroups' metrics.
     #[arg(long, default_value = "local")]
     namespace: String,
+    /// (local) The model label of the local cgroups' metrics.
     #[arg(long, default_value = "")]
     model: String,
     /// (kube) This node's name (the DaemonSet passes spec.nodeName).
@@ -93,6 +96,7 @@ pub struct Cli {
     /// Level of the probes' own log messages: error, warn, info, debug, trace.
     #[arg(long, default_value = "warn")]
     kernel_log_level: String,
+    /// Log filter of the agent itself (`info`, `debug`, `lmstack_agent=debug`, ...).
     #[arg(long, env = "LMSTACK_AGENT_LOG", default_value = "info")]
     log_level: String,
     /// Append every TTFT and gap measured to this file, one JSON object a line (for checks

@@ -28,6 +28,7 @@ use self::engine::{Engine, EngineConfig};
 #[derive(Clone, Debug, Parser)]
 #[command(name = "lmstack-sim", version, about = "A vLLM-compatible engine simulator")]
 pub struct SimArgs {
+    /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// 0 picks a free port (printed at start).
@@ -51,6 +52,7 @@ pub struct SimArgs {
     /// Most sequences running at once; more wait in the queue.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
+    /// Most tokens of a request, prompt plus `max_tokens`; a longer one is refused (400).
     #[arg(long, default_value_t = 32768)]
     pub max_model_len: usize,
     /// Prefills that run at once (1 for a vLLM engine). More lanes model one engine with the
