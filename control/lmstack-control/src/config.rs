@@ -31,6 +31,7 @@ pub struct PodConfig {
     /// `container-port`); a pod without it uses `--engine-port`.
     #[arg(long, env = "LMSTACK_CONTROL_ENGINE_PORT_NAME", default_value = "container-port")]
     pub engine_port_name: String,
+    /// The port of pods that have no container port named `--engine-port-name`.
     #[arg(long, env = "LMSTACK_CONTROL_ENGINE_PORT", default_value_t = 8000)]
     pub engine_port: u16,
     /// A pod label whose value is the served model name (production-stack's `model`); empty:
@@ -49,6 +50,7 @@ pub struct Cli {
     /// Address of the snapshot stream, /health and /metrics.
     #[arg(long, env = "LMSTACK_CONTROL_LISTEN", default_value = "0.0.0.0:8090")]
     pub listen: String,
+    /// Where the engines come from.
     #[arg(long, value_enum, env = "LMSTACK_CONTROL_SOURCE", default_value = "kube")]
     pub source: Source,
     #[command(flatten)]
@@ -85,6 +87,7 @@ pub struct Cli {
     /// later (about 8 bytes each in memory, more on the wire).
     #[arg(long, env = "LMSTACK_CONTROL_AFFINITY_KEEP_BLOCKS", default_value_t = 1 << 20)]
     pub affinity_keep_blocks: usize,
+    /// Log filter (`info`, `debug`, `lmstack_control=debug`, ...).
     #[arg(long, env = "LMSTACK_CONTROL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Validate the flags, print them and exit.
