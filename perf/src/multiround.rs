@@ -78,8 +78,10 @@ pub struct MultiRoundArgs {
     /// the previous answer.
     #[arg(long)]
     pub agent: bool,
+    /// Agent loops: the shortest tool output, characters.
     #[arg(long, default_value_t = 1000)]
     pub tool_chars_min: usize,
+    /// Agent loops: the longest tool output, characters.
     #[arg(long, default_value_t = 4000)]
     pub tool_chars_max: usize,
     /// Agent loops: the pause between an answer and the next round, ms.
