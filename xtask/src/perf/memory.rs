@@ -1,24 +1,31 @@
 //! The affinity table's resident memory under 10^6 prompts: runs the route crate's
 //! `affinity_memory` example (which measures its own RSS) and checks the growth stays within
-//! the configured bound.
+//! the configured bound. The figure: the bound, the table's size and the RSS growth.
 
 use serde_json::Value;
 
+use super::plot::{Panel, Series};
+use super::progress::Progress;
 use crate::{cargo, run_cmd};
 
 /// The bound the example is run with, MiB.
 const MAX_MIB: u64 = 64;
 
 pub fn run() -> anyhow::Result<Value> {
-    run_cmd(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "lmstack-route",
-        "--example",
-        "affinity_memory",
-    ]))?;
+    let progress = Progress::new("affinity-memory", 2);
+    progress.step("building the affinity_memory example (release)");
+    progress.suspend(|| {
+        run_cmd(cargo().args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "lmstack-route",
+            "--example",
+            "affinity_memory",
+        ]))
+    })?;
+    progress.step("feeding the table 10^6 prompts of 32 blocks");
     let out = cargo()
         .args([
             "run",
@@ -39,6 +46,7 @@ pub fn run() -> anyhow::Result<Value> {
             "32",
         ])
         .output()?;
+    progress.finish();
     anyhow::ensure!(
         out.status.success(),
         "affinity_memory failed: {}",
@@ -66,4 +74,22 @@ pub fn run() -> anyhow::Result<Value> {
         "the table grew past its bound: {growth_mib:.1} MiB"
     );
     Ok(report)
+}
+
+/// The figure of a report: title, panels a row, panels.
+pub fn figure(report: &Value) -> (String, usize, Vec<Panel>) {
+    let mib = |k: &str| report[k].as_f64().unwrap_or(f64::NAN) / f64::from(1u32 << 20);
+    let panel = Panel::Bars {
+        title: format!(
+            "{} prompts of {} blocks",
+            report["prompts"], report["blocks_per_prompt"]
+        ),
+        y_label: "MiB".into(),
+        categories: vec!["configured bound".into(), "table".into(), "RSS growth".into()],
+        series: vec![Series::new(
+            "MiB",
+            vec![mib("max_bytes"), mib("table_bytes"), mib("growth")],
+        )],
+    };
+    ("affinity table: resident memory".into(), 1, vec![panel])
 }

@@ -8,18 +8,23 @@
 //! - `replicas`: two routers behind one lmstack-control on the multi-round workload: how
 //!   often they agree on where a conversation lives, against one router alone.
 //!
-//! Each prints its tables and writes JSON under target/perf/ (or `--out`).
+//! Each shows its steps on stderr (a bar on a terminal, plain lines otherwise, see
+//! `progress`), prints its tables, and writes JSON under target/perf/ (or `--out`) with an
+//! SVG figure of the same name beside it (see `plot`). `--replot FILE` draws the figure of a
+//! JSON written before, without running anything.
 
 mod memory;
 mod multiround;
+pub mod plot;
+pub mod progress;
 mod proxy;
 mod replicas;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lmstack_e2e::agent;
 use serde_json::{Value, json};
@@ -41,9 +46,13 @@ pub struct PerfArgs {
     /// Which benchmark to run.
     #[arg(long, value_enum, default_value = "all")]
     scenario: Scenario,
-    /// Directory for the JSON results (default: target/perf).
+    /// Directory for the JSON results and their SVG figures (default: target/perf).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Draw the SVG figure of a results JSON (e.g. perf/results/*.json) into the output
+    /// directory, and run nothing.
+    #[arg(long, value_name = "FILE")]
+    replot: Option<PathBuf>,
     #[command(flatten)]
     proxy: proxy::ProxyArgs,
     #[command(flatten)]
@@ -53,11 +62,14 @@ pub struct PerfArgs {
 }
 
 pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
-    let bins = build_bins(true)?;
     let work = root().join("target/perf");
     let out = args.out.clone().unwrap_or_else(|| work.clone());
     std::fs::create_dir_all(&work)?;
     std::fs::create_dir_all(&out)?;
+    if let Some(file) = &args.replot {
+        return replot(file, &out);
+    }
+    let bins = build_bins(true)?;
     let when = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -66,6 +78,10 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
         let path = out.join(format!("{name}-{when}.json"));
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
         println!("\nresults: {}", path.display());
+        let svg = path.with_extension("svg");
+        if plot_report(&report, &svg)? {
+            println!("figure:  {}", svg.display());
+        }
         Ok(())
     };
     let all = args.scenario == Scenario::All;
@@ -85,6 +101,39 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Draws the figure of `file`, a report written before, into `out` under the same name.
+fn replot(file: &Path, out: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let report: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let stem = file.file_stem().context("a results file has a name")?;
+    let svg = out.join(stem).with_extension("svg");
+    anyhow::ensure!(
+        plot_report(&report, &svg)?,
+        "{} is not a report of a perf scenario",
+        file.display()
+    );
+    println!("figure: {}", svg.display());
+    Ok(())
+}
+
+/// Draws the figure of a scenario's report to `svg`, telling the scenario by the report's
+/// shape; false for a report of none of them.
+fn plot_report(report: &Value, svg: &Path) -> anyhow::Result<bool> {
+    let (title, columns, panels) = if report.get("throughput").is_some() {
+        proxy::figure(report)
+    } else if report.get("variants").is_some() {
+        multiround::figure(report)
+    } else if report["results"].get("one_replica").is_some() {
+        replicas::figure(report)
+    } else if report.get("table_bytes").is_some() {
+        memory::figure(report)
+    } else {
+        return Ok(false);
+    };
+    plot::figure(svg, &title, columns, &panels)?;
+    Ok(true)
 }
 
 fn environment(when: u64) -> Value {
@@ -121,4 +170,57 @@ fn wait_ready(url: &str) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("{url} never became healthy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plot::tests::{svg_texts, temp_svg};
+
+    #[test]
+    fn checked_in_results_replot_as_figures_with_their_targets() {
+        let dir = root().join("perf/results");
+        let mut drawn = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let svg = temp_svg(&path.file_stem().unwrap().to_string_lossy());
+            assert!(plot_report(&report, &svg).unwrap(), "{} has no figure", path.display());
+            let texts = svg_texts(&svg);
+            let expected = if report.get("throughput").is_some() {
+                "lmstack-2-engines"
+            } else if report.get("variants").is_some() {
+                "prefix"
+            } else {
+                "two_replicas_shared"
+            };
+            assert!(
+                texts.iter().any(|t| t == expected),
+                "{expected:?} missing in {}",
+                svg.display()
+            );
+            drawn += 1;
+        }
+        assert!(drawn >= 3, "only {drawn} results under {}", dir.display());
+    }
+
+    #[test]
+    fn affinity_memory_draws_the_bound_the_table_and_the_growth() {
+        let report = json!({"prompts": 1000000, "blocks_per_prompt": 32, "max_bytes": 64 << 20,
+                            "table_bytes": 63 << 20, "growth": 64 << 20, "entries": 1, "capacity": 1});
+        let svg = temp_svg("affinity-memory");
+        assert!(plot_report(&report, &svg).unwrap());
+        let texts = svg_texts(&svg);
+        for label in ["configured bound", "table", "RSS growth", "64.0", "63.0"] {
+            assert!(texts.iter().any(|t| t == label), "{label:?} missing from {texts:?}");
+        }
+    }
+
+    #[test]
+    fn a_report_of_no_scenario_has_no_figure() {
+        assert!(!plot_report(&json!({"results": {}}), &temp_svg("none")).unwrap());
+    }
 }

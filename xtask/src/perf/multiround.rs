@@ -8,6 +8,9 @@
 //! policy: TTFT p50/p90/p99 and mean inter-token latency (client side), rounds per second,
 //! the engines' own prefix-cache hit rate (`vllm:prefix_cache_hits_total /
 //! vllm:prefix_cache_queries_total`), and requests per engine (max/min).
+//!
+//! The figure (`figure`): per variant, each policy's hit rate, TTFT p50 and p99, and
+//! requests per engine.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -17,6 +20,8 @@ use clap::Args;
 use lmstack_e2e::{Proc, agent, metric_sum};
 use serde_json::{Value, json};
 
+use super::plot::{Goal, Panel, Series};
+use super::progress::Progress;
 use super::wait_ready;
 use crate::start_router;
 
@@ -89,28 +94,30 @@ pub fn run(bins: &Path, args: &MultiRoundArgs) -> anyhow::Result<Value> {
         "--mr-engines and --mr-blocks must be positive"
     );
     let mut variants = serde_json::Map::new();
+    let progress = Progress::new("multi-round", (args.variants.len() * (1 + args.policies.len())) as u64);
     for variant in &args.variants {
         let extra = variant_args(variant)?;
         let mut results = serde_json::Map::new();
-        eprintln!(
-            "multi-round {variant}: reference (one engine, {} blocks)",
+        progress.step(format!(
+            "{variant}: reference (one engine, {} blocks)",
             args.engines * args.blocks
-        );
+        ));
         results.insert(
             "one_big_engine".into(),
             run_target(bins, args, &extra, None, 1, args.engines * args.blocks)?,
         );
         for policy in &args.policies {
-            eprintln!("multi-round {variant}: {policy} over {} engines", args.engines);
+            progress.step(format!("{variant}: {policy} over {} engines", args.engines));
             results.insert(
                 policy.clone(),
                 run_target(bins, args, &extra, Some(policy), args.engines, args.blocks)?,
             );
         }
         let results = Value::Object(results);
-        print_variant(variant, args, &results);
+        progress.suspend(|| print_variant(variant, args, &results));
         variants.insert(variant.clone(), json!({"results": results, "checks": checks(&results)}));
     }
+    progress.finish();
     Ok(json!({
         "settings": {
             "engines": args.engines, "blocks_per_engine": args.blocks, "users": args.users,
@@ -231,6 +238,130 @@ pub(super) fn f(v: &Value, path: &str) -> f64 {
         .try_fold(v, |v, k| v.get(k))
         .and_then(Value::as_f64)
         .unwrap_or(f64::NAN)
+}
+
+/// Policies in the order they are told about: the reference, then from simplest to prefix;
+/// others after, by name.
+pub(super) fn policy_order(results: &serde_json::Map<String, Value>) -> Vec<String> {
+    const ORDER: [&str; 5] = ["one_big_engine", "round_robin", "session", "least_load", "prefix"];
+    let mut names: Vec<String> = results.keys().cloned().collect();
+    names.sort_by_key(|n| (ORDER.iter().position(|o| o == n).unwrap_or(ORDER.len()), n.clone()));
+    names
+}
+
+/// Panels of `targets` (names in `results`): hit rate, TTFT p50 and p99, requests per engine
+/// (without `one_big_engine`, whose one engine serves all), each title led by `prefix`.
+pub(super) fn target_panels(prefix: &str, results: &Value, targets: &[String]) -> Vec<Panel> {
+    let values = |path: &str, names: &[String]| names.iter().map(|t| f(&results[t], path)).collect::<Vec<_>>();
+    let spread: Vec<String> = targets.iter().filter(|t| *t != "one_big_engine").cloned().collect();
+    let per_engine = |t: &String| -> Vec<f64> {
+        results[t]["requests_per_engine"]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect())
+            .unwrap_or_default()
+    };
+    let engines = spread.iter().map(|t| per_engine(t).len()).max().unwrap_or(0);
+    vec![
+        Panel::Bars {
+            title: format!("{prefix}hit rate (engines' prefix cache)"),
+            y_label: "hits / queries".into(),
+            categories: targets.to_vec(),
+            series: vec![Series::new("hit rate", values("hit_rate", targets))],
+        },
+        Panel::Bars {
+            title: format!("{prefix}time to first token"),
+            y_label: "ms".into(),
+            categories: targets.to_vec(),
+            series: vec![
+                Series::new("p50", values("ttft_ms.p50", targets)),
+                Series::new("p99", values("ttft_ms.p99", targets)),
+            ],
+        },
+        Panel::Bars {
+            title: format!("{prefix}requests per engine"),
+            y_label: "requests".into(),
+            categories: spread.clone(),
+            series: (0..engines)
+                .map(|e| {
+                    let counts = spread.iter().map(|t| per_engine(t).get(e).copied().unwrap_or(f64::NAN));
+                    Series::new(format!("e{e}"), counts.collect())
+                })
+                .collect(),
+        },
+    ]
+}
+
+/// The figure of a report: title, panels a row, panels. First the targets for prefix
+/// (hit rate, TTFT p99, balance) as heatmaps of every policy and variant, then each variant's
+/// figures.
+pub fn figure(report: &Value) -> (String, usize, Vec<Panel>) {
+    let variants = report["variants"].as_object().cloned().unwrap_or_default();
+    let policies: Vec<String> = variants
+        .values()
+        .filter_map(|v| v["results"].as_object())
+        .flat_map(policy_order)
+        .filter(|p| p != "one_big_engine")
+        .fold(Vec::new(), |mut all, p| {
+            if !all.contains(&p) {
+                all.push(p);
+            }
+            all
+        });
+    // `path` of each policy over the same of `baseline`, per variant.
+    let over = |path: &str, baseline: &str| -> Vec<Vec<f64>> {
+        variants
+            .values()
+            .map(|v| {
+                let r = &v["results"];
+                policies
+                    .iter()
+                    .map(|p| f(&r[p], path) / f(&r[baseline], path))
+                    .collect()
+            })
+            .collect()
+    };
+    let mut panels = vec![
+        Panel::Heatmap {
+            title: "hit rate / one big engine's".into(),
+            rows: variants.keys().cloned().collect(),
+            cols: policies.clone(),
+            values: over("hit_rate", "one_big_engine"),
+            goal: Goal::AtLeast(0.95),
+        },
+        Panel::Heatmap {
+            title: "TTFT p99 / round_robin's".into(),
+            rows: variants.keys().cloned().collect(),
+            cols: policies.clone(),
+            values: over("ttft_ms.p99", "round_robin"),
+            goal: Goal::AtMost(0.5),
+        },
+        Panel::Heatmap {
+            title: "requests per engine, max / min".into(),
+            rows: variants.keys().cloned().collect(),
+            cols: policies.clone(),
+            values: variants
+                .values()
+                .map(|v| {
+                    policies
+                        .iter()
+                        .map(|p| f(&v["results"][p], "requests_max_over_min"))
+                        .collect()
+                })
+                .collect(),
+            goal: Goal::AtMost(1.3),
+        },
+    ];
+    for (variant, v) in &variants {
+        let results = &v["results"];
+        let targets = results.as_object().map(policy_order).unwrap_or_default();
+        panels.extend(target_panels(&format!("{variant}: "), results, &targets));
+    }
+    let s = &report["settings"];
+    let title = format!(
+        "multi-round: {} users, {} rounds, {} req/s; {} engines x {} blocks, per routing policy",
+        s["users"], s["rounds"], s["qps"], s["engines"], s["blocks_per_engine"]
+    );
+    (title, 3, panels)
 }
 
 /// The targets, as measured in this run.

@@ -12,6 +12,9 @@
 //! Scenarios are interleaved over `--rounds` and the median of each figure reported, so slow
 //! drift of a shared machine hits all targets alike. Each target's CPU time per request is
 //! read from /proc around its runs.
+//!
+//! The figure (`figure`): latency percentiles per target, requests per second and CPU per
+//! request, streaming time to first byte and gaps between chunks.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +25,8 @@ use clap::Args;
 use lmstack_e2e::Proc;
 use serde_json::{Value, json};
 
+use super::plot::{Panel, Series};
+use super::progress::Progress;
 use super::{command_output, wait_ready};
 use crate::start_router;
 
@@ -51,6 +56,8 @@ pub struct ProxyArgs {
 pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> {
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
     let nginx = if args.no_nginx { None } else { Some(ensure_nginx()?) };
+    let targets_per_part = if nginx.is_some() { 3 } else { 2 };
+    let progress = Progress::new("proxy", (2 * targets_per_part * args.rounds) as u64);
 
     let instant = [
         "--prefill-base-ms",
@@ -97,7 +104,7 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     if let Some(n) = &ng {
         targets.push(Target::new("nginx-2-engines", n.url(), n.pids()));
     }
-    let throughput = measure(bins, args, &targets, "completions", args.concurrency, 1)?;
+    let throughput = measure(bins, args, &progress, &targets, "completions", args.concurrency, 1)?;
     drop((ng, lm, e1, e2));
 
     // Streaming.
@@ -127,8 +134,9 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     if let Some(n) = &ng {
         targets.push(Target::new("nginx-stream", n.url(), n.pids()));
     }
-    let streaming = measure(bins, args, &targets, "stream", args.stream_concurrency, 16)?;
+    let streaming = measure(bins, args, &progress, &targets, "stream", args.stream_concurrency, 16)?;
     drop((ng, lm, e3));
+    progress.finish();
 
     let report = json!({
         "nginx": nginx.as_ref().map(|n| command_output(&n.to_string_lossy(), &["-v"])),
@@ -145,6 +153,7 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
 fn measure(
     bins: &Path,
     args: &ProxyArgs,
+    progress: &Progress,
     targets: &[Target],
     mode: &str,
     concurrency: usize,
@@ -153,7 +162,12 @@ fn measure(
     let mut runs: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
     for round in 0..args.rounds {
         for (i, Target { label, url, pids }) in targets.iter().enumerate() {
-            eprintln!("round {}/{}: {label}", round + 1, args.rounds);
+            progress.step(format!(
+                "{mode} round {}/{}: {label}, {concurrency} connections, {} s",
+                round + 1,
+                args.rounds,
+                args.warmup_s + args.duration_s
+            ));
             let cpu_before = cpu_seconds(pids);
             let out = Command::new(bins.join("lmstack-load"))
                 .args(["bench", "--url", url, "--mode", mode, "--json", "--label", label])
@@ -242,6 +256,61 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         })
         .sum::<f64>()
         / ticks
+}
+
+/// The figure of a report: title, panels a row, panels.
+pub fn figure(report: &Value) -> (String, usize, Vec<Panel>) {
+    let part = |name: &str| report[name].as_object().cloned().unwrap_or_default();
+    let (throughput, streaming) = (part("throughput"), part("streaming"));
+    let labels = |m: &serde_json::Map<String, Value>| m.keys().cloned().collect::<Vec<_>>();
+    let field = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let percentiles = |m: &serde_json::Map<String, Value>, what: &str, ps: &[&str]| -> Vec<Series> {
+        m.iter()
+            .map(|(label, v)| Series::new(label, ps.iter().map(|p| field(v, &format!("{what}.{p}"))).collect()))
+            .collect()
+    };
+    let one = |m: &serde_json::Map<String, Value>, name: &str, k: &str| {
+        vec![Series::new(name, m.values().map(|v| field(v, k)).collect())]
+    };
+    let names = |ps: &[&str]| ps.iter().map(|p| p.replace("p999", "p99.9")).collect::<Vec<_>>();
+    let s = &report["settings"];
+    let panels = vec![
+        Panel::Lines {
+            title: format!("throughput: latency ({} connections)", s["concurrency"]),
+            y_label: "ms".into(),
+            points: names(&["p50", "p90", "p99", "p999"]),
+            series: percentiles(&throughput, "latency_ms", &["p50", "p90", "p99", "p999"]),
+        },
+        Panel::Bars {
+            title: "throughput: requests per second".into(),
+            y_label: "req/s".into(),
+            categories: labels(&throughput),
+            series: one(&throughput, "req/s", "rps"),
+        },
+        Panel::Bars {
+            title: "throughput: CPU per request (proxy, or engine)".into(),
+            y_label: "us".into(),
+            categories: labels(&throughput),
+            series: one(&throughput, "CPU us/request", "cpu_us_per_request"),
+        },
+        Panel::Lines {
+            title: format!("streaming: time to first byte ({} streams)", s["stream_concurrency"]),
+            y_label: "ms".into(),
+            points: names(&["p50", "p99", "p999"]),
+            series: percentiles(&streaming, "ttfb_ms", &["p50", "p99", "p999"]),
+        },
+        Panel::Lines {
+            title: "streaming: gap between chunks (5 ms apart)".into(),
+            y_label: "ms".into(),
+            points: names(&["p50", "p99", "p999"]),
+            series: percentiles(&streaming, "gap_ms", &["p50", "p99", "p999"]),
+        },
+    ];
+    let title = format!(
+        "proxy: lmstack against a direct connection and nginx (medians of {} rounds of {} s)",
+        s["rounds"], s["duration_s"]
+    );
+    (title, 3, panels)
 }
 
 fn print_report(report: &Value) {

@@ -14,6 +14,9 @@
 //! Each run has fresh engines, control and routers. Counted: follow-up rounds started after
 //! `--rep-warmup-s`, and of them those served by the previous round's engine (the simulator's
 //! `x-sim-engine` header). The agreement share is the two-replica figure over the baseline's.
+//!
+//! The figure (`figure`): per target, the share of follow-ups on the previous round's engine,
+//! hit rate, TTFT p50 and p99, and requests per engine.
 
 use std::path::Path;
 
@@ -21,8 +24,17 @@ use clap::Args;
 use lmstack_e2e::Proc;
 use serde_json::{Value, json};
 
-use super::multiround::{MultiRoundArgs, add_engine_stats, f, run_load, start_engines, variant_args};
+use super::multiround::{MultiRoundArgs, add_engine_stats, f, run_load, start_engines, target_panels, variant_args};
+use super::plot::{Panel, Series};
+use super::progress::Progress;
 use super::wait_ready;
+
+/// The targets, in the order they run and are told about.
+const TARGETS: [(&str, usize, bool); 3] = [
+    ("one_replica", 1, true),
+    ("two_replicas_shared", 2, true),
+    ("two_replicas_unshared", 2, false),
+];
 
 #[derive(Args)]
 pub struct ReplicasArgs {
@@ -42,12 +54,9 @@ pub fn run(bins: &Path, work: &Path, mr: &MultiRoundArgs, args: &ReplicasArgs) -
     let warmup = args.warmup_s.to_string();
     extra.extend(["--warmup-s", &warmup]);
     let mut results = serde_json::Map::new();
-    for (name, replicas, share) in [
-        ("one_replica", 1, true),
-        ("two_replicas_shared", 2, true),
-        ("two_replicas_unshared", 2, false),
-    ] {
-        eprintln!("replicas: {name} ({} engines, variant {})", mr.engines, args.variant);
+    let progress = Progress::new("replicas", TARGETS.len() as u64);
+    for (name, replicas, share) in TARGETS {
+        progress.step(format!("{name} ({} engines, variant {})", mr.engines, args.variant));
         let sims = start_engines(bins, mr.engines, mr.blocks);
         let urls = sims.iter().map(Proc::url).collect::<Vec<_>>().join(",");
         let interval = args.probe_interval_ms.to_string();
@@ -103,6 +112,7 @@ pub fn run(bins: &Path, work: &Path, mr: &MultiRoundArgs, args: &ReplicasArgs) -
         add_engine_stats(&mut run, &sims)?;
         results.insert(name.into(), run);
     }
+    progress.finish();
     let results = Value::Object(results);
     let checks = checks(&results);
     print(mr, args, &results, &checks);
@@ -117,6 +127,30 @@ pub fn run(bins: &Path, work: &Path, mr: &MultiRoundArgs, args: &ReplicasArgs) -
         "results": results,
         "checks": checks,
     }))
+}
+
+/// The figure of a report: title, panels a row, panels.
+pub fn figure(report: &Value) -> (String, usize, Vec<Panel>) {
+    let results = &report["results"];
+    let targets: Vec<String> = TARGETS.iter().map(|(name, _, _)| (*name).to_owned()).collect();
+    let share = targets.iter().map(|t| f(&results[t], "same_engine_share")).collect();
+    let mut panels = vec![Panel::Bars {
+        title: "follow-up rounds on the previous round's engine".into(),
+        y_label: "share".into(),
+        categories: targets.clone(),
+        series: vec![Series::new("share", share)],
+    }];
+    panels.extend(target_panels("", results, &targets));
+    let s = &report["settings"];
+    let title = format!(
+        "replicas: routers behind one lmstack-control, variant {}; {} users, {} req/s, {} engines x {} blocks",
+        s["variant"].as_str().unwrap_or("?"),
+        s["users"],
+        s["qps"],
+        s["engines"],
+        s["blocks_per_engine"]
+    );
+    (title, 2, panels)
 }
 
 fn checks(results: &Value) -> Value {
@@ -139,7 +173,7 @@ fn print(mr: &MultiRoundArgs, args: &ReplicasArgs, results: &Value, checks: &Val
         "{:<24} {:>10} {:>10} {:>8} {:>9} {:>9} {:>8}",
         "target", "follow-ups", "same eng.", "share", "hit rate", "TTFT p99", "max/min"
     );
-    for name in ["one_replica", "two_replicas_shared", "two_replicas_unshared"] {
+    for (name, _, _) in TARGETS {
         let r = &results[name];
         println!(
             "{name:<24} {:>10} {:>10} {:>8.3} {:>9.3} {:>9.1} {:>8.2}",
