@@ -438,12 +438,17 @@ impl AffinityTable {
                     if children >= 2 {
                         found.shared = depth as u32 + 1;
                     }
-                    for (i, c) in candidates.iter().take(n).enumerate() {
-                        if let Some(tag) = c
-                            && still[i / 64] & (1 << (i % 64)) != 0
-                            && owners.iter().any(|&o| o != 0 && tag.is_owner(o))
-                        {
-                            present[i / 64] |= 1 << (i % 64);
+                    // Only candidates still matching are looked at: usually one or two.
+                    for (word, bits) in still.iter().enumerate() {
+                        let mut bits = *bits;
+                        while bits != 0 {
+                            let i = word * 64 + bits.trailing_zeros() as usize;
+                            bits &= bits - 1;
+                            if let Some(tag) = candidates[i]
+                                && owners.iter().any(|&o| o != 0 && tag.is_owner(o))
+                            {
+                                present[word] |= 1 << (i % 64);
+                            }
                         }
                     }
                 }
