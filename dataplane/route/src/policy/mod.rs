@@ -173,7 +173,7 @@ impl Default for Bound {
 }
 
 /// Tunables of the policies.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PolicyParams {
     /// `session`: an endpoint takes a session's request only within this bound (consistent
     /// hashing with bounded loads).
@@ -181,15 +181,6 @@ pub struct PolicyParams {
     /// `prefix`: the same bound: a conversation stays on its home while the home is within
     /// it, and new conversations go only to endpoints within it.
     pub prefix_bound: Bound,
-}
-
-impl Default for PolicyParams {
-    fn default() -> Self {
-        Self {
-            session_bound: Bound::default(),
-            prefix_bound: Bound::default(),
-        }
-    }
 }
 
 impl PolicyParams {
