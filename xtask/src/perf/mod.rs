@@ -55,8 +55,9 @@ pub struct PerfArgs {
     replot: Option<PathBuf>,
     #[command(flatten)]
     proxy: proxy::ProxyArgs,
+    // Boxed: the largest of the settings, and `Task` (main.rs) holds these by value.
     #[command(flatten)]
-    multi_round: multiround::MultiRoundArgs,
+    multi_round: Box<multiround::MultiRoundArgs>,
     #[command(flatten)]
     replicas: replicas::ReplicasArgs,
 }

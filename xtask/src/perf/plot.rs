@@ -115,7 +115,7 @@ const TITLE_PX: u32 = 36;
 /// the labels of integer axes only).
 const X_UNIT: i32 = 1000;
 const FONT: &str = "sans-serif";
-/// The mesh's fine lines, faint enough to read values by and not be seen otherwise.
+/// The mesh's fine lines (one between two labelled ones): faint, a guide for the eye only.
 const LIGHT: RGBAColor = RGBAColor(0, 0, 0, 0.04);
 /// Tableau's ten colours: distinct, and readable on white.
 const PALETTE: [RGBColor; 10] = [
@@ -257,6 +257,7 @@ fn draw_bars(area: &Area, title: &str, y_label: &str, categories: &[String], ser
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .max_light_lines(1)
         .light_line_style(LIGHT)
         .x_label_formatter(&category)
         .x_label_style((FONT, 14))
@@ -302,6 +303,7 @@ fn draw_lines(area: &Area, title: &str, y_label: &str, points: &[String], series
     let point = |x: &i32| points.get((x / X_UNIT) as usize).cloned().unwrap_or_default();
     chart
         .configure_mesh()
+        .max_light_lines(1)
         .light_line_style(LIGHT)
         .x_label_formatter(&point)
         .x_label_style((FONT, 14))
@@ -452,9 +454,10 @@ fn headroom(series: &[Series]) -> f64 {
     if max > 0.0 { max * 1.15 } else { 1.0 }
 }
 
-/// An axis' tick: whole numbers without decimals (50, not 50.0).
+/// An axis' tick, without trailing zeros: 50, 2.5, 0.125.
 fn tick(v: f64) -> String {
-    if v.fract() == 0.0 { format!("{v:.0}") } else { short(v) }
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 /// A value in as few characters as reads well: 36272, 4645, 23.7, 0.908; `n/a` for NaN.
@@ -629,7 +632,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn values_are_short() {
+    fn values_and_ticks_are_short() {
         assert_eq!(short(36272.4), "36272");
         assert_eq!(short(23.71), "23.7");
         assert_eq!(short(1.234), "1.23");
@@ -637,5 +640,9 @@ pub(super) mod tests {
         assert_eq!(short(0.0), "0");
         assert_eq!(short(f64::NAN), "n/a");
         assert_eq!(short(f64::INFINITY), "inf");
+        assert_eq!(tick(50.0), "50");
+        assert_eq!(tick(2.5), "2.5");
+        assert_eq!(tick(0.125), "0.125");
+        assert_eq!(tick(0.0), "0");
     }
 }
