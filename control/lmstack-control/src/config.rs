@@ -4,7 +4,24 @@
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use lmstack_probe::{BackendUrl, HealthCheckConfig, Target};
+use lmstack_probe::{HealthCheckConfig, HealthConfigError, StaticTargetsError, Target};
+
+/// Flags that do not fit together, or cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Health(#[from] HealthConfigError),
+    #[error(transparent)]
+    StaticTargets(#[from] StaticTargetsError),
+    #[error("--heartbeat-ms must be greater than 0")]
+    NoHeartbeat,
+    #[error("--source static needs --static-backends URL,URL")]
+    NoStaticBackends,
+    #[error("--static-backends needs --source static")]
+    StaticBackendsWithKube,
+    #[error("--label-selector must not be empty: it picks the engine pods")]
+    EmptyLabelSelector,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Source {
@@ -110,10 +127,10 @@ impl Cli {
         Duration::from_millis(self.heartbeat_ms)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CliError> {
         self.health().validate()?;
         if self.heartbeat_ms == 0 {
-            return Err("--heartbeat-ms must be greater than 0".into());
+            return Err(CliError::NoHeartbeat);
         }
         match self.source {
             Source::Static => {
@@ -121,44 +138,24 @@ impl Cli {
             }
             Source::Kube => {
                 if !self.static_backends.is_empty() {
-                    return Err("--static-backends needs --source static".into());
+                    return Err(CliError::StaticBackendsWithKube);
                 }
                 if self.pods.label_selector.trim().is_empty() {
-                    return Err("--label-selector must not be empty: it picks the engine pods".into());
+                    return Err(CliError::EmptyLabelSelector);
                 }
             }
         }
         Ok(())
     }
 
-    pub fn static_targets(&self) -> Result<Vec<Target>, String> {
+    /// The engines of `--source static` (the reading of the flags is lmstack-probe's, shared
+    /// with the router).
+    pub fn static_targets(&self) -> Result<Vec<Target>, CliError> {
         if self.static_backends.is_empty() {
-            return Err("--source static needs --static-backends URL,URL".into());
+            return Err(CliError::NoStaticBackends);
         }
-        if !self.static_models.is_empty() && self.static_models.len() != self.static_backends.len() {
-            return Err(format!(
-                "--static-models lists {} models for {} backends; give one per backend",
-                self.static_models.len(),
-                self.static_backends.len()
-            ));
-        }
-        let mut targets: Vec<Target> = Vec::new();
-        for (i, url) in self.static_backends.iter().enumerate() {
-            let url = BackendUrl::parse(url.trim()).map_err(|e| format!("backend {url:?}: {e}"))?;
-            if targets.iter().any(|t| t.url == url) {
-                return Err(format!("backend {} is listed twice", url.base));
-            }
-            targets.push(Target {
-                url,
-                models: self
-                    .static_models
-                    .get(i)
-                    .map(|m| vec![m.trim().to_owned()])
-                    .unwrap_or_default(),
-                drained: false,
-            });
-        }
-        Ok(targets)
+        let models = (!self.static_models.is_empty()).then_some(&self.static_models[..]);
+        Ok(lmstack_probe::static_targets(&self.static_backends, models)?)
     }
 }
 
@@ -169,7 +166,7 @@ mod tests {
     fn cli(args: &[&str]) -> Result<Cli, String> {
         let cli = Cli::try_parse_from(std::iter::once("lmstack-control").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
-        cli.validate()?;
+        cli.validate().map_err(|e| e.to_string())?;
         Ok(cli)
     }
 

@@ -10,6 +10,7 @@ use std::thread;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lmstack_probe::{Prober, Target};
+use lmstack_snapshot::Snapshot;
 
 use crate::config::Cli;
 use crate::hub::Hub;
@@ -32,7 +33,7 @@ impl Targets {
 
 pub fn spawn(cli: &Cli, hub: Arc<Hub>) -> std::io::Result<Targets> {
     let (tx, rx) = mpsc::channel();
-    let mut prober = Prober::new(cli.health(), !cli.no_scrape_metrics);
+    let mut prober = Prober::new(cli.health(), !cli.no_scrape_metrics, metrics::HEALTH_CHECKS_TOTAL);
     // Versions start from the clock so that a restarted control continues past what the
     // data planes already have.
     let start = SystemTime::now()
@@ -59,7 +60,9 @@ fn run(mut prober: Prober, rx: mpsc::Receiver<Vec<Target>>, hub: &Hub) {
                 tracing::info!(targets = targets.len(), "engine targets changed");
                 prober.set_targets(targets);
                 have_targets = true;
-                publish(&mut prober, hub);
+                if let Some(snapshot) = prober.changed() {
+                    publish(&mut prober, snapshot, hub);
+                }
                 next_round = Instant::now();
                 continue;
             }
@@ -68,23 +71,17 @@ fn run(mut prober: Prober, rx: mpsc::Receiver<Vec<Target>>, hub: &Hub) {
         }
         if have_targets {
             let started = Instant::now();
-            for probed in prober.probe_all() {
-                ::metrics::counter!(
-                    metrics::HEALTH_CHECKS_TOTAL,
-                    "endpoint" => probed.url,
-                    "status" => if probed.ok { "ok" } else { "fail" }
-                )
-                .increment(1);
-            }
+            let changed = prober.round();
             ::metrics::histogram!(metrics::PROBE_ROUND_SECONDS).record(started.elapsed().as_secs_f64());
-            publish(&mut prober, hub);
+            if let Some(snapshot) = changed {
+                publish(&mut prober, snapshot, hub);
+            }
         }
         next_round = Instant::now() + prober.interval();
     }
 }
 
-fn publish(prober: &mut Prober, hub: &Hub) {
-    let Some(snapshot) = prober.changed() else { return };
+fn publish(prober: &mut Prober, snapshot: Snapshot, hub: &Hub) {
     if let Err(e) = snapshot.validate() {
         tracing::error!("built an invalid snapshot, not publishing it: {e}");
         return;

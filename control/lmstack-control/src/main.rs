@@ -18,8 +18,7 @@ use crate::config::{Cli, Source};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    cli.validate()
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    cli.validate().context("invalid configuration")?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
@@ -41,7 +40,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let hub = Arc::new(hub::Hub::new(cli.affinity_keep_blocks));
     let targets = engines::spawn(&cli, hub.clone()).context("starting the prober")?;
     match cli.source {
-        Source::Static => targets.set(cli.static_targets().map_err(anyhow::Error::msg)?),
+        Source::Static => targets.set(cli.static_targets().context("--static-backends")?),
         Source::Kube => {
             let client = kube::Client::try_default()
                 .await

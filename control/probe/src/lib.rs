@@ -4,8 +4,10 @@
 //! endpoint out of rotation, consecutive successes bring it back.
 //!
 //! Shared by the data plane's own discovery (static list, file) and lmstack-control (targets
-//! from Kubernetes). Blocking, meant for a thread of its own: never on a request path. Not
-//! here: where targets come from, and where snapshots go.
+//! from Kubernetes): one probe round ([`Prober::round`]), one health streak rule, one reading
+//! of `--static-backends`/`--static-models` ([`static_targets`]). Blocking, meant for a thread
+//! of its own: never on a request path. Not here: where targets come from, and where
+//! snapshots go.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::thread;
@@ -48,22 +50,48 @@ impl Default for HealthCheckConfig {
     }
 }
 
+/// Health-check settings that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HealthConfigError {
+    #[error("health.{0} must be greater than 0")]
+    Zero(&'static str),
+    #[error("health.unhealthy_after and health.healthy_after must be at least 1")]
+    NoStreak,
+    #[error("health.path must start with '/'")]
+    RelativePath,
+}
+
 impl HealthCheckConfig {
     /// Problems with these settings, for configuration errors at start.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), HealthConfigError> {
         for (name, v) in [("interval_ms", self.interval_ms), ("timeout_ms", self.timeout_ms)] {
             if v == 0 {
-                return Err(format!("health.{name} must be greater than 0"));
+                return Err(HealthConfigError::Zero(name));
             }
         }
         if self.unhealthy_after == 0 || self.healthy_after == 0 {
-            return Err("health.unhealthy_after and health.healthy_after must be at least 1".into());
+            return Err(HealthConfigError::NoStreak);
         }
         if !self.path.starts_with('/') {
-            return Err("health.path must start with '/'".into());
+            return Err(HealthConfigError::RelativePath);
         }
         Ok(())
     }
+}
+
+/// A backend URL that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error("only http:// backends are supported (engines speak plain HTTP inside the cluster)")]
+    NotHttp,
+    #[error("a backend URL cannot have a path")]
+    Path,
+    #[error("a backend URL cannot carry credentials")]
+    Credentials,
+    #[error("invalid port {0:?}")]
+    Port(String),
+    #[error("missing host")]
+    MissingHost,
 }
 
 /// An engine's base URL, parsed.
@@ -76,26 +104,24 @@ pub struct BackendUrl {
 }
 
 impl BackendUrl {
-    pub fn parse(url: &str) -> Result<BackendUrl, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            "only http:// backends are supported (engines speak plain HTTP inside the cluster)".to_owned()
-        })?;
+    pub fn parse(url: &str) -> Result<BackendUrl, UrlError> {
+        let rest = url.strip_prefix("http://").ok_or(UrlError::NotHttp)?;
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains('/') {
-            return Err("a backend URL cannot have a path".into());
+            return Err(UrlError::Path);
         }
         if authority.contains('@') {
-            return Err("a backend URL cannot carry credentials".into());
+            return Err(UrlError::Credentials);
         }
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port: u16 = p.parse().map_err(|_| format!("invalid port {p:?}"))?;
+                let port: u16 = p.parse().map_err(|_| UrlError::Port(p.to_owned()))?;
                 (h.to_owned(), port)
             }
             _ => (authority.to_owned(), 80),
         };
         if host.is_empty() {
-            return Err("missing host".into());
+            return Err(UrlError::MissingHost);
         }
         Ok(BackendUrl {
             base: format!("http://{host}:{port}"),
@@ -129,6 +155,51 @@ pub struct Target {
     pub drained: bool,
 }
 
+/// `--static-backends` and `--static-models` that do not fit together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StaticTargetsError {
+    #[error("backend {url:?}: {source}")]
+    Url { url: String, source: UrlError },
+    #[error("backend {0} is listed twice")]
+    Twice(String),
+    #[error("--static-models lists {models} models for {backends} backends; give one per backend, in the same order")]
+    ModelCount { models: usize, backends: usize },
+}
+
+/// The targets of `--static-backends` (comma-separated URLs) and `--static-models` (one model
+/// per backend, in the same order; `None`: ask each backend's `/v1/models`). Blank entries
+/// are skipped; every URL must parse and appear once. The one reading of these flags, for
+/// the router and for lmstack-control.
+pub fn static_targets(backends: &[String], models: Option<&[String]>) -> Result<Vec<Target>, StaticTargetsError> {
+    let backends: Vec<&str> = backends.iter().map(|b| b.trim()).filter(|b| !b.is_empty()).collect();
+    let models: Option<Vec<&str>> =
+        models.map(|models| models.iter().map(|m| m.trim()).filter(|m| !m.is_empty()).collect());
+    if let Some(models) = &models
+        && models.len() != backends.len()
+    {
+        return Err(StaticTargetsError::ModelCount {
+            models: models.len(),
+            backends: backends.len(),
+        });
+    }
+    let mut targets: Vec<Target> = Vec::with_capacity(backends.len());
+    for (i, url) in backends.into_iter().enumerate() {
+        let parsed = BackendUrl::parse(url).map_err(|source| StaticTargetsError::Url {
+            url: url.to_owned(),
+            source,
+        })?;
+        if targets.iter().any(|t| t.url == parsed) {
+            return Err(StaticTargetsError::Twice(parsed.base));
+        }
+        targets.push(Target {
+            url: parsed,
+            models: models.as_ref().map(|m| vec![m[i].to_owned()]).unwrap_or_default(),
+            drained: false,
+        });
+    }
+    Ok(targets)
+}
+
 struct Backend {
     target: Target,
     addr: Option<SocketAddr>,
@@ -157,33 +228,56 @@ impl Backend {
     }
 }
 
-struct ProbeResult {
-    addr: Result<SocketAddr, String>,
-    health: Result<(), String>,
-    models: Option<Result<Vec<(String, serde_json::Value)>, String>>,
-    engine: Option<EngineStats>,
+/// Why one probe of an endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path} answered {status}")]
+    Status { path: String, status: u16 },
+    #[error("/v1/models: {0}")]
+    Models(#[from] ModelsError),
+    #[error("probe thread panicked")]
+    Panicked,
 }
 
-/// One probe's outcome, for the caller's metrics.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Probed {
-    pub url: String,
-    pub ok: bool,
+/// A `/v1/models` body that lists no models.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelsError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("no `data` list")]
+    NoData,
+}
+
+struct ProbeResult {
+    /// Where the name resolved to (`None`: it did not, and `health` says why).
+    addr: Option<SocketAddr>,
+    health: Result<(), ProbeError>,
+    models: Option<Result<Vec<(String, serde_json::Value)>, ProbeError>>,
+    engine: Option<EngineStats>,
 }
 
 /// The probing state of a set of targets.
 pub struct Prober {
     config: HealthCheckConfig,
     scrape_metrics: bool,
+    /// The caller's counter of probes, by `endpoint` and `status` (`ok`, `fail`).
+    checks_counter: &'static str,
     backends: Vec<Backend>,
     published: Option<Snapshot>,
 }
 
 impl Prober {
-    pub fn new(config: HealthCheckConfig, scrape_metrics: bool) -> Self {
+    /// `checks_counter`: the name (from the caller's metric names) under which every probe
+    /// is counted, by `endpoint` and `status`.
+    pub fn new(config: HealthCheckConfig, scrape_metrics: bool, checks_counter: &'static str) -> Self {
         Self {
             config,
             scrape_metrics,
+            checks_counter,
             backends: Vec::new(),
             published: None,
         }
@@ -209,8 +303,16 @@ impl Prober {
         }
     }
 
+    /// One probe round: probes every target once, all at the same time, counts each probe,
+    /// applies the results to the health streaks, and returns the snapshot to publish when
+    /// anything changed (hand it to [`published`](Self::published) once it went out).
+    pub fn round(&mut self) -> Option<Snapshot> {
+        self.probe_all();
+        self.changed()
+    }
+
     /// Probes every target once, all at the same time, and applies the results.
-    pub fn probe_all(&mut self) -> Vec<Probed> {
+    fn probe_all(&mut self) {
         let (config, scrape) = (&self.config, self.scrape_metrics);
         let results: Vec<ProbeResult> = thread::scope(|s| {
             let handles: Vec<_> = self
@@ -221,28 +323,21 @@ impl Prober {
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join().unwrap_or_else(|_| ProbeResult {
-                        addr: Err("probe thread panicked".into()),
-                        health: Err("probe thread panicked".into()),
+                    h.join().unwrap_or(ProbeResult {
+                        addr: None,
+                        health: Err(ProbeError::Panicked),
                         models: None,
                         engine: None,
                     })
                 })
                 .collect()
         });
-        let config = &self.config;
-        self.backends
-            .iter_mut()
-            .zip(results)
-            .map(|(b, r)| {
-                let ok = r.health.is_ok();
-                apply(b, r, config);
-                Probed {
-                    url: b.target.url.base.clone(),
-                    ok,
-                }
-            })
-            .collect()
+        for (b, r) in self.backends.iter_mut().zip(results) {
+            let status = if r.health.is_ok() { "ok" } else { "fail" };
+            metrics::counter!(self.checks_counter, "endpoint" => b.target.url.base.clone(), "status" => status)
+                .increment(1);
+            apply(b, r, &self.config);
+        }
     }
 
     /// The next snapshot to publish, versioned one past the last one, when anything
@@ -283,38 +378,53 @@ impl Prober {
 fn probe(b: &Backend, health: &HealthCheckConfig, scrape: bool) -> ProbeResult {
     let timeout = Duration::from_millis(health.timeout_ms);
     let url = &b.target.url;
-    let addr = url.resolve().map_err(|e| format!("cannot resolve {}: {e}", url.host));
-    let Ok(a) = addr else {
-        let e = addr.as_ref().err().cloned().unwrap_or_default();
-        return ProbeResult {
-            addr,
-            health: Err(e),
-            models: None,
-            engine: None,
-        };
+    let a = match url.resolve() {
+        Ok(a) => a,
+        Err(source) => {
+            return ProbeResult {
+                addr: None,
+                health: Err(ProbeError::Resolve {
+                    host: url.host.clone(),
+                    source,
+                }),
+                models: None,
+                engine: None,
+            };
+        }
     };
     let authority = url.authority();
-    let health_result = match client::get(a, &authority, &health.path, timeout, MAX_HEALTH_BODY) {
+    let get = |path: &str, max_body: usize| {
+        client::get(a, &authority, path, timeout, max_body).map_err(|source| ProbeError::Io {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let health_result = match get(&health.path, MAX_HEALTH_BODY) {
         Ok(r) if (200..300).contains(&r.status) => Ok(()),
-        Ok(r) => Err(format!("{} answered {}", health.path, r.status)),
-        Err(e) => Err(format!("{}: {e}", health.path)),
+        Ok(r) => Err(ProbeError::Status {
+            path: health.path.clone(),
+            status: r.status,
+        }),
+        Err(e) => Err(e),
     };
     let models = (b.target.models.is_empty() && health_result.is_ok()).then(|| {
-        let r = client::get(a, &authority, "/v1/models", timeout, MAX_MODELS_BODY)
-            .map_err(|e| format!("/v1/models: {e}"))?;
+        let r = get("/v1/models", MAX_MODELS_BODY)?;
         if r.status != 200 {
-            return Err(format!("/v1/models answered {}", r.status));
+            return Err(ProbeError::Status {
+                path: "/v1/models".into(),
+                status: r.status,
+            });
         }
-        parse_models(&r.body)
+        Ok(parse_models(&r.body)?)
     });
     // The engine's load and cache figures; a failed scrape just leaves them unknown.
     let engine = (scrape && health_result.is_ok())
-        .then(|| client::get(a, &authority, "/metrics", timeout, MAX_METRICS_BODY).ok())
+        .then(|| get("/metrics", MAX_METRICS_BODY).ok())
         .flatten()
         .filter(|r| r.status == 200)
         .and_then(|r| lmstack_snapshot::vllm::engine_stats(&String::from_utf8_lossy(&r.body)));
     ProbeResult {
-        addr,
+        addr: Some(a),
         health: health_result,
         models,
         engine,
@@ -322,12 +432,9 @@ fn probe(b: &Backend, health: &HealthCheckConfig, scrape: bool) -> ProbeResult {
 }
 
 /// The model ids (and cards) of an OpenAI `/v1/models` response.
-pub fn parse_models(body: &[u8]) -> Result<Vec<(String, serde_json::Value)>, String> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("/v1/models: {e}"))?;
-    let data = v
-        .get("data")
-        .and_then(|d| d.as_array())
-        .ok_or("/v1/models: no `data` list")?;
+pub fn parse_models(body: &[u8]) -> Result<Vec<(String, serde_json::Value)>, ModelsError> {
+    let v: serde_json::Value = serde_json::from_slice(body)?;
+    let data = v.get("data").and_then(|d| d.as_array()).ok_or(ModelsError::NoData)?;
     Ok(data
         .iter()
         .filter_map(|card| {
@@ -338,7 +445,7 @@ pub fn parse_models(body: &[u8]) -> Result<Vec<(String, serde_json::Value)>, Str
 }
 
 fn apply(b: &mut Backend, r: ProbeResult, health: &HealthCheckConfig) {
-    if let Ok(addr) = r.addr {
+    if let Some(addr) = r.addr {
         b.addr = Some(addr);
     }
     let url = &b.target.url.base;
@@ -365,8 +472,10 @@ fn apply(b: &mut Backend, r: ProbeResult, health: &HealthCheckConfig) {
             Ok(()) => tracing::info!(endpoint = %url, "endpoint healthy again"),
             Err(e) => tracing::warn!(endpoint = %url, "endpoint unhealthy: {e}"),
         }
-    } else if !b.probed && !b.healthy {
-        tracing::warn!(endpoint = %url, "endpoint not healthy at first probe: {}", r.health.as_ref().err().map_or("", |e| e));
+    } else if !b.probed
+        && let Err(e) = &r.health
+    {
+        tracing::warn!(endpoint = %url, "endpoint not healthy at first probe: {e}");
     }
     b.probed = true;
     b.engine = if b.healthy { r.engine } else { None };
@@ -465,8 +574,15 @@ mod tests {
         };
         let mut b = backend("http://a:1", 1, &["m"]);
         let result = |ok: bool| ProbeResult {
-            addr: Ok(SocketAddr::from(([127, 0, 0, 1], 1))),
-            health: if ok { Ok(()) } else { Err("down".into()) },
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], 1))),
+            health: if ok {
+                Ok(())
+            } else {
+                Err(ProbeError::Status {
+                    path: "/health".into(),
+                    status: 503,
+                })
+            },
             models: None,
             engine: None,
         };
@@ -482,7 +598,7 @@ mod tests {
 
     #[test]
     fn new_targets_keep_the_state_of_known_ones() {
-        let mut p = Prober::new(HealthCheckConfig::default(), false);
+        let mut p = Prober::new(HealthCheckConfig::default(), false, "checks");
         p.backends.push(backend("http://a:1", 1, &["m"]));
         p.set_targets(vec![target("http://b:2", &["m"]), target("http://a:1", &["m"])]);
         assert_eq!(p.backends[0].target.url.base, "http://b:2");
@@ -492,7 +608,7 @@ mod tests {
 
     #[test]
     fn versions_move_only_on_change() {
-        let mut p = Prober::new(HealthCheckConfig::default(), false);
+        let mut p = Prober::new(HealthCheckConfig::default(), false, "checks");
         p.backends.push(backend("http://a:1", 1, &["m"]));
         let first = p.changed().unwrap();
         assert_eq!(first.version, 1);
@@ -500,5 +616,51 @@ mod tests {
         assert!(p.changed().is_none());
         p.backends[0].healthy = false;
         assert_eq!(p.changed().unwrap().version, 2);
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn static_flags_give_targets_with_one_model_each() {
+        let t = static_targets(
+            &strings(&["http://a:1", " http://b:2/ ", ""]),
+            Some(&strings(&["m", " n"])),
+        )
+        .unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].url.base, "http://b:2");
+        assert_eq!(t[1].models, vec!["n".to_owned()]);
+        let t = static_targets(&strings(&["http://a:1"]), None).unwrap();
+        assert!(t[0].models.is_empty(), "no models: ask /v1/models");
+    }
+
+    #[test]
+    fn static_flags_that_do_not_fit_are_errors() {
+        let e = static_targets(&strings(&["http://a:1", "http://b:2"]), Some(&strings(&["m"]))).unwrap_err();
+        assert_eq!(e, StaticTargetsError::ModelCount { models: 1, backends: 2 });
+        assert!(e.to_string().contains("one per backend"));
+        let e = static_targets(&strings(&["http://a:1", "http://a:1/"]), None).unwrap_err();
+        assert!(e.to_string().contains("twice"));
+        let e = static_targets(&strings(&["https://a:1"]), None).unwrap_err();
+        assert!(matches!(
+            e,
+            StaticTargetsError::Url {
+                source: UrlError::NotHttp,
+                ..
+            }
+        ));
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn bad_health_settings_are_typed_errors() {
+        let c = HealthCheckConfig {
+            interval_ms: 0,
+            ..Default::default()
+        };
+        assert_eq!(c.validate(), Err(HealthConfigError::Zero("interval_ms")));
+        assert!(c.validate().unwrap_err().to_string().contains("interval_ms"));
     }
 }

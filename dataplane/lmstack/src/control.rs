@@ -81,7 +81,7 @@ fn run(shared: &Shared) {
 
 /// One connection: until the stream ends (`Ok`) or fails.
 fn follow(shared: &Shared, config: &ControlConfig, progressed: &mut bool) -> Result<(), String> {
-    let url = BackendUrl::parse(&config.url)?;
+    let url = BackendUrl::parse(&config.url).map_err(|e| e.to_string())?;
     let addr = url.resolve().map_err(|e| format!("cannot resolve {}: {e}", url.host))?;
     let mut response = Response::open(
         addr,
@@ -247,7 +247,7 @@ fn report(shared: &Shared, rx: &crossbeam_channel::Receiver<Vec<AffinityEntry>>)
 }
 
 fn post(config: &ControlConfig, batch: &AffinityBatch) -> Result<(), String> {
-    let url = BackendUrl::parse(&config.url)?;
+    let url = BackendUrl::parse(&config.url).map_err(|e| e.to_string())?;
     let addr = url.resolve().map_err(|e| e.to_string())?;
     let body = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
     let timeout = ms(config.connect_timeout_ms);

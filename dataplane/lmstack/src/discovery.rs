@@ -38,7 +38,11 @@ fn targets(backends: &[BackendConfig]) -> Vec<Target> {
 
 fn run(shared: &Shared) {
     let config = &shared.config.discovery;
-    let mut prober = Prober::new(config.health.clone(), config.scrape_metrics);
+    let mut prober = Prober::new(
+        config.health.clone(),
+        config.scrape_metrics,
+        metrics::HEALTH_CHECKS_TOTAL,
+    );
     let mut file = config.file.clone().map(WatchedFile::new);
     if file.is_none() {
         prober.set_targets(targets(&config.backends));
@@ -48,15 +52,7 @@ fn run(shared: &Shared) {
             tracing::info!(backends = backends.len(), "backends file read");
             prober.set_targets(targets(&backends));
         }
-        for probed in prober.probe_all() {
-            ::metrics::counter!(
-                metrics::HEALTH_CHECKS_TOTAL,
-                "endpoint" => probed.url,
-                "status" => if probed.ok { "ok" } else { "fail" }
-            )
-            .increment(1);
-        }
-        if let Some(snapshot) = prober.changed() {
+        if let Some(snapshot) = prober.round() {
             match shared.cell.publish(&snapshot) {
                 Ok(()) => {
                     tracing::info!(
