@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use crate::config::DiscoveryMode;
-
-use crate::worker::WorkerCtx;
+use crate::ctx::WorkerCtx;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Local {

@@ -15,7 +15,7 @@
 //! the same way.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,26 +23,11 @@ use lmstack_probe::client::Response;
 use lmstack_snapshot::{AffinityBatch, AffinityEntry, Snapshot, StreamMessage};
 
 use crate::config::{BackendUrl, ControlConfig, ms};
+use crate::ctx::Shared;
 use crate::metrics;
-use crate::worker::Shared;
 
 pub const WATCH_PATH: &str = "/v1/snapshots/watch";
 pub const AFFINITY_PATH: &str = "/v1/affinity";
-
-/// The state of the link to control, for `/health`.
-#[derive(Debug, Default)]
-pub struct ControlLink {
-    pub connected: AtomicBool,
-    /// Unix milliseconds of the last message (0: none yet).
-    pub last_message_ms: AtomicU64,
-}
-
-impl ControlLink {
-    fn set_connected(&self, connected: bool) {
-        self.connected.store(connected, Ordering::Relaxed);
-        ::metrics::gauge!(metrics::CONTROL_CONNECTED).set(if connected { 1.0 } else { 0.0 });
-    }
-}
 
 fn unix_ms() -> u64 {
     SystemTime::now()

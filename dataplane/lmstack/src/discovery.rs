@@ -11,8 +11,8 @@ use std::time::SystemTime;
 use lmstack_probe::{Prober, Target};
 
 use crate::config::{BackendConfig, BackendUrl, BackendsFile, DiscoveryMode};
+use crate::ctx::Shared;
 use crate::metrics;
-use crate::worker::Shared;
 
 pub fn spawn(shared: Arc<Shared>) -> std::io::Result<thread::JoinHandle<()>> {
     if shared.config.discovery.mode == DiscoveryMode::Control {

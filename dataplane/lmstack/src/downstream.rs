@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::{Either, select};
-use lmstack_http::head::{HeadError, HeadLimits, HeadScanner, RequestHead, parse_request};
+use lmstack_http::head::{HeadLimits, HeadScanner, RequestHead, parse_request};
 use lmstack_http::{ChunkedDecoder, Framing};
 use monoio::io::{AsyncWriteRentExt, CancelHandle, Canceller};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
@@ -97,7 +97,7 @@ impl Reader {
             match parse_request(&mut self.buf, &mut self.scanner, limits) {
                 Ok(Some(head)) => return Ok(head),
                 Ok(None) => {}
-                Err(e) => return Err(NoRequest::Bad(head_error(e))),
+                Err(e) => return Err(NoRequest::Bad(e.into())),
             }
             let wait = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
@@ -246,19 +246,8 @@ impl Reader {
 async fn send_continue(wr: &mut OwnedWriteHalf<TcpStream>) -> Result<(), ProxyError> {
     match wr.write_all(CONTINUE).await {
         (Ok(_), _) => Ok(()),
-        (Err(e), _) => Err(ProxyError::new(
-            ErrorKind::MalformedRequest,
-            format!("cannot write 100 Continue: {e}"),
-        )),
+        (Err(e), _) => {
+            Err(ProxyError::new(ErrorKind::MalformedRequest, format!("cannot write 100 Continue: {e}")).with_source(e))
+        }
     }
-}
-
-fn head_error(e: HeadError) -> ProxyError {
-    let kind = match e {
-        HeadError::TooLarge(_) | HeadError::TooManyHeaders(_) => ErrorKind::HeaderTooLarge,
-        HeadError::Malformed(_) => ErrorKind::MalformedRequest,
-        HeadError::UnsupportedTransferEncoding => ErrorKind::UnsupportedTransferEncoding,
-        HeadError::UnsupportedExpectation => ErrorKind::ExpectationFailed,
-    };
-    ProxyError::new(kind, e.to_string())
 }

@@ -2,10 +2,16 @@
 //!
 //! An error carries a kind from a closed set; the kind decides the HTTP status, the OpenAI
 //! error `type` and `code`, the `error_kind` metric label, which side failed, and whether
-//! the client connection must close. Not here: logging and metrics (the caller records).
+//! the client connection must close. It also carries whether another attempt is safe
+//! ([`Retry`]) and the IO error behind it, if any ([`std::error::Error::source`]). The
+//! conversions from the codec's errors live here too. Not here: logging, metrics and the
+//! response itself (`proxy::fail` answers and records, through `response::error`).
 
 use std::borrow::Cow;
 use std::fmt;
+
+use lmstack_http::PeekError;
+use lmstack_http::head::HeadError;
 
 /// Which side of the proxy failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,15 +137,29 @@ impl ErrorKind {
     }
 }
 
-#[derive(Clone, Debug)]
+/// Whether a failed attempt may be made again (the idea of pingora's `RetryType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// The engine may have acted on the request, or the request itself is at fault.
+    Never,
+    /// Nothing reached the engine's application: another attempt is safe, and this endpoint
+    /// is suspect, so the next one goes elsewhere.
+    Elsewhere,
+    /// Safe only because it failed on a reused pooled connection before any answer (the
+    /// engine closed it while idle): the endpoint is not suspect; try again, on a fresh
+    /// connection.
+    ReusedOnly,
+}
+
+#[derive(Debug)]
 pub struct ProxyError {
     pub kind: ErrorKind,
     pub message: Cow<'static, str>,
     /// The request parameter at fault, if one is.
     pub param: Option<&'static str>,
-    /// Nothing reached the engine's application (or it cannot have acted): another attempt
-    /// is safe.
-    pub retryable: bool,
+    pub retry: Retry,
+    /// The IO error behind this one, if any.
+    source: Option<std::io::Error>,
 }
 
 impl ProxyError {
@@ -148,7 +168,8 @@ impl ProxyError {
             kind,
             message: message.into(),
             param: None,
-            retryable: false,
+            retry: Retry::Never,
+            source: None,
         }
     }
 
@@ -157,8 +178,23 @@ impl ProxyError {
         self
     }
 
-    pub fn retryable(mut self) -> Self {
-        self.retryable = true;
+    /// Nothing reached the engine's application: another endpoint may take the request.
+    pub fn retry_elsewhere(mut self) -> Self {
+        self.retry = Retry::Elsewhere;
+        self
+    }
+
+    /// The attempt ran on a reused pooled connection: a failure that was safe to retry
+    /// says nothing against the endpoint ([`Retry::ReusedOnly`]).
+    pub fn on_reused_connection(mut self) -> Self {
+        if self.retry == Retry::Elsewhere {
+            self.retry = Retry::ReusedOnly;
+        }
+        self
+    }
+
+    pub fn with_source(mut self, source: std::io::Error) -> Self {
+        self.source = Some(source);
         self
     }
 
@@ -182,6 +218,38 @@ impl fmt::Display for ProxyError {
     }
 }
 
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+/// A request head that could not be accepted.
+impl From<HeadError> for ProxyError {
+    fn from(e: HeadError) -> Self {
+        let kind = match e {
+            HeadError::TooLarge(_) | HeadError::TooManyHeaders(_) => ErrorKind::HeaderTooLarge,
+            HeadError::Malformed(_) => ErrorKind::MalformedRequest,
+            HeadError::UnsupportedTransferEncoding => ErrorKind::UnsupportedTransferEncoding,
+            HeadError::UnsupportedExpectation => ErrorKind::ExpectationFailed,
+        };
+        ProxyError::new(kind, e.to_string())
+    }
+}
+
+/// A request body the JSON peek refused.
+impl From<PeekError> for ProxyError {
+    fn from(e: PeekError) -> Self {
+        let kind = match e {
+            PeekError::InvalidJson(_) | PeekError::NotAnObject => ErrorKind::InvalidJson,
+            _ => ErrorKind::InvalidRequest,
+        };
+        let mut error = ProxyError::new(kind, e.to_string());
+        error.param = e.param();
+        error
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +266,38 @@ mod tests {
             serde_json::from_slice(&ProxyError::new(ErrorKind::UpstreamTimeout, "slow").body()).unwrap();
         assert_eq!(v["error"]["type"], "server_error");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn codec_errors_convert_to_their_kinds() {
+        let e = ProxyError::from(HeadError::TooLarge(8192));
+        assert_eq!(e.kind, ErrorKind::HeaderTooLarge);
+        assert_eq!(e.retry, Retry::Never);
+        let e = ProxyError::from(PeekError::NotAnObject);
+        assert_eq!(e.kind, ErrorKind::InvalidJson);
+        let e = ProxyError::from(PeekError::InvalidField {
+            field: "stream",
+            expected: "a boolean",
+        });
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert_eq!(e.param, Some("stream"));
+    }
+
+    #[test]
+    fn a_reused_connection_turns_elsewhere_into_reused_only() {
+        let e = ProxyError::new(ErrorKind::UpstreamReset, "closed").retry_elsewhere();
+        assert_eq!(e.on_reused_connection().retry, Retry::ReusedOnly);
+        let e = ProxyError::new(ErrorKind::UpstreamProtocol, "garbage");
+        assert_eq!(e.on_reused_connection().retry, Retry::Never);
+    }
+
+    #[test]
+    fn the_io_cause_is_the_source() {
+        use std::error::Error;
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let e = ProxyError::new(ErrorKind::UpstreamReset, "the engine closed the connection").with_source(io);
+        assert_eq!(e.source().map(ToString::to_string).as_deref(), Some("reset by peer"));
+        assert!(ProxyError::new(ErrorKind::NotFound, "nope").source().is_none());
     }
 
     #[test]

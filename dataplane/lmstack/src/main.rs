@@ -9,6 +9,7 @@ mod admin;
 mod bufio;
 mod config;
 mod control;
+mod ctx;
 mod discovery;
 mod downstream;
 mod error;
@@ -40,8 +41,8 @@ use crate::config::{Cli, Config, DiscoveryMode, LogFormat};
 /// than glibc's malloc).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::ctx::Shared;
 use crate::state::SnapshotCell;
-use crate::worker::Shared;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -121,7 +122,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         draining: AtomicBool::new(false),
         control: Default::default(),
         affinity_out,
-        replica: format!("{:x}-{:x}", std::process::id(), worker::now_nanos()),
+        replica: format!("{:x}-{:x}", std::process::id(), ctx::now_nanos()),
     });
     if let Some(rx) = affinity_in {
         control::spawn_reporter(shared.clone(), rx).context("starting the affinity reporter")?;
@@ -222,4 +223,85 @@ fn spawn_upkeep(shared: Arc<Shared>) -> anyhow::Result<()> {
         })
         .context("starting the upkeep thread")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    /// The modules each module of this crate imports (`crate::x`, `crate::{x, y}`), by file.
+    fn imports() -> BTreeMap<String, Vec<String>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut texts = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code: Vec<&str> = text.lines().map(|l| l.split("//").next().unwrap_or("")).collect();
+                texts.insert(name, code.join("\n"));
+            }
+        }
+        let modules: Vec<String> = texts.keys().cloned().collect();
+        texts
+            .into_iter()
+            .map(|(name, code)| {
+                let mut used: Vec<String> = Vec::new();
+                for (at, _) in code.match_indices("crate::") {
+                    let rest = &code[at + "crate::".len()..];
+                    let names = match rest.strip_prefix('{') {
+                        Some(group) => &group[..group.find('}').unwrap_or(group.len())],
+                        None => rest,
+                    };
+                    for word in names.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                        if modules.iter().any(|m| m == word) && word != name && !used.iter().any(|u| u == word) {
+                            used.push(word.to_owned());
+                        }
+                        if rest.starts_with('{') {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+                (name, used)
+            })
+            .collect()
+    }
+
+    /// ARCHITECTURE.md, "Invariants": the module graph is acyclic, context types sit below
+    /// the loops that own them, and metrics know nothing of routing.
+    #[test]
+    fn module_imports_have_no_cycle() {
+        let graph = imports();
+        fn visit(m: &str, graph: &BTreeMap<String, Vec<String>>, path: &mut Vec<String>, done: &mut Vec<String>) {
+            if done.iter().any(|d| d == m) {
+                return;
+            }
+            assert!(
+                !path.iter().any(|p| p == m),
+                "import cycle: {} -> {m}",
+                path.join(" -> ")
+            );
+            path.push(m.to_owned());
+            for next in &graph[m] {
+                visit(next, graph, path, done);
+            }
+            path.pop();
+            done.push(m.to_owned());
+        }
+        let mut done = Vec::new();
+        for m in graph.keys() {
+            visit(m, &graph, &mut Vec::new(), &mut done);
+        }
+        for (module, forbidden) in [
+            ("ctx", &["worker", "proxy", "admin"][..]),
+            ("metrics", &["state", "ctx"][..]),
+            ("error", &["metrics", "response", "proxy"][..]),
+            ("config", &["state", "metrics", "ctx"][..]),
+        ] {
+            for f in forbidden {
+                assert!(!graph[module].iter().any(|u| u == f), "{module} must not import {f}");
+            }
+        }
+    }
 }

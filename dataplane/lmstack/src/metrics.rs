@@ -5,7 +5,8 @@
 //! Each worker resolves its handles once per routing state and accumulates values in its
 //! own memory, flushing them to the shared exporter every [`FLUSH_INTERVAL`]: the request
 //! path does no registry lookup and touches no cache line another core writes. Not here:
-//! what to record when (the pipeline decides).
+//! what to record when (the pipeline decides), and routing itself: a routing state is seen
+//! through [`Labelled`] (state.rs implements it), so this module imports no routing code.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -17,7 +18,48 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::ErrorKind;
-use crate::state::RoutingState;
+
+/// One model's pool as metric labels: the model and its endpoints (URL, routable), in pool
+/// order.
+pub struct PoolLabels {
+    pub model: Arc<str>,
+    pub endpoints: Vec<(Arc<str>, bool)>,
+}
+
+/// A routing state as metrics see it.
+pub trait Labelled {
+    /// Moves with every routing state, even when a snapshot version repeats: the key of
+    /// per-worker metric tables.
+    fn generation(&self) -> u64;
+
+    /// The pools, in their index order (`ModelPool::index`).
+    fn pool_labels(&self) -> Vec<PoolLabels>;
+}
+
+/// Sets the snapshot gauges when the routing state `old` gave way to `new` (built from
+/// snapshot `version`): each (model, endpoint) pair's health, and 0 for pairs that are gone
+/// rather than a stale 1.
+pub fn snapshot_applied(old: &impl Labelled, new: &impl Labelled, version: u64) {
+    let new = new.pool_labels();
+    for pool in &new {
+        for (url, healthy) in &pool.endpoints {
+            gauge!(ENDPOINT_HEALTHY, "model" => pool.model.to_string(), "endpoint" => url.to_string())
+                .set(if *healthy { 1.0 } else { 0.0 });
+        }
+    }
+    for pool in old.pool_labels() {
+        for (url, _) in &pool.endpoints {
+            let still = new
+                .iter()
+                .any(|p| p.model == pool.model && p.endpoints.iter().any(|(u, _)| u == url));
+            if !still {
+                gauge!(ENDPOINT_HEALTHY, "model" => pool.model.to_string(), "endpoint" => url.to_string()).set(0.0);
+            }
+        }
+    }
+    gauge!(SNAPSHOT_VERSION).set(version as f64);
+    counter!(SNAPSHOT_UPDATES_TOTAL).increment(1);
+}
 
 /// How often workers hand their accumulated metrics to the exporter; what `/metrics` shows
 /// lags by at most this (plus the scrape), far below any scrape interval.
@@ -198,6 +240,7 @@ struct Pending {
     awaiting_first_byte: i64,
     events: u64,
     retries: u64,
+    connects: u64,
     duration: Vec<f64>,
     ttft: Vec<f64>,
     tbt: Vec<f64>,
@@ -217,6 +260,8 @@ pub struct PairMetrics {
     retries: Counter,
     statuses: RefCell<Vec<(u16, Counter)>>,
     errors: RefCell<Vec<(ErrorKind, Counter)>>,
+    /// Connections opened to the endpoint (labelled by endpoint only), registered on first use.
+    connects: RefCell<Option<Counter>>,
     pending: RefCell<Pending>,
 }
 
@@ -260,6 +305,7 @@ impl PairMetrics {
             retries: counter!(UPSTREAM_RETRIES_TOTAL, &labels),
             statuses: RefCell::new(Vec::new()),
             errors: RefCell::new(Vec::new()),
+            connects: RefCell::new(None),
             pending: RefCell::new(Pending::default()),
             model,
             endpoint,
@@ -294,6 +340,11 @@ impl PairMetrics {
         self.pending.borrow_mut().retries += 1;
     }
 
+    /// A new connection to the endpoint was opened.
+    pub fn connect(&self) {
+        self.pending.borrow_mut().connects += 1;
+    }
+
     pub fn running(&self, delta: i64) {
         self.pending.borrow_mut().running += delta;
     }
@@ -326,6 +377,12 @@ impl PairMetrics {
         }
         self.events.increment(p.events);
         self.retries.increment(p.retries);
+        if p.connects > 0 {
+            self.connects
+                .borrow_mut()
+                .get_or_insert_with(|| counter!(UPSTREAM_CONNECTS_TOTAL, "endpoint" => endpoint.clone()))
+                .increment(p.connects);
+        }
         for (samples, h) in [(p.duration, &self.duration), (p.ttft, &self.ttft), (p.tbt, &self.tbt)] {
             for v in samples {
                 h.record(v);
@@ -368,6 +425,12 @@ impl ModelMetrics {
         &self.queued
     }
 
+    /// The model these metrics are labelled with.
+    #[cfg(test)]
+    pub fn model(&self) -> &str {
+        &self.name
+    }
+
     fn flush(&self) {
         for p in &self.pairs {
             p.flush();
@@ -394,9 +457,9 @@ impl ModelMetrics {
     }
 }
 
-/// A worker's metric handles for one routing state version.
+/// A worker's metric handles for one routing state (by its generation).
 pub struct MetricTable {
-    version: u64,
+    generation: u64,
     /// By model index (see `ModelPool::index`).
     pub models: Vec<ModelMetrics>,
 }
@@ -412,11 +475,12 @@ pub struct LocalMetrics {
 }
 
 impl LocalMetrics {
-    /// The handle table for `state`, rebuilt when its version changes (pairs that still
-    /// exist keep their handles, so nothing recorded is lost).
-    pub fn table(&self, state: &RoutingState) -> Rc<MetricTable> {
+    /// The handle table for `state`, rebuilt when its generation changes (pairs that still
+    /// exist keep their handles, so nothing recorded is lost). Keyed on the generation, not
+    /// the snapshot version: a replacing snapshot may repeat a version with other pools.
+    pub fn table(&self, state: &impl Labelled) -> Rc<MetricTable> {
         if let Some(t) = self.table.borrow().as_ref()
-            && t.version == state.version
+            && t.generation == state.generation()
         {
             return t.clone();
         }
@@ -437,31 +501,30 @@ impl LocalMetrics {
             })
         };
         let models = state
-            .pools()
+            .pool_labels()
+            .into_iter()
             .map(|pool| {
+                let model = pool.model;
                 let pairs = pool
                     .endpoints
-                    .iter()
-                    .map(|&i| {
-                        let url = &state.endpoints[i].url;
-                        reuse(&pool.name, url)
-                            .unwrap_or_else(|| Rc::new(PairMetrics::new(pool.name.clone(), url.clone())))
+                    .into_iter()
+                    .map(|(url, _)| {
+                        reuse(&model, &url).unwrap_or_else(|| Rc::new(PairMetrics::new(model.clone(), url)))
                     })
                     .collect();
                 ModelMetrics {
                     pairs,
-                    match_ratio: histogram!(ROUTING_PREFIX_MATCH_RATIO, "model" => pool.name.to_string()),
+                    match_ratio: histogram!(ROUTING_PREFIX_MATCH_RATIO, "model" => model.to_string()),
                     match_ratios: RefCell::new(Vec::new()),
-                    unrouted: reuse(&pool.name, "")
-                        .unwrap_or_else(|| Rc::new(PairMetrics::new(pool.name.clone(), "".into()))),
+                    unrouted: reuse(&model, "").unwrap_or_else(|| Rc::new(PairMetrics::new(model.clone(), "".into()))),
                     decisions: RefCell::new(Vec::new()),
-                    queued: gauge!(REQUESTS_QUEUED, "model" => pool.name.to_string()),
-                    name: pool.name.clone(),
+                    queued: gauge!(REQUESTS_QUEUED, "model" => model.to_string()),
+                    name: model,
                 }
             })
             .collect();
         let table = Rc::new(MetricTable {
-            version: state.version,
+            generation: state.generation(),
             models,
         });
         *self.table.borrow_mut() = Some(table.clone());

@@ -12,7 +12,8 @@
 //! 7. Return the engine connection to the pool, record metrics, keep or close the client
 //!    connection.
 //!
-//! Errors are turned into responses by `response::error`, called only from `fail` below.
+//! Errors are turned into responses by `response::error`, called only from `fail` below
+//! (the worker calls `fail` too, for a request head it could not accept).
 
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -29,15 +30,15 @@ use std::time::Instant;
 
 use crate::admin::{self, Local};
 use crate::config::SessionConfig;
+use crate::ctx::{Scratch, WorkerCtx};
 use crate::downstream::Downstream;
-use crate::error::{ErrorKind, ProxyError, Side};
+use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::metrics::{ModelMetrics, PairMetrics};
 use crate::queue::Ticket;
 use crate::relay::{self, FirstByte, OutFraming, RelayError, StreamClock};
 use crate::response::{self, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
 use crate::upstream;
-use crate::worker::{Scratch, WorkerCtx};
 
 /// What to do with the client connection after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,7 +117,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         .await
     {
         Ok(body) => body,
-        Err(e) => return fail(ctx, down, &head, &request_id, &e, None).await,
+        Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
     };
 
     // 2. Local routes.
@@ -132,7 +133,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
         Target::Missing(kind) => {
             let e = ProxyError::new(kind, format!("{} {} is not served here", head.method(), head.path()));
-            return fail(ctx, down, &head, &request_id, &e, None).await;
+            return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
         }
         Target::Model => {}
     }
@@ -141,21 +142,11 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     let session_config = &ctx.shared.config.routing.session;
     let peek = match lmstack_http::peek(&body, session_config.body_field.as_deref()) {
         Ok(p) => p,
-        Err(e) => {
-            let kind = match e {
-                lmstack_http::PeekError::InvalidJson(_) | lmstack_http::PeekError::NotAnObject => {
-                    ErrorKind::InvalidJson
-                }
-                _ => ErrorKind::InvalidRequest,
-            };
-            let mut err = ProxyError::new(kind, e.to_string());
-            err.param = e.param();
-            return fail(ctx, down, &head, &request_id, &err, None).await;
-        }
+        Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e.into(), None).await,
     };
     let Some(model) = peek.model.as_deref() else {
         let e = ProxyError::new(ErrorKind::InvalidRequest, "the request must name a `model`").with_param("model");
-        return fail(ctx, down, &head, &request_id, &e, None).await;
+        return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
     };
 
     // 4. The model's pool.
@@ -169,7 +160,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             ),
         )
         .with_param("model");
-        return fail(ctx, down, &head, &request_id, &e, None).await;
+        return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
     };
     let session = session_key(&head, peek.session.as_deref(), session_config);
     // The prompt's blocks, and how much of them each endpoint holds, for policies that ask.
@@ -189,7 +180,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         client: down.peer.ip(),
         started,
     };
-    let table = ctx.metrics.table(&state);
+    let table = ctx.metrics.table(&*state);
     let mm = &table.models[pool.index];
 
     // 5-6. Forward and relay, unless the client leaves first.
@@ -218,7 +209,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             record(&pm, status, started);
             After::Close
         }
-        Some(Outcome::Failed { error, pm }) => fail(ctx, down, &head, &request_id, &error, Some(&pm)).await,
+        Some(Outcome::Failed { error, pm }) => fail(ctx, down, Some((&head, &request_id)), &error, Some(&pm)).await,
     }
 }
 
@@ -274,15 +265,17 @@ fn session_key<'a>(head: &'a RequestHead, body_value: Option<&'a str>, config: &
         .or(body_value.filter(|v| !v.is_empty()))
 }
 
-/// Answers with the error response for `error` and records it.
-async fn fail(
+/// Answers with the error response for `error`, logs it and records it: the one place
+/// errors become responses. `request` is the request's head and id; `None` when the head
+/// itself could not be accepted (the worker's read loop).
+pub async fn fail(
     ctx: &WorkerCtx,
     down: &mut Downstream,
-    head: &RequestHead,
-    request_id: &str,
+    request: Option<(&RequestHead, &str)>,
     error: &ProxyError,
     pm: Option<&PairMetrics>,
 ) -> After {
+    let request_id = request.map(|(_, id)| id);
     match pm {
         Some(pm) => record(pm, error.kind.status(), Instant::now()),
         None => ctx.metrics.http_error(error.kind),
@@ -291,8 +284,11 @@ async fn fail(
         Side::Downstream => tracing::debug!(request_id, "{error}"),
         Side::Upstream | Side::Internal => tracing::warn!(request_id, "{error}"),
     }
-    let keep_alive = head.keep_alive && !ctx.draining();
-    let bytes = response::error(error, keep_alive, head.version, Some(request_id));
+    let (keep_alive, version) = match request {
+        Some((head, _)) => (head.keep_alive && !ctx.draining(), head.version),
+        None => (false, Version::Http11),
+    };
+    let bytes = response::error(error, keep_alive, version, request_id);
     let written = down.write(bytes, ctx.limits.write_timeout).await;
     if error.kind.closes_connection() {
         if written { After::CloseAfterError } else { After::Close }
@@ -332,6 +328,8 @@ async fn forward(
     wr: &mut OwnedWriteHalf<TcpStream>,
 ) -> Outcome {
     let mut excluded: Vec<usize> = Vec::new();
+    // The endpoint whose reused connection just failed: its next attempt connects afresh.
+    let mut reconnect: Option<usize> = None;
     let mut last_failure: Option<(ProxyError, Rc<PairMetrics>)> = None;
     for attempt in 0..=ctx.limits.max_retries {
         let pick = match pick(ctx, state, pool, mm, req, &excluded).await {
@@ -371,7 +369,8 @@ async fn forward(
         };
         let _inflight = Inflight::start(ctx, endpoint, pm.clone(), blocks);
         endpoint.load.recent.add(1.0, ctx.shared.cell.now_ms());
-        match exchange(ctx, endpoint, req, wr, &pm, uncached).await {
+        let fresh = reconnect.take() == Some(index);
+        match exchange(ctx, endpoint, req, wr, &pm, uncached, fresh).await {
             Exchange::Done { status, keep_alive } => {
                 return Outcome::Done { pm, status, keep_alive };
             }
@@ -382,14 +381,14 @@ async fn forward(
                 }
                 return Outcome::Aborted { pm, status };
             }
-            Exchange::Failed { error, stale } => {
+            Exchange::Failed { error } => {
                 pm.upstream_error(error.kind);
                 tracing::debug!(request_id = req.request_id, endpoint = %endpoint.url, attempt, "{error}");
-                if !error.retryable {
-                    return Outcome::Failed { error, pm };
-                }
-                if !stale {
-                    excluded.push(index);
+                match error.retry {
+                    Retry::Never => return Outcome::Failed { error, pm },
+                    Retry::Elsewhere => excluded.push(index),
+                    // The endpoint is not suspect: it may be picked again.
+                    Retry::ReusedOnly => reconnect = Some(index),
                 }
                 last_failure = Some((error, pm));
             }
@@ -553,15 +552,13 @@ enum Exchange {
         status: u16,
         error: Option<ProxyError>,
     },
-    /// Nothing went to the client. `stale`: it failed on a reused pooled connection, so the
-    /// endpoint itself is not suspect.
+    /// Nothing went to the client; `error.retry` says whether another attempt is safe.
     Failed {
         error: ProxyError,
-        stale: bool,
     },
 }
 
-/// One attempt against one endpoint.
+/// One attempt against one endpoint, on a pooled connection unless `fresh`.
 async fn exchange(
     ctx: &WorkerCtx,
     endpoint: &EndpointState,
@@ -569,20 +566,19 @@ async fn exchange(
     wr: &mut OwnedWriteHalf<TcpStream>,
     pm: &PairMetrics,
     uncached_blocks: u64,
+    fresh: bool,
 ) -> Exchange {
     let lim = &ctx.limits;
     let first_byte = FirstByte::start(pm, &endpoint.load, uncached_blocks);
-    let mut conn = match ctx.pool.take(endpoint.addr) {
+    let pooled = if fresh { None } else { ctx.pool.take(endpoint.addr) };
+    let mut conn = match pooled {
         Some(conn) => conn,
         None => match upstream::connect(endpoint.addr, lim.connect_timeout).await {
             Ok(conn) => {
-                ::metrics::counter!(crate::metrics::UPSTREAM_CONNECTS_TOTAL, "endpoint" => endpoint.url.to_string())
-                    .increment(1);
+                pm.connect();
                 conn
             }
-            Err(error) => {
-                return Exchange::Failed { error, stale: false };
-            }
+            Err(error) => return Exchange::Failed { error },
         },
     };
     let reused = conn.reused;
@@ -608,12 +604,14 @@ async fn exchange(
                     lim.first_byte_timeout.as_millis()
                 ),
             );
-            return Exchange::Failed { error, stale: false };
+            return Exchange::Failed { error };
         }
-        Ok(Err(error)) => {
-            let stale = reused && error.retryable;
-            return Exchange::Failed { error, stale };
+        Ok(Err(error)) if reused => {
+            return Exchange::Failed {
+                error: error.on_reused_connection(),
+            };
         }
+        Ok(Err(error)) => return Exchange::Failed { error },
         Ok(Ok(up)) => up,
     };
     let sse = up

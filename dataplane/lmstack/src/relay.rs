@@ -247,10 +247,10 @@ pub async fn relay(
                 )));
             }
             Ok(Err(e)) => {
-                return Err(RelayError::Upstream(ProxyError::new(
-                    ErrorKind::UpstreamReset,
-                    format!("reading from the engine failed: {e}"),
-                )));
+                return Err(RelayError::Upstream(
+                    ProxyError::new(ErrorKind::UpstreamReset, format!("reading from the engine failed: {e}"))
+                        .with_source(e),
+                ));
             }
             Ok(Ok(_)) => {}
         }

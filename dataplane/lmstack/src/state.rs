@@ -2,11 +2,11 @@
 //!
 //! A validated [`Snapshot`] is turned into a [`RoutingState`] (pools per model with their
 //! policies, the merged `/v1/models` body) and swapped into a [`SnapshotCell`]. Workers keep
-//! their own reference and look at the cell's version number only, so the request path
+//! their own reference and look at the cell's generation number only, so the request path
 //! touches no shared lock. Endpoint load counters survive rebuilds (keyed by endpoint URL):
 //! a new snapshot keeps the in-flight counts of the endpoints it still has.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -21,7 +21,7 @@ use lmstack_route::{AffinityTable, EndpointTag, EngineLoad, Load, Policy, PoolVi
 use lmstack_snapshot::{Snapshot, SnapshotError};
 
 use crate::config::RoutingConfig;
-use crate::metrics;
+use crate::metrics::{self, Labelled, PoolLabels};
 
 /// Live load of one endpoint, shared by every worker (each on its own cache line, so that
 /// endpoints do not contend with one another).
@@ -117,7 +117,11 @@ impl ModelPool {
 
 #[derive(Debug)]
 pub struct RoutingState {
+    /// The version of the snapshot it was built from (may repeat across `replace`).
     pub version: u64,
+    /// The cell's count of stored states when this one was stored: unique per cell, what
+    /// workers key their views and metric tables on.
+    pub generation: u64,
     pub endpoints: Vec<EndpointState>,
     /// Pools sorted by model name.
     pools: Vec<ModelPool>,
@@ -130,6 +134,7 @@ impl RoutingState {
     fn empty() -> Self {
         Self {
             version: 0,
+            generation: 0,
             endpoints: Vec::new(),
             pools: Vec::new(),
             by_name: HashMap::new(),
@@ -155,6 +160,26 @@ impl RoutingState {
     /// Whether any model has a healthy endpoint.
     pub fn can_route(&self) -> bool {
         self.pools.iter().any(|m| m.healthy_count(self) > 0)
+    }
+}
+
+impl Labelled for RoutingState {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn pool_labels(&self) -> Vec<PoolLabels> {
+        self.pools
+            .iter()
+            .map(|pool| PoolLabels {
+                model: pool.name.clone(),
+                endpoints: pool
+                    .endpoints
+                    .iter()
+                    .map(|&i| (self.endpoints[i].url.clone(), self.endpoints[i].healthy))
+                    .collect(),
+            })
+            .collect()
     }
 }
 
@@ -192,10 +217,12 @@ impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
 pub struct SnapshotCell {
     /// The snapshot version in use.
     version: AtomicU64,
-    /// Moves on every store (a replacing snapshot may repeat or lower the version).
+    /// Moves on every store (a replacing snapshot may repeat or lower the version); equal
+    /// to the stored state's `generation` once the store is done.
     generation: AtomicU64,
     state: ArcSwap<RoutingState>,
     routing: RoutingConfig,
+    /// Load counters by endpoint URL, kept across states. Its lock also serialises stores.
     loads: Mutex<HashMap<String, Arc<CachePadded<EndpointLoad>>>>,
     started_unix: u64,
     /// Which endpoints served which prompt blocks; shared by all workers.
@@ -252,32 +279,14 @@ impl SnapshotCell {
 
     fn store(&self, snapshot: &Snapshot, any_version: bool) -> Result<(), SnapshotError> {
         snapshot.validate()?;
+        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.version();
         if snapshot.version <= current && current != 0 && !any_version {
             return Ok(());
         }
-        let state = self.build(snapshot);
-        for pool in state.pools() {
-            for &i in &pool.endpoints {
-                let e = &state.endpoints[i];
-                ::metrics::gauge!(metrics::ENDPOINT_HEALTHY, "model" => pool.name.to_string(), "endpoint" => e.url.to_string())
-                    .set(if e.healthy { 1.0 } else { 0.0 });
-            }
-        }
-        // Pairs that disappeared are no longer routable: say so rather than keep a stale 1.
-        let old = self.state.load();
-        for pool in old.pools() {
-            for &i in &pool.endpoints {
-                let url = &old.endpoints[i].url;
-                let still = state
-                    .model(&pool.name)
-                    .is_some_and(|p| p.endpoints.iter().any(|&j| &state.endpoints[j].url == url));
-                if !still {
-                    ::metrics::gauge!(metrics::ENDPOINT_HEALTHY, "model" => pool.name.to_string(), "endpoint" => url.to_string())
-                        .set(0.0);
-                }
-            }
-        }
+        let generation = self.generation() + 1;
+        let state = self.build(snapshot, generation, &mut loads);
+        metrics::snapshot_applied(&**self.state.load(), &state, snapshot.version);
         // Endpoints that left: their affinity entries stop matching now, their slots return.
         if self
             .affinity
@@ -286,16 +295,18 @@ impl SnapshotCell {
         {
             self.affinity.purge();
         }
-        ::metrics::gauge!(metrics::SNAPSHOT_VERSION).set(snapshot.version as f64);
-        ::metrics::counter!(metrics::SNAPSHOT_UPDATES_TOTAL).increment(1);
         self.state.store(Arc::new(state));
         self.version.store(snapshot.version, Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.store(generation, Ordering::Release);
         Ok(())
     }
 
-    fn build(&self, snapshot: &Snapshot) -> RoutingState {
-        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+    fn build(
+        &self,
+        snapshot: &Snapshot,
+        generation: u64,
+        loads: &mut HashMap<String, Arc<CachePadded<EndpointLoad>>>,
+    ) -> RoutingState {
         let endpoints: Vec<EndpointState> = snapshot
             .endpoints
             .iter()
@@ -315,7 +326,6 @@ impl SnapshotCell {
             })
             .collect();
         loads.retain(|url, _| snapshot.endpoints.iter().any(|e| &e.url == url));
-        drop(loads);
 
         let mut pools = Vec::new();
         let mut by_name = HashMap::new();
@@ -355,6 +365,7 @@ impl SnapshotCell {
         let body = serde_json::json!({"object": "list", "data": cards});
         RoutingState {
             version: snapshot.version,
+            generation,
             endpoints,
             pools,
             by_name,
@@ -377,27 +388,24 @@ impl std::ops::Deref for StateRef {
     }
 }
 
-/// A worker's view of the current routing state: refreshed when the cell's generation moves.
+/// A worker's view of the current routing state: refreshed when the cell's generation moves
+/// past the generation of the state it holds.
 pub struct LocalRouting {
-    seen: Cell<u64>,
     current: RefCell<StateRef>,
 }
 
 impl LocalRouting {
     pub fn new(cell: &SnapshotCell) -> Self {
         Self {
-            seen: Cell::new(cell.generation()),
             current: RefCell::new(StateRef(Rc::new(cell.load()))),
         }
     }
 
     /// The current state, and whether it changed since the last call.
     pub fn current(&self, cell: &SnapshotCell) -> (StateRef, bool) {
-        let v = cell.generation();
-        let changed = v != self.seen.get();
+        let changed = cell.generation() != self.current.borrow().generation;
         if changed {
             *self.current.borrow_mut() = StateRef(Rc::new(cell.load()));
-            self.seen.set(v);
         }
         (self.current.borrow().clone(), changed)
     }
@@ -462,6 +470,39 @@ mod tests {
         bad.models[0].endpoints.push(7);
         assert!(cell.publish(&bad).is_err());
         assert_eq!(cell.version(), 5);
+    }
+
+    #[test]
+    fn metric_tables_follow_a_replaced_snapshot_that_repeats_the_version() {
+        let cell = SnapshotCell::new(RoutingConfig::default());
+        let local = LocalRouting::new(&cell);
+        let metrics = crate::metrics::LocalMetrics::default();
+        cell.publish(&snapshot(5, &["http://a:1"])).unwrap();
+        let (state, _) = local.current(&cell);
+        assert_eq!(metrics.table(&*state).models.len(), 1);
+
+        // A new control stream's first snapshot: the same version, other models.
+        let mut next = snapshot(5, &["http://b:1", "http://c:2"]);
+        next.models.insert(
+            0,
+            Model {
+                name: "a".into(),
+                endpoints: vec![1],
+                card: None,
+            },
+        );
+        next.models[1].endpoints = vec![0, 1];
+        cell.replace(&next).unwrap();
+        let (state, changed) = local.current(&cell);
+        assert!(changed);
+        assert_eq!(state.version, 5);
+        let table = metrics.table(&*state);
+        assert_eq!(table.models.len(), 2);
+        for pool in state.pools() {
+            let mm = &table.models[pool.index];
+            assert_eq!(mm.model(), &*pool.name);
+            assert_eq!(mm.pairs.len(), pool.endpoints.len());
+        }
     }
 
     #[test]

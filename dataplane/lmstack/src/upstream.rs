@@ -2,7 +2,7 @@
 //! a request and reading the response head.
 //!
 //! Not here: choosing the endpoint (policies), relaying the body (relay.rs), retries (the
-//! pipeline decides, from the `retryable` flag set here).
+//! pipeline decides, from the `Retry` set here).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -117,12 +117,13 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn
                 timeout.as_millis()
             ),
         )
-        .retryable()),
+        .retry_elsewhere()),
         Ok(Err(e)) => Err(ProxyError::new(
             ErrorKind::UpstreamConnect,
             format!("cannot connect to the engine at {addr}: {e}"),
         )
-        .retryable()),
+        .retry_elsewhere()
+        .with_source(e)),
         Ok(Ok(stream)) => {
             // Latency matters more than segment count for small requests and SSE chunks.
             let _ = stream.set_nodelay(true);
@@ -147,7 +148,8 @@ pub async fn send(conn: &mut UpstreamConn, mut head: Vec<u8>, body: &Bytes) -> R
             ErrorKind::UpstreamReset,
             format!("the engine closed the connection: {e}"),
         )
-        .retryable()
+        .retry_elsewhere()
+        .with_source(e)
     })
 }
 
@@ -171,14 +173,22 @@ pub async fn read_head(
             }
         }
         match conn.fill().await {
-            Ok(0) | Err(_) if !received => {
+            Ok(0) if !received => {
                 // Nothing came back: the engine (or a stale keep-alive connection) went away
                 // before answering; trying again is safe.
                 return Err(ProxyError::new(
                     ErrorKind::UpstreamReset,
                     "the engine closed the connection before responding",
                 )
-                .retryable());
+                .retry_elsewhere());
+            }
+            Err(e) if !received => {
+                return Err(ProxyError::new(
+                    ErrorKind::UpstreamReset,
+                    "the engine closed the connection before responding",
+                )
+                .retry_elsewhere()
+                .with_source(e));
             }
             Ok(0) => {
                 return Err(ProxyError::new(
@@ -187,10 +197,10 @@ pub async fn read_head(
                 ));
             }
             Err(e) => {
-                return Err(ProxyError::new(
-                    ErrorKind::UpstreamReset,
-                    format!("reading from the engine failed: {e}"),
-                ));
+                return Err(
+                    ProxyError::new(ErrorKind::UpstreamReset, format!("reading from the engine failed: {e}"))
+                        .with_source(e),
+                );
             }
             Ok(_) => received = true,
         }
