@@ -479,7 +479,11 @@ async fn exchange(
         .iter()
         .filter_map(|v| v["choices"][0]["delta"]["content"].as_str())
         .collect::<String>();
-    let usage = events.iter().rev().find(|v| v["usage"].is_object()).map(|v| &v["usage"]);
+    let usage = events
+        .iter()
+        .rev()
+        .find(|v| v["usage"].is_object())
+        .map(|v| &v["usage"]);
     let prompt_tokens = usage.and_then(|u| u["prompt_tokens"].as_u64()).unwrap_or(0);
     let cached_tokens = usage
         .and_then(|u| u["prompt_tokens_details"]["cached_tokens"].as_u64())

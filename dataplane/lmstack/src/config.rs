@@ -282,6 +282,13 @@ pub struct RoutingConfig {
     pub session: SessionConfig,
     pub prefix: PrefixConfig,
     pub affinity: AffinityConfig,
+    /// Half-life of the decayed counts of requests and prompt blocks sent to each endpoint,
+    /// ms: the load `prefix` balances new conversations on. Long enough to remember where
+    /// conversations went between their rounds, short enough to follow shifts in traffic.
+    pub recent_half_life_ms: u64,
+    /// Add `x-lmstack-route: policy=...; reason=...; matched=...; endpoint=...` to routed
+    /// responses.
+    pub explain_header: bool,
 }
 
 impl Default for RoutingConfig {
@@ -292,6 +299,8 @@ impl Default for RoutingConfig {
             session: SessionConfig::default(),
             prefix: PrefixConfig::default(),
             affinity: AffinityConfig::default(),
+            recent_half_life_ms: 10_000,
+            explain_header: false,
         }
     }
 }
@@ -312,15 +321,13 @@ impl RoutingConfig {
                 factor: self.prefix.load_factor,
                 slack: self.prefix.load_slack,
             },
-            prefix_prefill_weight: self.prefix.prefill_weight,
-            prefix_min_match_ratio: self.prefix.min_match_ratio,
-            prefix_recent_weight: self.prefix.recent_weight,
         }
     }
 }
 
-/// The `prefix` policy's cost: `prefill_weight * (uncached blocks + blocks queued for
-/// prefill) + blocks in flight`, among endpoints within the load bound.
+/// The `prefix` policy: a conversation follows its cached history (or its session) while its
+/// endpoint is within the load bound; new conversations go where recent load plus prefill
+/// work is lowest (see ARCHITECTURE.md, Routing).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrefixConfig {
@@ -329,15 +336,6 @@ pub struct PrefixConfig {
     pub load_factor: f64,
     /// Requests above the factor's share allowed, so that low loads are not imbalance.
     pub load_slack: f64,
-    /// Weight of prefill work against decode work (at least 0).
-    pub prefill_weight: f64,
-    /// A request whose best match covers less than this share of its prompt (0 to 1) is
-    /// placed as a new conversation, by load: a shared system prompt alone draws no one.
-    pub min_match_ratio: f64,
-    /// For a new conversation, each request an endpoint was sent recently (decayed over
-    /// seconds) costs this share of the request's own blocks: new conversations spread by
-    /// the rate they will come back at (at least 0).
-    pub recent_weight: f64,
 }
 
 impl Default for PrefixConfig {
@@ -346,9 +344,6 @@ impl Default for PrefixConfig {
         Self {
             load_factor: p.prefix_bound.factor,
             load_slack: p.prefix_bound.slack,
-            prefill_weight: p.prefix_prefill_weight,
-            min_match_ratio: p.prefix_min_match_ratio,
-            recent_weight: p.prefix_recent_weight,
         }
     }
 }
@@ -463,8 +458,10 @@ pub struct Cli {
     /// Validate the configuration, print it in full (defaults included) and exit.
     #[arg(long)]
     pub check: bool,
+    /// Address to listen on (`listen.host`).
     #[arg(long)]
     pub host: Option<String>,
+    /// Port to listen on (`listen.port`).
     #[arg(long)]
     pub port: Option<u16>,
     /// Worker threads (0: one per core).
@@ -497,20 +494,33 @@ pub struct Cli {
     /// Log filter (`info`, `debug`, ...).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Log lines as plain text or JSON (`log.format`).
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Largest request body accepted, bytes; larger ones get 413 (`server.max_body_bytes`).
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
+    /// Time to connect to an engine, ms (`upstream.connect_timeout_ms`).
     #[arg(long)]
     pub connect_timeout_ms: Option<u64>,
+    /// Time for an engine's response head, ms; bounds a whole non-streaming generation
+    /// (`upstream.first_byte_timeout_ms`).
     #[arg(long)]
     pub first_byte_timeout_ms: Option<u64>,
+    /// Longest silence inside a streamed response, ms (`upstream.idle_timeout_ms`).
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,
+    /// Failures before the first response byte retried on another engine
+    /// (`upstream.max_retries`).
     #[arg(long)]
     pub max_retries: Option<u32>,
+    /// Time between health probes of each backend, ms (`discovery.health.interval_ms`).
     #[arg(long)]
     pub health_check_interval_ms: Option<u64>,
+    /// Add an `x-lmstack-route` header to every routed response saying which policy chose
+    /// the engine and why (`routing.explain_header`).
+    #[arg(long)]
+    pub explain_routing: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -586,27 +596,13 @@ impl Config {
             self.discovery.control.url = url.clone();
         }
         if let Some(urls) = &cli.static_backends {
-            let urls: Vec<&String> = urls.iter().filter(|u| !u.trim().is_empty()).collect();
-            let models = match &cli.static_models {
-                Some(models) => {
-                    let models: Vec<&String> = models.iter().filter(|m| !m.trim().is_empty()).collect();
-                    if models.len() != urls.len() {
-                        return Err(invalid(format!(
-                            "--static-models lists {} models for {} backends; give one per backend, in the same order",
-                            models.len(),
-                            urls.len()
-                        )));
-                    }
-                    models.into_iter().map(|m| vec![m.trim().to_owned()]).collect()
-                }
-                None => vec![Vec::new(); urls.len()],
-            };
-            self.discovery.backends = urls
+            let targets = lmstack_probe::static_targets(urls, cli.static_models.as_deref())
+                .map_err(|e| invalid(e.to_string()))?;
+            self.discovery.backends = targets
                 .into_iter()
-                .zip(models)
-                .map(|(url, models)| BackendConfig {
-                    url: url.trim().to_owned(),
-                    models,
+                .map(|t| BackendConfig {
+                    url: t.url.base,
+                    models: t.models,
                 })
                 .collect();
         } else if cli.static_models.is_some() {
@@ -626,6 +622,9 @@ impl Config {
         }
         if let Some(v) = cli.max_body_bytes {
             self.server.max_body_bytes = v;
+        }
+        if cli.explain_routing {
+            self.routing.explain_header = true;
         }
         if let Some(v) = cli.connect_timeout_ms {
             self.upstream.connect_timeout_ms = v;
@@ -655,6 +654,7 @@ impl Config {
             ("server.keepalive_timeout_ms", self.server.keepalive_timeout_ms),
             ("server.write_timeout_ms", self.server.write_timeout_ms),
             ("server.max_connections", self.server.max_connections as u64),
+            ("routing.recent_half_life_ms", self.routing.recent_half_life_ms),
             ("listen.backlog", u64::from(self.listen.backlog)),
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),

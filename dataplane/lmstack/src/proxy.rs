@@ -218,6 +218,12 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
 struct PrefixPlan<'c> {
     scratch: Scratch<'c>,
     tie_key: u64,
+    /// Leading blocks many prompts share.
+    shared: u32,
+    /// Where the session went last (pool index).
+    session_home: Option<usize>,
+    /// The session's key in the affinity table.
+    session_block: Option<u64>,
 }
 
 impl PrefixPlan<'_> {
@@ -244,16 +250,29 @@ fn prefix_plan<'c>(
         return None;
     }
     buffers.matched.resize(pool.endpoints.len(), 0);
-    ctx.shared
+    let found = ctx
+        .shared
         .cell
         .affinity
         .matched(&buffers.blocks, &pool.tags, &mut buffers.matched);
+    // Where the session went last, when the request has a key.
+    let session_block = session.map(lmstack_route::blocks::session_block);
+    let session_home = session_block.and_then(|b| {
+        let cell = &ctx.shared.cell;
+        cell.affinity.latest(b, &pool.tags, cell.now_ms())
+    });
     // Ties go the same way on every replica: by the session, else by the prompt's own end.
     let tie_key = match session {
         Some(s) => xxhash_rust::xxh3::xxh3_64(s.as_bytes()),
         None => buffers.blocks.last().copied().unwrap_or(0),
     };
-    Some(PrefixPlan { scratch, tie_key })
+    Some(PrefixPlan {
+        scratch,
+        tie_key,
+        shared: found.shared,
+        session_home,
+        session_block,
+    })
 }
 
 /// The session key: the first configured header present, else the body field.
@@ -357,10 +376,19 @@ async fn forward(
                 if let Some(tag) = pool.tags[pick.index] {
                     let cell = &ctx.shared.cell;
                     cell.affinity.record(plan.blocks(), tag, cell.now_ms());
+                    if let Some(session) = plan.session_block {
+                        cell.affinity.record(&[session], tag, cell.now_ms());
+                    }
                 }
-                // Blocks this endpoint did not hold yet are news for the other replicas.
+                // Blocks this endpoint did not hold yet are news for the other replicas, and
+                // so is a session that moved.
                 if matched < plan.blocks().len() {
                     ctx.share_assignment(&endpoint.url, plan.blocks());
+                }
+                if let Some(session) = plan.session_block
+                    && plan.session_home != Some(pick.index)
+                {
+                    ctx.share_assignment(&endpoint.url, &[session]);
                 }
                 mm.match_ratio(matched as f64 / plan.blocks().len() as f64);
                 (plan.blocks().len() as u64, (plan.blocks().len() - matched) as u64)
@@ -368,9 +396,25 @@ async fn forward(
             None => (0, 0),
         };
         let _inflight = Inflight::start(ctx, endpoint, pm.clone(), blocks);
-        endpoint.load.recent.add(1.0, ctx.shared.cell.now_ms());
-        let fresh = reconnect.take() == Some(index);
-        match exchange(ctx, endpoint, req, wr, &pm, uncached, fresh).await {
+        let (now_ms, half_life) = (
+            ctx.shared.cell.now_ms(),
+            ctx.shared.config.routing.recent_half_life_ms as f64,
+        );
+        endpoint.load.recent.add(1.0, now_ms, half_life);
+        if uncached > 0 {
+            endpoint.load.recent_blocks.add(uncached as f64, now_ms, half_life);
+        }
+        let try_at = Attempt {
+            uncached_blocks: uncached,
+            fresh: reconnect.take() == Some(index),
+            route: ctx
+                .shared
+                .config
+                .routing
+                .explain_header
+                .then(|| explain(pool, pick, req.prefix, &endpoint.url)),
+        };
+        match exchange(ctx, endpoint, req, wr, &pm, &try_at).await {
             Exchange::Done { status, keep_alive } => {
                 return Outcome::Done { pm, status, keep_alive };
             }
@@ -420,6 +464,7 @@ async fn pick(
             state,
             pool,
             now_ms: ctx.shared.cell.now_ms(),
+            half_life_ms: ctx.shared.config.routing.recent_half_life_ms as f64,
             admit: |e: usize| {
                 !excluded.contains(&e)
                     && (lim.max_inflight == 0
@@ -432,6 +477,8 @@ async fn pick(
             prefix: req.prefix.map(|p| PrefixInfo {
                 blocks: p.blocks().len(),
                 matched: p.matched(),
+                shared: p.shared,
+                session_home: p.session_home,
                 tie_key: p.tie_key,
             }),
         };
@@ -558,19 +605,54 @@ enum Exchange {
     },
 }
 
-/// One attempt against one endpoint, on a pooled connection unless `fresh`.
+/// What one attempt needs besides the request.
+struct Attempt {
+    /// Prompt blocks the endpoint must prefill (not held there), for its load.
+    uncached_blocks: u64,
+    /// Open a new connection: the last one to this endpoint failed as a reused one.
+    fresh: bool,
+    /// The `x-lmstack-route` header's value, when routing is explained.
+    route: Option<String>,
+}
+
+/// Why the request went where it went, for the `x-lmstack-route` response header:
+/// `policy=prefix; reason=prefix_match; matched=31/34; shared=15; endpoint=http://...`.
+fn explain(pool: &ModelPool, pick: Pick, prefix: Option<&PrefixPlan<'_>>, endpoint: &str) -> String {
+    use std::fmt::Write;
+    let mut out = format!("policy={}; reason={}", pool.policy.name(), pick.reason.as_str());
+    if let Some(plan) = prefix {
+        let matched = plan.matched().get(pick.index).copied().unwrap_or(0);
+        let _ = write!(
+            out,
+            "; matched={matched}/{}; shared={}",
+            plan.blocks().len(),
+            plan.shared
+        );
+        if plan.session_block.is_some() {
+            let home = plan.session_home.map_or("none".to_owned(), |h| h.to_string());
+            let _ = write!(out, "; session_home={home}");
+        }
+    }
+    let _ = write!(out, "; endpoint={endpoint}");
+    out
+}
+
+/// One attempt against one endpoint, on a pooled connection unless `attempt.fresh`.
 async fn exchange(
     ctx: &WorkerCtx,
     endpoint: &EndpointState,
     req: &Forward<'_>,
     wr: &mut OwnedWriteHalf<TcpStream>,
     pm: &PairMetrics,
-    uncached_blocks: u64,
-    fresh: bool,
+    attempt: &Attempt,
 ) -> Exchange {
     let lim = &ctx.limits;
-    let first_byte = FirstByte::start(pm, &endpoint.load, uncached_blocks);
-    let pooled = if fresh { None } else { ctx.pool.take(endpoint.addr) };
+    let first_byte = FirstByte::start(pm, &endpoint.load, attempt.uncached_blocks);
+    let pooled = if attempt.fresh {
+        None
+    } else {
+        ctx.pool.take(endpoint.addr)
+    };
     let mut conn = match pooled {
         Some(conn) => conn,
         None => match upstream::connect(endpoint.addr, lim.connect_timeout).await {
@@ -626,7 +708,14 @@ async fn exchange(
     let dechunk = up.framing == Framing::Chunked && req.head.version == Version::Http10;
     let delimited = up.framing != Framing::UntilClose && !dechunk;
     let keep_alive = req.head.keep_alive && delimited && !ctx.draining();
-    let head_out = response::downstream_response(&up, dechunk, keep_alive, req.head.version, Some(req.request_id));
+    let head_out = response::downstream_response(
+        &up,
+        dechunk,
+        keep_alive,
+        req.head.version,
+        Some(req.request_id),
+        attempt.route.as_deref(),
+    );
     let mut clock = StreamClock::new(req.started, pm, &first_byte);
     let out = if dechunk {
         OutFraming::Dechunk

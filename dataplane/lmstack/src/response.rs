@@ -11,6 +11,8 @@ use lmstack_http::{Framing, Version};
 use crate::error::ProxyError;
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// Why a request went where it went (`routing.explain_header`).
+pub const ROUTE: &str = "x-lmstack-route";
 
 /// Header names the sender listed in `Connection` (also hop-by-hop).
 fn connection_listed(headers: &Headers) -> Vec<&[u8]> {
@@ -86,6 +88,7 @@ pub fn downstream_response(
     keep_alive: bool,
     client_version: Version,
     request_id: Option<&str>,
+    route: Option<&str>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(up.headers.len() * 40 + 128);
     status_line(&mut out, up.status, up.reason());
@@ -104,6 +107,9 @@ pub fn downstream_response(
         && up.headers.get(REQUEST_ID).is_none()
     {
         header(&mut out, REQUEST_ID.as_bytes(), id.as_bytes());
+    }
+    if let Some(route) = route {
+        header(&mut out, ROUTE.as_bytes(), route.as_bytes());
     }
     connection_header(&mut out, keep_alive, client_version);
     out.extend_from_slice(b"\r\n");
@@ -237,15 +243,23 @@ X-User-Id: u\r\n\r\n",
         let up = parse_response(&mut buf, &mut HeadScanner::default(), &LIMITS, false)
             .unwrap()
             .unwrap();
-        let text = String::from_utf8(downstream_response(&up, false, true, Version::Http11, Some("r"))).unwrap();
+        let text = String::from_utf8(downstream_response(&up, false, true, Version::Http11, Some("r"), None)).unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-request-id: r\r\n\r\n"
         );
-        let text = String::from_utf8(downstream_response(&up, true, false, Version::Http10, None)).unwrap();
+        let text = String::from_utf8(downstream_response(
+            &up,
+            true,
+            false,
+            Version::Http10,
+            None,
+            Some("policy=x"),
+        ))
+        .unwrap();
         assert_eq!(
             text,
-            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-lmstack-route: policy=x\r\nconnection: close\r\n\r\n"
         );
     }
 

@@ -35,26 +35,26 @@ pub struct EndpointLoad {
     pub active_blocks: AtomicU64,
     /// Requests dispatched recently, decaying.
     pub recent: Decayed,
+    /// Prompt blocks dispatched recently for prefill (uncached there), decaying.
+    pub recent_blocks: Decayed,
 }
 
 impl EndpointLoad {
-    fn read(&self, engine: Option<EngineLoad>, now_ms: u32) -> Load {
+    fn read(&self, engine: Option<EngineLoad>, now_ms: u32, half_life_ms: f64) -> Load {
         Load {
             inflight: self.inflight.load(Ordering::Relaxed),
             prefill_blocks: self.prefill_blocks.load(Ordering::Relaxed),
             active_blocks: self.active_blocks.load(Ordering::Relaxed),
-            recent: self.recent.get(now_ms),
+            recent: self.recent.get(now_ms, half_life_ms),
+            recent_blocks: self.recent_blocks.get(now_ms, half_life_ms),
             engine,
         }
     }
 }
 
-/// Half-life of [`EndpointLoad::recent`]: long enough to remember where conversations went
-/// between their rounds, short enough to follow shifts in traffic.
-const RECENT_HALF_LIFE_MS: f64 = 10_000.0;
-
-/// A count that halves every [`RECENT_HALF_LIFE_MS`], updated lock-free: its value (f32) and
-/// the millisecond it was last brought up to date (u32) share one atomic word.
+/// A count that halves every `half_life_ms` (`routing.recent_half_life_ms`), updated
+/// lock-free: its value (f32) and the millisecond it was last brought up to date (u32) share
+/// one atomic word.
 #[derive(Debug, Default)]
 pub struct Decayed(AtomicU64);
 
@@ -63,20 +63,20 @@ impl Decayed {
         (f64::from(f32::from_bits((word >> 32) as u32)), word as u32)
     }
 
-    fn at(word: u64, now_ms: u32) -> f64 {
+    fn at(word: u64, now_ms: u32, half_life_ms: f64) -> f64 {
         let (value, since) = Self::unpack(word);
-        value * 0.5f64.powf(f64::from(now_ms.wrapping_sub(since)) / RECENT_HALF_LIFE_MS)
+        value * 0.5f64.powf(f64::from(now_ms.wrapping_sub(since)) / half_life_ms)
     }
 
-    pub fn add(&self, n: f64, now_ms: u32) {
+    pub fn add(&self, n: f64, now_ms: u32, half_life_ms: f64) {
         let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
-            let value = (Self::at(word, now_ms) + n) as f32;
+            let value = (Self::at(word, now_ms, half_life_ms) + n) as f32;
             Some((u64::from(value.to_bits()) << 32) | u64::from(now_ms))
         });
     }
 
-    pub fn get(&self, now_ms: u32) -> f64 {
-        Self::at(self.0.load(Ordering::Relaxed), now_ms)
+    pub fn get(&self, now_ms: u32, half_life_ms: f64) -> f64 {
+        Self::at(self.0.load(Ordering::Relaxed), now_ms, half_life_ms)
     }
 }
 
@@ -191,6 +191,8 @@ pub struct PoolSnapshot<'a, F: Fn(usize) -> bool> {
     pub admit: F,
     /// The affinity clock, for decaying counts.
     pub now_ms: u32,
+    /// Half-life of the decayed counts, ms.
+    pub half_life_ms: f64,
 }
 
 impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
@@ -209,7 +211,7 @@ impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
 
     fn load(&self, i: usize) -> Load {
         let e = &self.state.endpoints[self.pool.endpoints[i]];
-        e.load.read(e.engine, self.now_ms)
+        e.load.read(e.engine, self.now_ms, self.half_life_ms)
     }
 }
 
@@ -452,12 +454,13 @@ mod tests {
 
     #[test]
     fn recent_counts_halve_every_half_life() {
+        const HL: f64 = 10_000.0;
         let d = Decayed::default();
-        d.add(8.0, 1000);
-        assert_eq!(d.get(1000), 8.0);
-        assert!((d.get(1000 + RECENT_HALF_LIFE_MS as u32) - 4.0).abs() < 1e-3);
-        d.add(1.0, 1000 + 2 * RECENT_HALF_LIFE_MS as u32);
-        assert!((d.get(1000 + 2 * RECENT_HALF_LIFE_MS as u32) - 3.0).abs() < 1e-3);
+        d.add(8.0, 1000, HL);
+        assert_eq!(d.get(1000, HL), 8.0);
+        assert!((d.get(1000 + HL as u32, HL) - 4.0).abs() < 1e-3);
+        d.add(1.0, 1000 + 2 * HL as u32, HL);
+        assert!((d.get(1000 + 2 * HL as u32, HL) - 3.0).abs() < 1e-3);
     }
 
     #[test]

@@ -71,6 +71,12 @@ impl<'a> BlockHasher<'a> {
     }
 }
 
+/// The table key of a session: where a request with session key `key` went is recorded under
+/// it like a prompt block (seeded apart from prompt blocks, so it cannot collide with one).
+pub fn session_block(key: &str) -> u64 {
+    xxh3_64_with_seed(key.as_bytes(), 0x5e55_1011_a11c_e5ed)
+}
+
 /// The blocks of one contiguous prompt.
 pub fn hash_blocks(prompt: &[u8], block_bytes: usize, max_blocks: usize, out: &mut Vec<u64>) {
     BlockHasher::new(block_bytes, max_blocks, out).feed(prompt);

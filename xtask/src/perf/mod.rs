@@ -7,12 +7,15 @@
 //! - `affinity-memory`: the prefix affinity table's resident memory under 10^6 prompts.
 //! - `replicas`: two routers behind one lmstack-control on the multi-round workload: how
 //!   often they agree on where a conversation lives, against one router alone.
+//! - `routing-matrix`: the policies against the limit (one engine with the pool's cache and
+//!   compute) on a matrix of workloads, one set of defaults (`--cells` to pick some).
 //!
 //! Each shows its steps on stderr (a bar on a terminal, plain lines otherwise, see
 //! `progress`), prints its tables, and writes JSON under target/perf/ (or `--out`) with an
 //! SVG figure of the same name beside it (see `plot`). `--replot FILE` draws the figure of a
 //! JSON written before, without running anything.
 
+mod matrix;
 mod memory;
 mod multiround;
 pub mod plot;
@@ -37,6 +40,7 @@ pub enum Scenario {
     MultiRound,
     AffinityMemory,
     Replicas,
+    RoutingMatrix,
     /// proxy, affinity-memory and multi-round.
     All,
 }
@@ -60,6 +64,8 @@ pub struct PerfArgs {
     multi_round: Box<multiround::MultiRoundArgs>,
     #[command(flatten)]
     replicas: replicas::ReplicasArgs,
+    #[command(flatten)]
+    matrix: matrix::MatrixArgs,
 }
 
 pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
@@ -101,6 +107,11 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
             replicas::run(&bins, &work, &args.multi_round, &args.replicas)?,
         )?;
     }
+    if args.scenario == Scenario::RoutingMatrix
+        && let Some(report) = matrix::run(&bins, &work, &args.matrix)?
+    {
+        save("routing-matrix", report)?;
+    }
     Ok(())
 }
 
@@ -122,7 +133,9 @@ fn replot(file: &Path, out: &Path) -> anyhow::Result<()> {
 /// Draws the figure of a scenario's report to `svg`, telling the scenario by the report's
 /// shape; false for a report of none of them.
 fn plot_report(report: &Value, svg: &Path) -> anyhow::Result<bool> {
-    let (title, columns, panels) = if report.get("throughput").is_some() {
+    let (title, columns, panels) = if report.get("cells").is_some() {
+        matrix::figure(report)
+    } else if report.get("throughput").is_some() {
         proxy::figure(report)
     } else if report.get("variants").is_some() {
         multiround::figure(report)
