@@ -101,7 +101,8 @@ pub struct MultiRoundArgs {
     #[arg(long, default_value = "x-sim-engine")]
     pub engine_header: String,
     /// Requests started in the first seconds are warm-up: not counted in the measured window
-    /// (TTFT, hit rate, requests per engine, the engine share of follow-ups).
+    /// (TTFT, hit rate, requests per engine, the engine share of follow-ups). The window ends
+    /// when the last user starts (from then on the load winds down).
     #[arg(long, default_value_t = 0.0)]
     pub warmup_s: f64,
     /// A name for this run in the output.
@@ -228,6 +229,9 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
             .collect(),
     );
     let next_user = Arc::new(Mutex::new(0usize));
+    // When the last user starts: from then on slots run dry and the load winds down, so the
+    // measured window ends there.
+    let steady_end: Arc<std::sync::OnceLock<Instant>> = Arc::new(std::sync::OnceLock::new());
     let recorder = Arc::new(Mutex::new(Recorder {
         ttft: Histogram::new_with_bounds(1, 600_000_000, 3)?,
         measured: 0,
@@ -247,6 +251,7 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
     for slot in 0..a.active.max(1) {
         let (a, rounds, system, docs) = (a.clone(), rounds.clone(), system.clone(), docs.clone());
         let (next_user, recorder, hosts) = (next_user.clone(), recorder.clone(), hosts.clone());
+        let steady_end = steady_end.clone();
         // Users join over time (one pacing interval), not all at once.
         let join = interval.map_or(Duration::ZERO, |i| i.mul_f64(slot as f64 / a.active.max(1) as f64));
         slots.push(tokio::spawn(async move {
@@ -258,6 +263,9 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
                         return;
                     }
                     *n += 1;
+                    if *n == a.users {
+                        let _ = steady_end.set(Instant::now());
+                    }
                     *n - 1
                 };
                 let counted_from = start + Duration::from_secs_f64(a.warmup_s.max(0.0));
@@ -268,6 +276,7 @@ async fn run(a: MultiRoundArgs) -> anyhow::Result<MultiRoundSummary> {
                     docs: &docs,
                     interval,
                     counted_from,
+                    steady_end: &steady_end,
                 };
                 chat.run(user, rounds[user], &recorder).await;
             }
@@ -316,6 +325,8 @@ struct Chat<'a> {
     interval: Option<Duration>,
     /// Follow-ups started before this are warm-up, not counted for the engine share.
     counted_from: Instant,
+    /// Requests started after this (once set) are not counted either.
+    steady_end: &'a std::sync::OnceLock<Instant>,
 }
 
 impl Chat<'_> {
@@ -359,7 +370,8 @@ impl Chat<'_> {
                 "max_tokens": a.answer_tokens, "ignore_eos": true,
             });
             let target = (user + round) % self.hosts.len();
-            let counted = Instant::now() >= self.counted_from;
+            let now = Instant::now();
+            let counted = now >= self.counted_from && self.steady_end.get().is_none_or(|end| now < *end);
             let user_header = (!a.no_session_header).then_some(user);
             let outcome = exchange(
                 &mut senders[target],

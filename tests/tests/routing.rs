@@ -164,3 +164,75 @@ fn least_load_prefers_the_engine_that_keeps_up() {
         metric(m, "lmstack_endpoint_inflight", &[("endpoint", &fast.url())]).is_some()
     });
 }
+
+/// A new conversation's first round: the short shared system prompt and a question of its own.
+fn first_round(user: usize) -> Vec<(&'static str, String)> {
+    vec![
+        ("system", SYSTEM.to_owned()),
+        (
+            "user",
+            format!("I am user {user} and this is my question. {}", "Some context of mine. ".repeat(16)),
+        ),
+    ]
+}
+
+#[test]
+fn new_conversations_spread_over_every_engine_and_follow_ups_stay() {
+    // One request at a time (light load: nothing is ever in flight elsewhere), no session
+    // header: the load the policy balances is where conversations went recently.
+    let e = engines(4, &[]);
+    let refs: Vec<&Proc> = e.iter().collect();
+    let r = router(&[backends(&refs), args(&["--routing-logic", "prefixaware", "--explain-routing"])].concat());
+    wait_until("all engines healthy", || {
+        get(&r, "/health").json()["models"][0]["healthy_endpoints"] == 4
+    });
+    let agent = agent();
+    let mut homes = Vec::new();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for u in 0..40 {
+        let reply = post_with(&agent, &r, "/v1/chat/completions", &chat(&first_round(u)), &[]);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let engine = reply.header("x-sim-engine").unwrap().to_owned();
+        let route = reply.header("x-lmstack-route").unwrap().to_owned();
+        assert!(route.starts_with("policy=prefix; reason=prefix_"), "{route}");
+        assert!(route.contains("; matched="), "{route}");
+        *counts.entry(engine.clone()).or_default() += 1;
+        homes.push(engine);
+    }
+    let (max, min) = (counts.values().max().unwrap(), counts.values().min().unwrap());
+    assert!(counts.len() == 4 && *min >= 5, "uneven: {counts:?}");
+    assert!(*max <= 2 * *min, "uneven: {counts:?}");
+    // Every follow-up finds its conversation where its first round went.
+    for (u, home) in homes.iter().enumerate() {
+        let mut history = first_round(u);
+        history.push(("assistant", "An answer.".into()));
+        history.push(("user", "And then?".into()));
+        let reply = post_with(&agent, &r, "/v1/chat/completions", &chat(&history), &[]);
+        assert_eq!(reply.header("x-sim-engine"), Some(home.as_str()), "user {u} moved");
+        let route = reply.header("x-lmstack-route").unwrap();
+        assert!(route.contains("reason=prefix_match"), "{route}");
+        assert!(route.ends_with(&format!("endpoint={}", e[home[1..].parse::<usize>().unwrap()].url())), "{route}");
+    }
+}
+
+#[test]
+fn a_session_keeps_its_engine_when_its_prompt_changes() {
+    let e = engines(3, &[]);
+    let r = router_with(&e, "prefix");
+    let agent = agent();
+    let ask = |user: &str, text: &str| {
+        let body = chat(&[("user", text.to_owned())]);
+        post_with(&agent, &r, "/v1/chat/completions", &body, &[("x-user-id", user)])
+    };
+    for user in ["ana", "bo", "cy", "di", "ed", "flo"] {
+        let first = ask(user, &format!("{user}: {}", "a first topic, long enough to fill blocks. ".repeat(8)));
+        let home = first.header("x-sim-engine").unwrap().to_owned();
+        // A new topic shares no prefix with the first: the session alone says where it lives.
+        let next = ask(user, &format!("{}{user}", "another topic entirely, with nothing in common. ".repeat(8)));
+        assert_eq!(next.header("x-sim-engine"), Some(home.as_str()), "{user} moved");
+    }
+    let m = metrics_when(&r, "decisions counted", |m| {
+        metric_sum(m, "lmstack_routing_decisions_total", &[("policy", "prefix")]) == 12.0
+    });
+    assert_eq!(metric_sum(&m, "lmstack_routing_decisions_total", &[("reason", "prefix_session")]), 6.0);
+}

@@ -137,6 +137,7 @@ mod tests {
             entries: vec![lmstack_snapshot::AffinityEntry {
                 endpoint: endpoint.into(),
                 blocks: (0..n as u64).collect(),
+                ..Default::default()
             }],
         };
         hub.share(batch("http://a:1", 4));

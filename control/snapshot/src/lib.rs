@@ -137,17 +137,36 @@ pub struct AffinityBatch {
     pub entries: Vec<AffinityEntry>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AffinityEntry {
     /// The endpoint's URL, as in snapshots.
     pub endpoint: String,
     pub blocks: Vec<u64>,
+    /// Requests the replica sent there with this entry (0 for an entry that only records
+    /// blocks), so that every replica's recent-load counts include the others' requests.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requests: u32,
+    /// Prompt blocks those requests had to prefill there.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub uncached_blocks: u64,
+    /// Conversations placed there with this entry (new, or moved off their home).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub placed: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 impl AffinityBatch {
+    /// Blocks in the batch, an entry without blocks counting as one (for bounds).
     pub fn blocks(&self) -> usize {
-        self.entries.iter().map(|e| e.blocks.len()).sum()
+        self.entries.iter().map(|e| e.blocks.len().max(1)).sum()
     }
 }
 

@@ -161,8 +161,9 @@ fn apply(shared: &Shared, line: &[u8], base: &mut Option<Snapshot>) -> Result<()
     Ok(())
 }
 
-/// Records another replica's assignments in this router's affinity table. Endpoints this
-/// router does not know (yet, or any more) are skipped.
+/// Records another replica's assignments in this router's affinity table, and the load they
+/// brought in its endpoints' recent counts. Endpoints this router does not know (yet, or any
+/// more) are skipped.
 fn learn(shared: &Shared, batch: &AffinityBatch) {
     if batch.replica == shared.replica {
         return;
@@ -170,16 +171,27 @@ fn learn(shared: &Shared, batch: &AffinityBatch) {
     let cell = &shared.cell;
     let state = cell.load();
     let now = cell.now_ms();
+    let half_life = shared.config.routing.recent_half_life_ms as f64;
     let mut applied = 0u64;
     for entry in &batch.entries {
-        let tag = state
-            .endpoints
-            .iter()
-            .find(|e| *e.url == *entry.endpoint)
-            .and_then(|e| e.tag);
-        if let Some(tag) = tag {
+        let Some(endpoint) = state.endpoints.iter().find(|e| *e.url == *entry.endpoint) else {
+            continue;
+        };
+        if let Some(tag) = endpoint.tag
+            && !entry.blocks.is_empty()
+        {
             cell.affinity.record(&entry.blocks, tag, now);
             applied += entry.blocks.len() as u64;
+        }
+        let load = &endpoint.load;
+        if entry.requests > 0 {
+            load.recent.add(f64::from(entry.requests), now, half_life);
+        }
+        if entry.uncached_blocks > 0 {
+            load.recent_blocks.add(entry.uncached_blocks as f64, now, half_life);
+        }
+        if entry.placed > 0 {
+            load.placed.add(f64::from(entry.placed), now, half_life);
         }
     }
     ::metrics::counter!(metrics::AFFINITY_SHARED_BLOCKS_TOTAL, "status" => "applied").increment(applied);
@@ -211,7 +223,7 @@ fn report(shared: &Shared, rx: &crossbeam_channel::Receiver<Vec<AffinityEntry>>)
             entries: first,
         };
         while let Ok(more) = rx.recv_deadline(deadline) {
-            if batch.blocks() + more.iter().map(|e| e.blocks.len()).sum::<usize>() > config.affinity_max_pending_blocks
+            if batch.blocks() + more.iter().map(|e| e.blocks.len().max(1)).sum::<usize>() > config.affinity_max_pending_blocks
             {
                 dropped(more.iter().map(|e| e.blocks.len()).sum());
                 continue;

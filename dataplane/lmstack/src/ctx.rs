@@ -164,14 +164,12 @@ impl WorkerCtx {
         }
     }
 
-    /// Notes that `endpoint` got the prompt `blocks`, for the other replicas (control mode
-    /// with `share_affinity` only).
-    pub fn share_assignment(&self, endpoint: &str, blocks: &[u64]) {
+    /// Notes an assignment for the other replicas (control mode with `share_affinity`
+    /// only): `entry.endpoint` got `entry.blocks` (empty when it held them all already), and
+    /// the requests, prefill and placements that come with them.
+    pub fn share_assignment(&self, entry: impl FnOnce() -> AffinityEntry) {
         if self.shared.affinity_out.is_some() {
-            self.affinity_out.borrow_mut().push(AffinityEntry {
-                endpoint: endpoint.to_owned(),
-                blocks: blocks.to_vec(),
-            });
+            self.affinity_out.borrow_mut().push(entry());
         }
     }
 

@@ -23,7 +23,8 @@ use bytes::Bytes;
 use lmstack_http::head::RequestHead;
 use lmstack_http::{Framing, Version};
 use lmstack_route::blocks::BlockHasher;
-use lmstack_route::{Pick, PrefixInfo, RouteRequest};
+use lmstack_route::{Pick, PrefixInfo, Reason, RouteRequest};
+use lmstack_snapshot::AffinityEntry;
 use monoio::io::OwnedWriteHalf;
 use monoio::net::TcpStream;
 use std::time::Instant;
@@ -380,15 +381,27 @@ async fn forward(
                         cell.affinity.record(&[session], tag, cell.now_ms());
                     }
                 }
-                // Blocks this endpoint did not hold yet are news for the other replicas, and
-                // so is a session that moved.
-                if matched < plan.blocks().len() {
-                    ctx.share_assignment(&endpoint.url, plan.blocks());
-                }
+                // The other replicas learn the blocks this endpoint did not hold yet, a session
+                // that moved, and the load this request adds.
+                ctx.share_assignment(|| AffinityEntry {
+                    endpoint: endpoint.url.to_string(),
+                    blocks: if matched < plan.blocks().len() {
+                        plan.blocks().to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    requests: 1,
+                    uncached_blocks: (plan.blocks().len() - matched) as u64,
+                    placed: u32::from(matches!(pick.reason, Reason::PrefixNew | Reason::PrefixLoad)),
+                });
                 if let Some(session) = plan.session_block
                     && plan.session_home != Some(pick.index)
                 {
-                    ctx.share_assignment(&endpoint.url, &[session]);
+                    ctx.share_assignment(|| AffinityEntry {
+                        endpoint: endpoint.url.to_string(),
+                        blocks: vec![session],
+                        ..AffinityEntry::default()
+                    });
                 }
                 mm.match_ratio(matched as f64 / plan.blocks().len() as f64);
                 (plan.blocks().len() as u64, (plan.blocks().len() - matched) as u64)
@@ -401,6 +414,9 @@ async fn forward(
             ctx.shared.config.routing.recent_half_life_ms as f64,
         );
         endpoint.load.recent.add(1.0, now_ms, half_life);
+        if matches!(pick.reason, Reason::PrefixNew | Reason::PrefixLoad) {
+            endpoint.load.placed.add(1.0, now_ms, half_life);
+        }
         if uncached > 0 {
             endpoint.load.recent_blocks.add(uncached as f64, now_ms, half_life);
         }

@@ -80,6 +80,7 @@ impl<'a> FirstByte<'a> {
     /// work queued at the endpoint, until [`mark`](Self::mark) (or drop).
     pub fn start(metrics: &'a PairMetrics, load: &'a EndpointLoad, prefill_blocks: u64) -> Self {
         metrics.awaiting_first_byte(1);
+        load.pending.fetch_add(1, Ordering::Relaxed);
         if prefill_blocks > 0 {
             load.prefill_blocks.fetch_add(prefill_blocks, Ordering::Relaxed);
         }
@@ -94,6 +95,7 @@ impl<'a> FirstByte<'a> {
     pub fn mark(&self) {
         if self.pending.replace(false) {
             self.metrics.awaiting_first_byte(-1);
+            self.load.pending.fetch_sub(1, Ordering::Relaxed);
             if self.prefill_blocks > 0 {
                 self.load
                     .prefill_blocks

@@ -37,6 +37,10 @@ pub struct EndpointLoad {
     pub recent: Decayed,
     /// Prompt blocks dispatched recently for prefill (uncached there), decaying.
     pub recent_blocks: Decayed,
+    /// Conversations placed here recently (new ones, or moved), decaying.
+    pub placed: Decayed,
+    /// Requests dispatched and still awaiting their first byte.
+    pub pending: AtomicU32,
 }
 
 impl EndpointLoad {
@@ -47,6 +51,8 @@ impl EndpointLoad {
             active_blocks: self.active_blocks.load(Ordering::Relaxed),
             recent: self.recent.get(now_ms, half_life_ms),
             recent_blocks: self.recent_blocks.get(now_ms, half_life_ms),
+            placed: self.placed.get(now_ms, half_life_ms),
+            pending: self.pending.load(Ordering::Relaxed),
             engine,
         }
     }

@@ -71,6 +71,8 @@ fn bench(c: &mut Criterion) {
                     active_blocks: 0,
                     recent: 10.0 + (i % 5) as f64,
                     recent_blocks: 100.0,
+                    placed: 2.0,
+                    pending: (i % 2) as u32,
                     engine: None,
                 })
                 .collect(),

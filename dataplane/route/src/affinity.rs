@@ -671,9 +671,11 @@ mod tests {
             t.matched(p, &candidates, &mut out);
             assert_eq!(out[i], 200, "endpoint {i} lost blocks of its prompt");
         }
+        // Eight endpoints served the shared prefix and a block remembers seven owners: one
+        // of them (whichever was least recent when the last one came) is left out.
         t.matched(&prompts[0][..50], &candidates, &mut out);
         assert!(
-            out[1..].iter().all(|&m| m == 50),
+            out.iter().filter(|&&m| m == 50).count() >= OWNERS,
             "{out:?}: the shared prefix lost owners"
         );
     }

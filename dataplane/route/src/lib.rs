@@ -31,6 +31,10 @@ pub struct Load {
     pub recent: f64,
     /// Prompt blocks sent there recently for prefill (those it did not hold), decayed alike.
     pub recent_blocks: f64,
+    /// Conversations placed there recently (new, or moved off their home), decayed alike.
+    pub placed: f64,
+    /// Requests sent there still awaiting their first byte: queued or in prefill.
+    pub pending: u32,
     /// The engine's own figures, when they are scraped.
     pub engine: Option<EngineLoad>,
 }

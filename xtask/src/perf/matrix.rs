@@ -46,7 +46,8 @@ const HEAVY_QPS_PER_ENGINE: f64 = 17.0;
 
 #[derive(Args)]
 pub struct MatrixArgs {
-    /// Cells to run (names or parts of names, comma-separated); all when empty.
+    /// Cells to run, comma-separated: names (`system/heavy`), or a name's start followed by
+    /// `*` (`rag*`); all when empty. `--list-cells` shows them.
     #[arg(id = "cells", long = "cells", value_delimiter = ',')]
     cells: Vec<String>,
     /// List the cells and exit.
@@ -321,7 +322,7 @@ pub fn run(bins: &Path, work: &Path, args: &MatrixArgs) -> anyhow::Result<Option
     let all = cells();
     let chosen: Vec<Cell> = all
         .into_iter()
-        .filter(|c| args.cells.is_empty() || args.cells.iter().any(|w| c.name == *w || c.name.contains(w.as_str())))
+        .filter(|c| args.cells.is_empty() || args.cells.iter().any(|w| matches_cell(&c.name, w)))
         .collect();
     if args.list_cells {
         for c in &chosen {
@@ -559,6 +560,13 @@ fn run_target(bins: &Path, work: &Path, cell: &Cell, name: &str, router_extra: &
     drop(control);
     drop(sims);
     Ok(run)
+}
+
+fn matches_cell(name: &str, wanted: &str) -> bool {
+    match wanted.strip_suffix('*') {
+        Some(start) => name.starts_with(start),
+        None => name == wanted,
+    }
 }
 
 /// The targets for `prefix` in one cell, against the limit (and session, with headers).

@@ -12,24 +12,36 @@
 //! The decision, per request:
 //! 1. **Follow.** The home is the endpoint holding the longest private part; without one,
 //!    the endpoint the request's session key (header or body `user`) went to last, as the
-//!    table remembers it. The request stays there while the home is eligible and within the
+//!    table remembers it. The request stays there while the home is eligible, within the
 //!    load bound on requests in flight (consistent hashing's bounded loads, with a slack so
-//!    that light load is no imbalance).
-//! 2. **Place.** Otherwise (a new conversation, or a home over its bound) the endpoint with
-//!    the lowest `recent + (queued prefill + this prompt's uncached blocks) / blocks per
-//!    request` among those within the bound: requests sent there recently (a decayed count,
-//!    so it sees load at any rate, not only what is in flight at light load) plus the
-//!    prefill work waiting there now and the work this request would add, both counted in
-//!    requests of the pool's average size. Every term is measured, none is tuned: an endpoint
-//!    that holds nothing (new, restarted, scaled up) has the lowest count and takes new
-//!    conversations until its share is even; one that holds a popular prefix wins ties
-//!    worth less than the prefill it saves.
+//!    that light load is no imbalance), and not congested: a home with two requests more
+//!    awaiting their first byte than the least-waiting endpoint has a queue the others do
+//!    not, and a request behind it waits at least two prefills, more when the engine's
+//!    running slots are full.
+//! 2. **Place.** Otherwise (a new conversation, or a home it must leave) the endpoint with
+//!    the lowest score among those within the bound, counted in requests:
+//!    `recent + k x placed + pending + (queued prefill + this prompt's uncached blocks) /
+//!    blocks per request`. `recent` is the requests sent there lately (a decayed count, so it
+//!    sees load at any rate, not only what is in flight at light load); `placed` the
+//!    conversations placed there lately, each worth `k`, the requests a conversation has
+//!    brought lately beyond its first (pool-wide decayed requests over placements), so that a
+//!    burst of new conversations spreads instead of landing where the count was lowest
+//!    before any of them came back; `pending` the requests waiting there now; the prefill
+//!    work queued there and what this request would add, in requests of the pool's average
+//!    size. Every term is measured, none is tuned: an endpoint that holds nothing (new,
+//!    restarted, scaled up) has the lowest score and takes new conversations until its
+//!    share is even; one that holds a popular prefix wins ties worth less than the prefill
+//!    it saves.
 //!
 //! Ties go to the rendezvous order of the request's tie key (its session, or its prompt's
 //! last block), the same on every router replica.
 
 use super::{Bound, LoadBound, Pick, Reason, weight};
 use crate::{PoolView, PrefixInfo};
+
+/// The most requests a placement may be counted as (a bound on a ratio of decayed counts
+/// while few conversations have been placed).
+const MAX_REQUESTS_PER_PLACEMENT: f64 = 64.0;
 
 pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, bound: Bound) -> Option<Pick> {
     let bound = LoadBound::new(pool, bound);
@@ -56,24 +68,32 @@ pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, bound: Bound) 
         Some(h) => (Some(h), Reason::PrefixMatch),
         None => (prefix.session_home.filter(|&h| h < pool.len()), Reason::PrefixSession),
     };
-    if let Some(h) = home
-        && pool.eligible(h)
-        && bound.admits(pool, h)
-    {
-        return Some(Pick { index: h, reason: via });
-    }
-
-    // 2. Place: the lowest recent load plus prefill work, in requests of the pool's size.
-    let (mut requests, mut blocks) = (0.0, 0.0);
+    let (mut requests, mut blocks, mut placed, mut least_pending) = (0.0, 0.0, 0.0, u32::MAX);
     for i in (0..pool.len()).filter(|&i| pool.eligible(i)) {
         let load = pool.load(i);
         requests += load.recent;
         blocks += load.recent_blocks;
+        placed += load.placed;
+        least_pending = least_pending.min(load.pending);
     }
+    if let Some(h) = home
+        && pool.eligible(h)
+        && bound.admits(pool, h)
+        && pool.load(h).pending < least_pending.saturating_add(2)
+    {
+        return Some(Pick { index: h, reason: via });
+    }
+
+    // 2. Place: the lowest score, in requests (see the module's doc).
     let per_request = if requests > 0.0 {
         (blocks / requests).max(1.0)
     } else {
         (prefix.blocks as f64).max(1.0)
+    };
+    let per_placement = if placed > 0.0 {
+        (requests / placed - 1.0).clamp(0.0, MAX_REQUESTS_PER_PLACEMENT)
+    } else {
+        0.0
     };
     let mut best: Option<(f64, u64, usize)> = None;
     for i in 0..pool.len() {
@@ -82,7 +102,10 @@ pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, bound: Bound) 
         }
         let load = pool.load(i);
         let uncached = prefix.blocks.saturating_sub(held(i) as usize) as f64;
-        let score = load.recent + (load.prefill_blocks as f64 + uncached) / per_request;
+        let score = load.recent
+            + per_placement * load.placed
+            + f64::from(load.pending)
+            + (load.prefill_blocks as f64 + uncached) / per_request;
         let t = tie(i);
         if best.is_none_or(|(s, bt, _)| score < s || (score == s && t > bt)) {
             best = Some((score, t, i));
@@ -125,6 +148,8 @@ mod tests {
                 active_blocks: 0,
                 recent,
                 recent_blocks,
+                placed: 0.0,
+                pending: 0,
                 engine: None,
             }
         }
