@@ -6,6 +6,8 @@
 //! Needs the tools `cargo xtask test` installs under target/tools; skips without them, fails
 //! under CI.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::process::Command;
 
 use lmstack_e2e::bed::{node_tools, skip, tools_python};

@@ -1,5 +1,7 @@
 //! The command line: production-stack's flags, `--check`, and configuration errors.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::process::Command;
 
 use lmstack_e2e::*;

@@ -3,6 +3,8 @@
 //! happens when engines die, pods go while the watch is down, models scale, control goes
 //! away, or sends garbage. Bounds are measured and printed (`--nocapture`), not asserted.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpListener;

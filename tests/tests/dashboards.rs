@@ -11,6 +11,8 @@
 //! Tools come from `cargo xtask test` (target/tools, apt); without them the case skips, and
 //! fails under CI.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

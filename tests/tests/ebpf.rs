@@ -8,6 +8,8 @@
 //! Skips with the reason where it cannot run (not root, no cgroup v2, an agent built without
 //! probes); under CI (`CI=true`) those are failures, so the check cannot silently vanish.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

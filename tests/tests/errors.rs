@@ -1,6 +1,8 @@
 //! Every error the router answers itself: OpenAI-shaped JSON with the right status, and
 //! the connection closed where it can no longer be trusted.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use lmstack_e2e::*;
 
 /// Checks the OpenAI error shape and returns the error object.

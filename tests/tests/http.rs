@@ -1,6 +1,8 @@
 //! HTTP/1.1 behaviour on both sides of the router: keep-alive, pipelining, chunked and
 //! 100-continue uploads, HTTP/1.0 clients, cancellation, retries, and both IO drivers.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::io::Read;
 use std::sync::atomic::Ordering;
 

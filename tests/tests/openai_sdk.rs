@@ -1,5 +1,7 @@
 //! The official OpenAI Python SDK, unchanged, through lmstack to simulated engines.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::process::Command;
 
 use lmstack_e2e::*;

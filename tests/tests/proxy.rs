@@ -1,6 +1,8 @@
 //! The router in front of simulated engines: what an OpenAI client sees, and where
 //! requests go.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::collections::HashMap;
 
 use lmstack_e2e::*;

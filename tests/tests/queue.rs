@@ -1,6 +1,8 @@
 //! The router's own queue: with an in-flight limit per endpoint, requests beyond it wait
 //! (bounded in count and time) instead of piling onto the engine.
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::time::{Duration, Instant};
 
 use lmstack_e2e::*;

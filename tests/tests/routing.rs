@@ -1,5 +1,7 @@
 //! Where requests go under each policy, observed through real engines (simulated).
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::collections::{HashMap, HashSet};
 
 use lmstack_e2e::*;
@@ -171,7 +173,10 @@ fn first_round(user: usize) -> Vec<(&'static str, String)> {
         ("system", SYSTEM.to_owned()),
         (
             "user",
-            format!("I am user {user} and this is my question. {}", "Some context of mine. ".repeat(16)),
+            format!(
+                "I am user {user} and this is my question. {}",
+                "Some context of mine. ".repeat(16)
+            ),
         ),
     ]
 }
@@ -182,7 +187,13 @@ fn new_conversations_spread_over_every_engine_and_follow_ups_stay() {
     // header: the load the policy balances is where conversations went recently.
     let e = engines(4, &[]);
     let refs: Vec<&Proc> = e.iter().collect();
-    let r = router(&[backends(&refs), args(&["--routing-logic", "prefixaware", "--explain-routing"])].concat());
+    let r = router(
+        &[
+            backends(&refs),
+            args(&["--routing-logic", "prefixaware", "--explain-routing"]),
+        ]
+        .concat(),
+    );
     wait_until("all engines healthy", || {
         get(&r, "/health").json()["models"][0]["healthy_endpoints"] == 4
     });
@@ -211,7 +222,10 @@ fn new_conversations_spread_over_every_engine_and_follow_ups_stay() {
         assert_eq!(reply.header("x-sim-engine"), Some(home.as_str()), "user {u} moved");
         let route = reply.header("x-lmstack-route").unwrap();
         assert!(route.contains("reason=prefix_match"), "{route}");
-        assert!(route.ends_with(&format!("endpoint={}", e[home[1..].parse::<usize>().unwrap()].url())), "{route}");
+        assert!(
+            route.ends_with(&format!("endpoint={}", e[home[1..].parse::<usize>().unwrap()].url())),
+            "{route}"
+        );
     }
 }
 
@@ -225,14 +239,23 @@ fn a_session_keeps_its_engine_when_its_prompt_changes() {
         post_with(&agent, &r, "/v1/chat/completions", &body, &[("x-user-id", user)])
     };
     for user in ["ana", "bo", "cy", "di", "ed", "flo"] {
-        let first = ask(user, &format!("{user}: {}", "a first topic, long enough to fill blocks. ".repeat(8)));
+        let first = ask(
+            user,
+            &format!("{user}: {}", "a first topic, long enough to fill blocks. ".repeat(8)),
+        );
         let home = first.header("x-sim-engine").unwrap().to_owned();
         // A new topic shares no prefix with the first: the session alone says where it lives.
-        let next = ask(user, &format!("{}{user}", "another topic entirely, with nothing in common. ".repeat(8)));
+        let next = ask(
+            user,
+            &format!("{}{user}", "another topic entirely, with nothing in common. ".repeat(8)),
+        );
         assert_eq!(next.header("x-sim-engine"), Some(home.as_str()), "{user} moved");
     }
     let m = metrics_when(&r, "decisions counted", |m| {
         metric_sum(m, "lmstack_routing_decisions_total", &[("policy", "prefix")]) == 12.0
     });
-    assert_eq!(metric_sum(&m, "lmstack_routing_decisions_total", &[("reason", "prefix_session")]), 6.0);
+    assert_eq!(
+        metric_sum(&m, "lmstack_routing_decisions_total", &[("reason", "prefix_session")]),
+        6.0
+    );
 }

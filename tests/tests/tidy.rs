@@ -10,6 +10,8 @@
 //! Not here: formatting and lints (cargo fmt and clippy do them), whether the dashboards'
 //! queries return data (tests/tests/dashboards.rs).
 
+#![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -766,6 +766,10 @@ impl Config {
         Ok(())
     }
 
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "resolved once at start, before any worker runs"
+    )]
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         (self.listen.host.as_str(), self.listen.port)
             .to_socket_addrs()

@@ -59,6 +59,7 @@ fn run(shared: &Shared) {
         if progressed {
             backoff = config.backoff_ms;
         }
+        #[expect(clippy::disallowed_methods, reason = "the control link's own thread, not a worker")]
         thread::sleep(ms(backoff));
         backoff = (backoff * 2).min(config.max_backoff_ms);
     }
@@ -223,7 +224,8 @@ fn report(shared: &Shared, rx: &crossbeam_channel::Receiver<Vec<AffinityEntry>>)
             entries: first,
         };
         while let Ok(more) = rx.recv_deadline(deadline) {
-            if batch.blocks() + more.iter().map(|e| e.blocks.len().max(1)).sum::<usize>() > config.affinity_max_pending_blocks
+            if batch.blocks() + more.iter().map(|e| e.blocks.len().max(1)).sum::<usize>()
+                > config.affinity_max_pending_blocks
             {
                 dropped(more.iter().map(|e| e.blocks.len()).sum());
                 continue;

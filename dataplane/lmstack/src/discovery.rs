@@ -67,6 +67,7 @@ fn run(shared: &Shared) {
                 Err(e) => tracing::error!("discovery built an invalid snapshot: {e}"),
             }
         }
+        #[expect(clippy::disallowed_methods, reason = "the discovery thread, not a worker")]
         thread::sleep(prober.interval());
     }
 }

@@ -161,6 +161,10 @@ fn run(config: Config) -> anyhow::Result<()> {
         if inflight == 0 {
             break;
         }
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the main thread waiting for the drain, not a worker"
+        )]
         std::thread::sleep(Duration::from_millis(20));
     }
     tracing::info!("bye");
@@ -205,6 +209,7 @@ fn spawn_upkeep(shared: Arc<Shared>) -> anyhow::Result<()> {
         .spawn(move || {
             let evictions = ::metrics::counter!(metrics::AFFINITY_EVICTIONS_TOTAL);
             loop {
+                #[expect(clippy::disallowed_methods, reason = "the upkeep thread, not a worker")]
                 std::thread::sleep(Duration::from_secs(1));
                 let a = shared.cell.affinity.stats();
                 ::metrics::gauge!(metrics::AFFINITY_ENTRIES).set(a.entries as f64);

@@ -10,8 +10,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -221,6 +221,14 @@ impl<F: Fn(usize) -> bool> PoolView for PoolSnapshot<'_, F> {
     }
 }
 
+/// The one lock of the router: taken only while a snapshot is stored, on the discovery or
+/// control thread; workers never touch it.
+#[expect(
+    clippy::disallowed_types,
+    reason = "held only while storing a snapshot, never on the request path"
+)]
+type StoreLock<T> = std::sync::Mutex<T>;
+
 /// Where snapshots are published; shared by the discovery thread and all workers.
 pub struct SnapshotCell {
     /// The snapshot version in use.
@@ -231,7 +239,7 @@ pub struct SnapshotCell {
     state: ArcSwap<RoutingState>,
     routing: RoutingConfig,
     /// Load counters by endpoint URL, kept across states. Its lock also serialises stores.
-    loads: Mutex<HashMap<String, Arc<CachePadded<EndpointLoad>>>>,
+    loads: StoreLock<HashMap<String, Arc<CachePadded<EndpointLoad>>>>,
     started_unix: u64,
     /// Which endpoints served which prompt blocks; shared by all workers.
     pub affinity: AffinityTable,
@@ -248,7 +256,7 @@ impl SnapshotCell {
             affinity: AffinityTable::new(routing.affinity.limits()),
             epoch: Instant::now(),
             routing,
-            loads: Mutex::new(HashMap::new()),
+            loads: StoreLock::new(HashMap::new()),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

@@ -57,7 +57,7 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
     let nginx = if args.no_nginx { None } else { Some(ensure_nginx()?) };
     let targets_per_part = if nginx.is_some() { 3 } else { 2 };
-    let progress = Progress::new("proxy", (2 * targets_per_part * args.rounds) as u64);
+    let progress = Progress::new("proxy", ((2 * targets_per_part + 2) * args.rounds) as u64);
 
     let instant = [
         "--prefill-base-ms",
@@ -104,8 +104,41 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     if let Some(n) = &ng {
         targets.push(Target::new("nginx-2-engines", n.url(), n.pids()));
     }
-    let throughput = measure(bins, args, &progress, &targets, "completions", args.concurrency, 1)?;
-    drop((ng, lm, e1, e2));
+    let throughput = measure(
+        bins,
+        args,
+        &progress,
+        &targets,
+        &Load::new("completions", args.concurrency, 1),
+    )?;
+
+    // What routing costs: round_robin and prefix on the same engines, with a 1k-token prompt
+    // (32 blocks to hash and match) so that prefix has work to do.
+    let urls = [e1.url(), e2.url()];
+    let rr = start_router(
+        bins,
+        0,
+        &urls,
+        &["--log-level", "warn", "--routing-logic", "round_robin"],
+    );
+    let px = start_router(bins, 0, &urls, &["--log-level", "warn", "--routing-logic", "prefix"]);
+    wait_ready(&rr.url())?;
+    wait_ready(&px.url())?;
+    let prompt = "Routing costs little, even for a long prompt. ".repeat(90);
+    let routing = measure(
+        bins,
+        args,
+        &progress,
+        &[
+            Target::new("lmstack-round-robin-1k-prompt", rr.url(), vec![rr.pid()]),
+            Target::new("lmstack-prefix-1k-prompt", px.url(), vec![px.pid()]),
+        ],
+        &Load {
+            prompt: Some(&prompt),
+            ..Load::new("completions", args.concurrency, 1)
+        },
+    )?;
+    drop((rr, px, ng, lm, e1, e2));
 
     // Streaming.
     let e3 = sim(
@@ -134,7 +167,13 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     if let Some(n) = &ng {
         targets.push(Target::new("nginx-stream", n.url(), n.pids()));
     }
-    let streaming = measure(bins, args, &progress, &targets, "stream", args.stream_concurrency, 16)?;
+    let streaming = measure(
+        bins,
+        args,
+        &progress,
+        &targets,
+        &Load::new("stream", args.stream_concurrency, 16),
+    )?;
     drop((ng, lm, e3));
     progress.finish();
 
@@ -143,10 +182,31 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
         "settings": {"duration_s": args.duration_s, "warmup_s": args.warmup_s, "rounds": args.rounds,
                      "concurrency": args.concurrency, "stream_concurrency": args.stream_concurrency},
         "throughput": throughput,
+        "routing": routing,
         "streaming": streaming,
     });
     print_report(&report);
     Ok(report)
+}
+
+/// What every request of a measurement is.
+struct Load<'a> {
+    mode: &'a str,
+    concurrency: usize,
+    max_tokens: usize,
+    /// lmstack-load's default prompt when `None`.
+    prompt: Option<&'a str>,
+}
+
+impl<'a> Load<'a> {
+    fn new(mode: &'a str, concurrency: usize, max_tokens: usize) -> Self {
+        Self {
+            mode,
+            concurrency,
+            max_tokens,
+            prompt: None,
+        }
+    }
 }
 
 /// Runs every target `rounds` times, interleaved, and returns per-target medians.
@@ -155,10 +215,14 @@ fn measure(
     args: &ProxyArgs,
     progress: &Progress,
     targets: &[Target],
-    mode: &str,
-    concurrency: usize,
-    max_tokens: usize,
+    load: &Load<'_>,
 ) -> anyhow::Result<Value> {
+    let Load {
+        mode,
+        concurrency,
+        max_tokens,
+        prompt,
+    } = *load;
     let mut runs: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
     for round in 0..args.rounds {
         for (i, Target { label, url, pids }) in targets.iter().enumerate() {
@@ -183,6 +247,7 @@ fn measure(
                     "--warmup-s",
                     &args.warmup_s.to_string(),
                 ])
+                .args(prompt.map(|p| ["--prompt", p]).into_iter().flatten())
                 .stderr(Stdio::inherit())
                 .output()
                 .context("running lmstack-load")?;
@@ -335,6 +400,22 @@ fn print_report(report: &Value) {
                 f(v, "cpu_us_per_request")
             );
         }
+    }
+    if let Some(t) = report["routing"].as_object() {
+        println!(
+            "\nrouting cost (1k-token prompt, {} connections, medians)",
+            report["settings"]["concurrency"]
+        );
+        for (label, v) in t {
+            println!(
+                "{label:<32} {:>10.0} req/s {:>9.3} ms p99 {:>7.1} us/req",
+                f(v, "rps"),
+                f(v, "latency_ms.p99"),
+                f(v, "cpu_us_per_request")
+            );
+        }
+        let ratio = f(&t["lmstack-prefix-1k-prompt"], "rps") / f(&t["lmstack-round-robin-1k-prompt"], "rps");
+        println!("prefix / round_robin req/s: {ratio:.3} (target >= 0.95)");
     }
     println!(
         "\nstreaming ({} streams of 16 tokens, 5 ms apart, medians)",

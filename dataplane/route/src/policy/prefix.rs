@@ -17,7 +17,9 @@
 //!    that light load is no imbalance), and not congested: a home with two requests more
 //!    awaiting their first byte than the least-waiting endpoint has a queue the others do
 //!    not, and a request behind it waits at least two prefills, more when the engine's
-//!    running slots are full.
+//!    running slots are full. Even then it stays unless the endpoint it would go to has less
+//!    prefill work ahead of its first token, its own re-prefill included (a long history is
+//!    not moved to escape a short queue).
 //! 2. **Place.** Otherwise (a new conversation, or a home it must leave) the endpoint with
 //!    the lowest score among those within the bound, counted in requests:
 //!    `recent + k x placed + pending + (queued prefill + this prompt's uncached blocks) /
@@ -76,10 +78,12 @@ pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, bound: Bound) 
         placed += load.placed;
         least_pending = least_pending.min(load.pending);
     }
-    if let Some(h) = home
-        && pool.eligible(h)
-        && bound.admits(pool, h)
-        && pool.load(h).pending < least_pending.saturating_add(2)
+    // Prefill work ahead of this request's first token there, in blocks.
+    let work = |i: usize| pool.load(i).prefill_blocks as f64 + prefix.blocks.saturating_sub(held(i) as usize) as f64;
+    let usable = home.filter(|&h| pool.eligible(h) && bound.admits(pool, h));
+    let congested = usable.is_some_and(|h| pool.load(h).pending >= least_pending.saturating_add(2));
+    if let Some(h) = usable
+        && !congested
     {
         return Some(Pick { index: h, reason: via });
     }
@@ -112,6 +116,13 @@ pub(super) fn pick(pool: &impl PoolView, prefix: &PrefixInfo<'_>, bound: Bound) 
         }
     }
     let (_, _, index) = best?;
+    // Leaving a congested home re-prefills the conversation elsewhere: worth it only when
+    // that is less prefill work than waits at home.
+    if let Some(h) = usable
+        && work(index) >= work(h)
+    {
+        return Some(Pick { index: h, reason: via });
+    }
     let reason = if home.is_some() {
         Reason::PrefixLoad
     } else {
@@ -223,6 +234,49 @@ mod tests {
             Pick {
                 index: 2,
                 reason: Reason::PrefixLoad
+            }
+        );
+    }
+
+    #[test]
+    fn a_congested_home_is_left_only_for_less_prefill_work() {
+        // The home has three requests awaiting their first byte, the others none.
+        let mut pool = even(3);
+        pool.0[1].1 = 20;
+        for e in &mut pool.0 {
+            e.0 = 3;
+        }
+        let congested = |pool: &Loaded, held: &[u32]| {
+            struct Pending<'a>(&'a Loaded, usize);
+            impl PoolView for Pending<'_> {
+                fn len(&self) -> usize {
+                    self.0.len()
+                }
+                fn eligible(&self, i: usize) -> bool {
+                    self.0.eligible(i)
+                }
+                fn key(&self, i: usize) -> u64 {
+                    self.0.key(i)
+                }
+                fn load(&self, i: usize) -> Load {
+                    let mut l = self.0.load(i);
+                    l.pending = if i == self.1 { 3 } else { 0 };
+                    l
+                }
+            }
+            pick(&Pending(pool, 1), &info(held, 10, None), B).unwrap()
+        };
+        // The others hold 95 of the 100 blocks: moving re-prefills 5, less than the 20
+        // queued ahead of it at home.
+        let p = congested(&pool, &[95, 100, 95]);
+        assert_eq!(p.reason, Reason::PrefixLoad);
+        // They hold only the shared 10: moving re-prefills 90, and it stays.
+        let p = congested(&pool, &[10, 100, 10]);
+        assert_eq!(
+            p,
+            Pick {
+                index: 1,
+                reason: Reason::PrefixMatch
             }
         );
     }
