@@ -25,7 +25,7 @@ use clap::Args;
 use lmstack_e2e::{Proc, agent, metric_sum};
 use serde_json::{Value, json};
 
-use super::multiround::f;
+use super::multiround::{f, per_engine};
 use super::plot::{Goal, Panel};
 use super::progress::Progress;
 use super::wait_ready;
@@ -448,23 +448,7 @@ fn run_target(bins: &Path, work: &Path, cell: &Cell, name: &str, router_extra: &
         ]);
         flags.extend(router_extra.iter().cloned());
         if cell.replicas {
-            let c = Proc::start(
-                &bins.join("lmstack-control"),
-                &lmstack_e2e::args(&[
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--source",
-                    "static",
-                    "--static-backends",
-                    &urls.join(","),
-                    "--probe-interval-ms",
-                    "200",
-                    "--log-level",
-                    "warn",
-                ]),
-                &[],
-            );
-            wait_ready(&c.url())?;
+            let c = super::replicas::start_control(bins, &urls, 200)?;
             flags.extend(lmstack_e2e::args(&[
                 "--service-discovery",
                 "control",
@@ -616,10 +600,6 @@ fn print_cell(cell: &Cell, targets: &Value, checks: &Value) {
     let limit = &targets["limit"];
     if let Some(map) = targets.as_object() {
         for (name, r) in map {
-            let per: Vec<String> = r["requests_per_engine"]
-                .as_array()
-                .map(|a| a.iter().map(|v| format!("{}", v.as_f64().unwrap_or(0.0))).collect())
-                .unwrap_or_default();
             println!(
                 "  {name:<12} {:>6.3} {:>8.3} {:>8.1} {:>8.1} {:>9.2} {:>7.2} {:>5.0}  {}",
                 f(r, "hit_rate"),
@@ -629,7 +609,7 @@ fn print_cell(cell: &Cell, targets: &Value, checks: &Value) {
                 f(r, "ttft_ms.p99") / f(limit, "ttft_ms.p99"),
                 f(r, "requests_max_over_min"),
                 f(r, "engine_queue_ms_mean"),
-                per.join("/"),
+                per_engine(r),
             );
         }
     }

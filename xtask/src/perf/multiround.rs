@@ -233,6 +233,19 @@ pub(super) fn add_engine_stats(run: &mut Value, sims: &[Proc]) -> anyhow::Result
     Ok(())
 }
 
+/// A run's requests per engine, as `n/n/n`.
+pub(super) fn per_engine(run: &Value) -> String {
+    run["requests_per_engine"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| format!("{}", v.as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .join("/")
+}
+
 pub(super) fn f(v: &Value, path: &str) -> f64 {
     path.split('.')
         .try_fold(v, |v, k| v.get(k))
@@ -400,10 +413,6 @@ fn print_variant(variant: &str, args: &MultiRoundArgs, results: &Value) {
     );
     if let Some(map) = results.as_object() {
         for (name, r) in map {
-            let per: Vec<String> = r["requests_per_engine"]
-                .as_array()
-                .map(|a| a.iter().map(|v| format!("{}", v.as_f64().unwrap_or(0.0))).collect())
-                .unwrap_or_default();
             println!(
                 "{name:<16} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>9.2} {:>14} {:>8.2}",
                 f(r, "hit_rate"),
@@ -412,7 +421,7 @@ fn print_variant(variant: &str, args: &MultiRoundArgs, results: &Value) {
                 f(r, "ttft_ms.p99"),
                 f(r, "itl_ms_mean"),
                 f(r, "rounds_per_s"),
-                per.join("/"),
+                per_engine(r),
                 f(r, "requests_max_over_min")
             );
         }

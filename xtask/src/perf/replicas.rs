@@ -58,25 +58,8 @@ pub fn run(bins: &Path, work: &Path, mr: &MultiRoundArgs, args: &ReplicasArgs) -
     for (name, replicas, share) in TARGETS {
         progress.step(format!("{name} ({} engines, variant {})", mr.engines, args.variant));
         let sims = start_engines(bins, mr.engines, mr.blocks);
-        let urls = sims.iter().map(Proc::url).collect::<Vec<_>>().join(",");
-        let interval = args.probe_interval_ms.to_string();
-        let control = Proc::start(
-            &bins.join("lmstack-control"),
-            &lmstack_e2e::args(&[
-                "--listen",
-                "127.0.0.1:0",
-                "--source",
-                "static",
-                "--static-backends",
-                &urls,
-                "--probe-interval-ms",
-                &interval,
-                "--log-level",
-                "warn",
-            ]),
-            &[],
-        );
-        wait_ready(&control.url())?;
+        let urls: Vec<String> = sims.iter().map(Proc::url).collect();
+        let control = start_control(bins, &urls, args.probe_interval_ms)?;
         let config = work.join(format!("replicas-{name}.yaml"));
         std::fs::write(
             &config,
@@ -151,6 +134,29 @@ pub fn figure(report: &Value) -> (String, usize, Vec<Panel>) {
         s["blocks_per_engine"]
     );
     (title, 2, panels)
+}
+
+/// Starts lmstack-control over the static `engines`, probing every `probe_interval_ms`, and
+/// waits until it answers.
+pub(super) fn start_control(bins: &Path, engines: &[String], probe_interval_ms: u64) -> anyhow::Result<Proc> {
+    let control = Proc::start(
+        &bins.join("lmstack-control"),
+        &lmstack_e2e::args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--source",
+            "static",
+            "--static-backends",
+            &engines.join(","),
+            "--probe-interval-ms",
+            &probe_interval_ms.to_string(),
+            "--log-level",
+            "warn",
+        ]),
+        &[],
+    );
+    wait_ready(&control.url())?;
+    Ok(control)
 }
 
 fn checks(results: &Value) -> Value {
