@@ -115,9 +115,15 @@ fn kernel_measured_ttft_and_tbt_match_the_engines_cadence() {
         metric_sum(&m, "lmstack_ebpf_ttft_seconds_count", &labels),
         STREAMS as f64
     );
-    assert_eq!(
-        metric_sum(&m, "lmstack_ebpf_tbt_seconds_count", &labels),
-        (STREAMS * (TOKENS - 1)) as f64
+    // Every gap between tokens is one sample, except where the engine's timer fired a token
+    // late enough to land within the burst window (500 us) of the next: the agent then
+    // counts one delivery, by design. On a busy 2-core machine that happens to a few tokens
+    // in thousands.
+    let gaps = metric_sum(&m, "lmstack_ebpf_tbt_seconds_count", &labels);
+    let expected = (STREAMS * (TOKENS - 1)) as f64;
+    assert!(
+        gaps <= expected && gaps >= expected * 0.99,
+        "{gaps} gaps measured, {expected} sent"
     );
     assert_eq!(metric_sum(&m, "lmstack_ebpf_events_dropped_total", &[]), 0.0);
     assert!(metric_sum(&m, "lmstack_ebpf_bytes_total", &[("direction", "tx")]) > 0.0);
