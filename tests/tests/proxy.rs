@@ -239,7 +239,9 @@ fn other_openai_routes_are_forwarded_by_model() {
 
 #[test]
 fn router_endpoints_report_health_version_and_metrics() {
-    let e1 = sim("e1", &[]);
+    // Tokens 25 ms apart on precise timers: a late timer cannot put two tokens in one read,
+    // which would count one gap fewer.
+    let e1 = sim("e1", &["--decode-base-ms", "25", "--precise-timers"]);
     let r = router(&backends(&[&e1]));
     wait_healthy(&r);
     let version = get(&r, "/version").json();

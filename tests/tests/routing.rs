@@ -244,10 +244,11 @@ fn a_session_keeps_its_engine_when_its_prompt_changes() {
             &format!("{user}: {}", "a first topic, long enough to fill blocks. ".repeat(8)),
         );
         let home = first.header("x-sim-engine").unwrap().to_owned();
-        // A new topic shares no prefix with the first: the session alone says where it lives.
+        // A new topic shares no prefix with the first (nor with other users' prompts): the
+        // session alone says where it lives.
         let next = ask(
             user,
-            &format!("{}{user}", "another topic entirely, with nothing in common. ".repeat(8)),
+            &format!("{user} now: {}", "another topic entirely, nothing in common. ".repeat(8)),
         );
         assert_eq!(next.header("x-sim-engine"), Some(home.as_str()), "{user} moved");
     }
