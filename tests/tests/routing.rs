@@ -248,7 +248,10 @@ fn a_session_keeps_its_engine_when_its_prompt_changes() {
         // session alone says where it lives.
         let next = ask(
             user,
-            &format!("{user} now: {}", "another topic entirely, nothing in common. ".repeat(8)),
+            &format!(
+                "{user} now: {}",
+                "another topic entirely, nothing in common. ".repeat(8)
+            ),
         );
         assert_eq!(next.header("x-sim-engine"), Some(home.as_str()), "{user} moved");
     }
