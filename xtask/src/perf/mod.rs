@@ -206,6 +206,8 @@ mod tests {
             let texts = svg_texts(&svg);
             let expected = if report.get("throughput").is_some() {
                 "lmstack-2-engines"
+            } else if report.get("cells").is_some() {
+                "system/heavy"
             } else if report.get("variants").is_some() {
                 "prefix"
             } else {
