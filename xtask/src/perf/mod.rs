@@ -207,7 +207,7 @@ mod tests {
             let expected = if report.get("throughput").is_some() {
                 "lmstack-2-engines"
             } else if report.get("cells").is_some() {
-                "system/heavy"
+                "prefix"
             } else if report.get("variants").is_some() {
                 "prefix"
             } else {
