@@ -206,9 +206,7 @@ mod tests {
             let texts = svg_texts(&svg);
             let expected = if report.get("throughput").is_some() {
                 "lmstack-2-engines"
-            } else if report.get("cells").is_some() {
-                "prefix"
-            } else if report.get("variants").is_some() {
+            } else if report.get("cells").is_some() || report.get("variants").is_some() {
                 "prefix"
             } else {
                 "two_replicas_shared"
