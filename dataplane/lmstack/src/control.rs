@@ -184,16 +184,9 @@ fn learn(shared: &Shared, batch: &AffinityBatch) {
             cell.affinity.record(&entry.blocks, tag, now);
             applied += entry.blocks.len() as u64;
         }
-        let load = &endpoint.load;
-        if entry.requests > 0 {
-            load.recent.add(f64::from(entry.requests), now, half_life);
-        }
-        if entry.uncached_blocks > 0 {
-            load.recent_blocks.add(entry.uncached_blocks as f64, now, half_life);
-        }
-        if entry.placed > 0 {
-            load.placed.add(f64::from(entry.placed), now, half_life);
-        }
+        endpoint
+            .load
+            .count_sent(entry.requests, entry.uncached_blocks, entry.placed, now, half_life);
     }
     ::metrics::counter!(metrics::AFFINITY_SHARED_BLOCKS_TOTAL, "status" => "applied").increment(applied);
 }

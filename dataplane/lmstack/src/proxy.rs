@@ -23,7 +23,7 @@ use bytes::Bytes;
 use lmstack_http::head::RequestHead;
 use lmstack_http::{Framing, Version};
 use lmstack_route::blocks::BlockHasher;
-use lmstack_route::{Pick, PrefixInfo, Reason, RouteRequest};
+use lmstack_route::{Pick, PrefixInfo, RouteRequest};
 use lmstack_snapshot::AffinityEntry;
 use monoio::io::OwnedWriteHalf;
 use monoio::net::TcpStream;
@@ -371,14 +371,15 @@ async fn forward(
         if attempt > 0 {
             pm.retry();
         }
+        let now_ms = ctx.shared.cell.now_ms();
         let (blocks, uncached) = match req.prefix {
             Some(plan) => {
                 let matched = plan.matched().get(pick.index).copied().unwrap_or(0) as usize;
                 if let Some(tag) = pool.tags[pick.index] {
-                    let cell = &ctx.shared.cell;
-                    cell.affinity.record(plan.blocks(), tag, cell.now_ms());
+                    let affinity = &ctx.shared.cell.affinity;
+                    affinity.record(plan.blocks(), tag, now_ms);
                     if let Some(session) = plan.session_block {
-                        cell.affinity.record(&[session], tag, cell.now_ms());
+                        affinity.record(&[session], tag, now_ms);
                     }
                 }
                 // The other replicas learn the blocks this endpoint did not hold yet, a session
@@ -392,7 +393,7 @@ async fn forward(
                     },
                     requests: 1,
                     uncached_blocks: (plan.blocks().len() - matched) as u64,
-                    placed: u32::from(matches!(pick.reason, Reason::PrefixNew | Reason::PrefixLoad)),
+                    placed: u32::from(pick.reason.places_conversation()),
                 });
                 if let Some(session) = plan.session_block
                     && plan.session_home != Some(pick.index)
@@ -409,17 +410,13 @@ async fn forward(
             None => (0, 0),
         };
         let _inflight = Inflight::start(ctx, endpoint, pm.clone(), blocks);
-        let (now_ms, half_life) = (
-            ctx.shared.cell.now_ms(),
+        endpoint.load.count_sent(
+            1,
+            uncached,
+            u32::from(pick.reason.places_conversation()),
+            now_ms,
             ctx.shared.config.routing.recent_half_life_ms as f64,
         );
-        endpoint.load.recent.add(1.0, now_ms, half_life);
-        if matches!(pick.reason, Reason::PrefixNew | Reason::PrefixLoad) {
-            endpoint.load.placed.add(1.0, now_ms, half_life);
-        }
-        if uncached > 0 {
-            endpoint.load.recent_blocks.add(uncached as f64, now_ms, half_life);
-        }
         let try_at = Attempt {
             uncached_blocks: uncached,
             fresh: reconnect.take() == Some(index),

@@ -44,6 +44,20 @@ pub struct EndpointLoad {
 }
 
 impl EndpointLoad {
+    /// Counts what was sent to the endpoint, by this router or (relayed through control)
+    /// another replica, in the decayed counts `prefix` balances on.
+    pub fn count_sent(&self, requests: u32, uncached_blocks: u64, placed: u32, now_ms: u32, half_life_ms: f64) {
+        for (count, n) in [
+            (&self.recent, f64::from(requests)),
+            (&self.recent_blocks, uncached_blocks as f64),
+            (&self.placed, f64::from(placed)),
+        ] {
+            if n > 0.0 {
+                count.add(n, now_ms, half_life_ms);
+            }
+        }
+    }
+
     fn read(&self, engine: Option<EngineLoad>, now_ms: u32, half_life_ms: f64) -> Load {
         Load {
             inflight: self.inflight.load(Ordering::Relaxed),

@@ -57,6 +57,12 @@ impl Reason {
         Reason::NoPrompt,
     ];
 
+    /// Whether the pick placed a conversation (a new one, or one moved off its home): what
+    /// `prefix` counts in an endpoint's placements.
+    pub fn places_conversation(self) -> bool {
+        matches!(self, Reason::PrefixNew | Reason::PrefixLoad)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::RoundRobin => "round_robin",
