@@ -1,0 +1,576 @@
+//! Per engine, the blocks it holds, as its KV events say, kept from going stale.
+//!
+//! Two halves, one per side:
+//! - [`Held`], shared with the router's workers (lock-free reads): the set of block keys the
+//!   engine holds, its block size, and whether routing may trust it now (`fresh`).
+//! - [`EngineIndex`], owned by whoever consumes the engine's events: vLLM's block hashes
+//!   mapped to lmstack's keys, per data-parallel rank (each rank publishes its own sequence),
+//!   and the rules that keep the set true:
+//!   - a sequence gap means lost events, removals among them: that rank's blocks are dropped
+//!     (unless the caller replays the gap first) and counted as a resync;
+//!   - a sequence that goes backwards is a new publisher, a restarted engine: dropped alike;
+//!   - `AllBlocksCleared` (a cache reset) drops them too;
+//!   - a stored block whose parent is unknown cannot be keyed (its chain is unknown) and is
+//!     skipped. vLLM announces a cached prefix again each time a request reuses it, so a
+//!     dropped index fills again from the traffic itself, and what it holds is never more
+//!     than the engine holds.
+//!
+//!   A hard bound on blocks per engine holds memory: blocks past it are not indexed (and
+//!   counted), which can only under-report what an engine holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::event::{Batch, BlockHash, Event, Removed, Stored};
+use crate::key::{self, BlockKey};
+
+/// What the router's workers read: one engine's blocks.
+#[derive(Debug, Default)]
+pub struct Held {
+    set: papaya::HashSet<BlockKey>,
+    blocks: AtomicUsize,
+    block_size: AtomicU32,
+    fresh: AtomicBool,
+    clears: AtomicU64,
+    last_event_ms: AtomicU64,
+}
+
+impl Held {
+    /// How many of `keys` (a prompt's block keys, in order) the engine holds, counting from
+    /// the first: what a request there would find cached.
+    pub fn matched(&self, keys: &[BlockKey]) -> usize {
+        let set = self.set.pin();
+        keys.iter().take_while(|&k| set.contains(k)).count()
+    }
+
+    /// Blocks held now.
+    pub fn blocks(&self) -> usize {
+        self.blocks.load(Ordering::Relaxed)
+    }
+
+    /// The engine's block size in tokens, once known (from its events or its metrics).
+    pub fn block_size(&self) -> Option<u32> {
+        Some(self.block_size.load(Ordering::Relaxed)).filter(|&b| b > 0)
+    }
+
+    /// Whether routing may use this index now: its events are being received and it has
+    /// not been found stale since.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh.load(Ordering::Acquire)
+    }
+
+    /// How many times the index was dropped (gaps, restarts, resets).
+    pub fn clears(&self) -> u64 {
+        self.clears.load(Ordering::Relaxed)
+    }
+
+    /// When the last event batch was applied (milliseconds since the Unix epoch; 0: never).
+    pub fn last_event_ms(&self) -> u64 {
+        self.last_event_ms.load(Ordering::Relaxed)
+    }
+
+    /// Marks the index usable or not (the subscription is up, or lost).
+    pub fn set_fresh(&self, fresh: bool) {
+        self.fresh.store(fresh, Ordering::Release);
+    }
+
+    /// Forgets every block (the engine restarted, left, or its subscription was lost); the
+    /// [`EngineIndex`] that fed it must be dropped with it.
+    pub fn reset(&self) {
+        self.set.pin().clear();
+        self.blocks.store(0, Ordering::Relaxed);
+        self.clears.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the block size learnt elsewhere (the engine's `cache_config_info`) until events
+    /// say.
+    pub fn set_block_size(&self, block_size: u32) {
+        self.block_size.store(block_size, Ordering::Relaxed);
+    }
+}
+
+/// The bound on one engine's index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexLimits {
+    /// Blocks indexed per engine (all ranks); past it, stored blocks are not indexed.
+    pub max_blocks: usize,
+}
+
+impl Default for IndexLimits {
+    fn default() -> Self {
+        Self { max_blocks: 262_144 }
+    }
+}
+
+/// Why an engine's index (or one rank's part of it) was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClearReason {
+    /// A sequence gap: events were lost.
+    Gap,
+    /// The sequence went backwards: a new publisher (the engine restarted).
+    Restart,
+    /// `AllBlocksCleared`: the engine reset its cache.
+    Reset,
+    /// The engine's identity changed (its start time), or it left discovery, or its
+    /// subscription was lost.
+    Identity,
+    /// Events came with a different block size.
+    BlockSize,
+}
+
+impl ClearReason {
+    pub const ALL: [ClearReason; 5] = [
+        ClearReason::Gap,
+        ClearReason::Restart,
+        ClearReason::Reset,
+        ClearReason::Identity,
+        ClearReason::BlockSize,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClearReason::Gap => "gap",
+            ClearReason::Restart => "restart",
+            ClearReason::Reset => "reset",
+            ClearReason::Identity => "identity",
+            ClearReason::BlockSize => "block_size",
+        }
+    }
+}
+
+/// Why an event (or part of one) was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dropped {
+    /// The index is at its bound.
+    Bound,
+    /// The stored block's parent is not indexed, so its key cannot be computed.
+    Unchained,
+    /// Another medium (a CPU or storage tier) or a cache group other than full attention.
+    OtherTier,
+    /// Token ids that do not fill the blocks announced.
+    Malformed,
+    /// An event type this release does not know.
+    Unknown,
+}
+
+impl Dropped {
+    pub const ALL: [Dropped; 5] = [
+        Dropped::Bound,
+        Dropped::Unchained,
+        Dropped::OtherTier,
+        Dropped::Malformed,
+        Dropped::Unknown,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dropped::Bound => "bound",
+            Dropped::Unchained => "unchained",
+            Dropped::OtherTier => "other_tier",
+            Dropped::Malformed => "malformed",
+            Dropped::Unknown => "unknown",
+        }
+    }
+}
+
+/// Where a batch's sequence number falls for its rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqCheck {
+    /// The next one expected (or the first seen).
+    InOrder,
+    /// Batches `from..to` were lost.
+    Gap { from: i64, to: i64 },
+    /// Already applied: a replayed batch seen again live.
+    Duplicate,
+    /// Lower than expected and not a duplicate: a new publisher.
+    Backwards,
+}
+
+/// Counts of what happened to the events, since the index was made.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    pub batches: u64,
+    pub events_applied: u64,
+    pub events_dropped: HashMap<Dropped, u64>,
+    pub clears: HashMap<ClearReason, u64>,
+    pub duplicates: u64,
+}
+
+#[derive(Debug, Default)]
+struct Rank {
+    /// (cache group, vLLM's hash) -> lmstack's key.
+    by_hash: HashMap<(u32, BlockHash), BlockKey>,
+    next_seq: Option<i64>,
+    /// Sequence numbers below this were applied by a replay: seen live again, they are
+    /// duplicates, not a restart.
+    replayed_below: Option<i64>,
+}
+
+/// One engine's index, fed with its event batches in the order they arrive.
+#[derive(Debug)]
+pub struct EngineIndex {
+    held: Arc<Held>,
+    limits: IndexLimits,
+    ranks: HashMap<u32, Rank>,
+    /// How many ranks hold each key (a key is in `held` while any does).
+    refs: HashMap<BlockKey, u32>,
+    stats: IndexStats,
+}
+
+impl EngineIndex {
+    /// An index that publishes into `held` (made by the router, shared with its workers).
+    pub fn new(held: Arc<Held>, limits: IndexLimits) -> Self {
+        Self {
+            held,
+            limits,
+            ranks: HashMap::new(),
+            refs: HashMap::new(),
+            stats: IndexStats::default(),
+        }
+    }
+
+    pub fn held(&self) -> &Arc<Held> {
+        &self.held
+    }
+
+    pub fn stats(&self) -> &IndexStats {
+        &self.stats
+    }
+
+    /// Where `seq` falls for `rank`, before applying it (a caller with a replay socket asks
+    /// for the gap first).
+    pub fn check_seq(&self, rank: u32, seq: i64) -> SeqCheck {
+        let Some(r) = self.ranks.get(&rank) else {
+            return SeqCheck::InOrder;
+        };
+        match r.next_seq {
+            None => SeqCheck::InOrder,
+            Some(next) if seq == next => SeqCheck::InOrder,
+            Some(next) if seq > next => SeqCheck::Gap { from: next, to: seq },
+            Some(_) if r.replayed_below.is_some_and(|b| seq < b) => SeqCheck::Duplicate,
+            Some(_) => SeqCheck::Backwards,
+        }
+    }
+
+    /// Records that batches below `to` were applied by a replay (see [`SeqCheck::Duplicate`]).
+    pub fn replayed(&mut self, rank: u32, to: i64) {
+        self.ranks.entry(rank).or_default().replayed_below = Some(to);
+    }
+
+    /// Applies one batch with its sequence number. A gap or a backwards sequence drops the
+    /// rank's blocks first; a duplicate is skipped. Returns the check's verdict.
+    pub fn apply(&mut self, seq: i64, batch: &Batch, now_ms: u64) -> SeqCheck {
+        let rank = batch.dp_rank.unwrap_or(0);
+        let check = self.check_seq(rank, seq);
+        match check {
+            SeqCheck::Duplicate => {
+                self.stats.duplicates += 1;
+                return check;
+            }
+            SeqCheck::Gap { .. } => self.clear_rank(rank, ClearReason::Gap),
+            SeqCheck::Backwards => self.clear_rank(rank, ClearReason::Restart),
+            SeqCheck::InOrder => {}
+        }
+        self.stats.batches += 1;
+        self.ranks.entry(rank).or_default().next_seq = Some(seq.saturating_add(1));
+        for event in &batch.events {
+            match event {
+                Event::Stored(s) => self.stored(rank, s),
+                Event::Removed(r) => self.removed(rank, r),
+                Event::Cleared => {
+                    self.clear_rank(rank, ClearReason::Reset);
+                    self.stats.events_applied += 1;
+                }
+                Event::Unknown(_) => self.drop_event(Dropped::Unknown),
+            }
+        }
+        self.held.last_event_ms.store(now_ms, Ordering::Relaxed);
+        check
+    }
+
+    /// Drops every rank's blocks (the engine restarted, left discovery, or its subscription
+    /// was lost) and forgets the sequences.
+    pub fn clear(&mut self, reason: ClearReason) {
+        *self.stats.clears.entry(reason).or_default() += 1;
+        self.held.clears.fetch_add(1, Ordering::Relaxed);
+        let ranks: Vec<u32> = self.ranks.keys().copied().collect();
+        for rank in ranks {
+            self.drop_rank(rank, reason);
+        }
+        self.ranks.clear();
+    }
+
+    fn clear_rank(&mut self, rank: u32, reason: ClearReason) {
+        *self.stats.clears.entry(reason).or_default() += 1;
+        self.held.clears.fetch_add(1, Ordering::Relaxed);
+        self.drop_rank(rank, reason);
+    }
+
+    fn drop_rank(&mut self, rank: u32, reason: ClearReason) {
+        let Some(r) = self.ranks.get_mut(&rank) else {
+            return;
+        };
+        let guard = self.held.set.guard();
+        for (_, key) in r.by_hash.drain() {
+            unref(&mut self.refs, &self.held.set, &guard, key);
+        }
+        r.replayed_below = None;
+        if reason != ClearReason::Reset {
+            // A reset keeps the publisher (and its sequence); the others start over.
+            r.next_seq = None;
+        }
+        self.held.blocks.store(self.refs.len(), Ordering::Relaxed);
+    }
+
+    fn drop_event(&mut self, why: Dropped) {
+        *self.stats.events_dropped.entry(why).or_default() += 1;
+    }
+
+    fn stored(&mut self, rank: u32, s: &Stored) {
+        let other_medium = s.medium.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case("GPU"));
+        let other_group = s.spec_kind.as_deref().is_some_and(|k| k != "full_attention");
+        if other_medium || other_group {
+            return self.drop_event(Dropped::OtherTier);
+        }
+        let bs = s.block_size as usize;
+        let n = s.hashes.len();
+        if bs == 0 || n == 0 || s.token_ids.len() > n * bs || s.token_ids.len() <= (n - 1) * bs {
+            return self.drop_event(Dropped::Malformed);
+        }
+        if self.held.block_size().is_some_and(|b| b != s.block_size) && !self.refs.is_empty() {
+            self.clear(ClearReason::BlockSize);
+        }
+        self.held.block_size.store(s.block_size, Ordering::Relaxed);
+        let group = s.group.unwrap_or(0);
+        let r = self.ranks.entry(rank).or_default();
+        let mut parent = match s.parent {
+            None => key::ROOT,
+            Some(p) => match r.by_hash.get(&(group, p)) {
+                Some(&k) => k,
+                None => {
+                    *self.stats.events_dropped.entry(Dropped::Unchained).or_default() += 1;
+                    return;
+                }
+            },
+        };
+        let set = self.held.set.pin();
+        let mut bounded = false;
+        for (i, (&hash, tokens)) in s.hashes.iter().zip(s.token_ids.chunks(bs)).enumerate() {
+            let extras = s.extra_keys.as_ref().and_then(|e| e.get(i)).and_then(|e| e.as_deref());
+            let key = key::chain(parent, tokens, key::extras_digest(extras));
+            parent = key;
+            if r.by_hash.contains_key(&(group, hash)) {
+                continue; // announced again (a reused prefix)
+            }
+            if self.refs.len() >= self.limits.max_blocks && !self.refs.contains_key(&key) {
+                bounded = true;
+                break;
+            }
+            r.by_hash.insert((group, hash), key);
+            let refs = self.refs.entry(key).or_default();
+            *refs += 1;
+            if *refs == 1 {
+                set.insert(key);
+            }
+        }
+        drop(set);
+        self.held.blocks.store(self.refs.len(), Ordering::Relaxed);
+        if bounded {
+            self.drop_event(Dropped::Bound);
+        } else {
+            self.stats.events_applied += 1;
+        }
+    }
+
+    fn removed(&mut self, rank: u32, rm: &Removed) {
+        if rm.medium.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case("GPU")) {
+            return self.drop_event(Dropped::OtherTier);
+        }
+        let group = rm.group.unwrap_or(0);
+        let Some(r) = self.ranks.get_mut(&rank) else {
+            return self.stats.events_applied += 1;
+        };
+        let guard = self.held.set.guard();
+        for hash in &rm.hashes {
+            if let Some(key) = r.by_hash.remove(&(group, *hash)) {
+                unref(&mut self.refs, &self.held.set, &guard, key);
+            }
+        }
+        drop(guard);
+        self.held.blocks.store(self.refs.len(), Ordering::Relaxed);
+        self.stats.events_applied += 1;
+    }
+}
+
+fn unref(
+    refs: &mut HashMap<BlockKey, u32>,
+    set: &papaya::HashSet<BlockKey>,
+    guard: &impl papaya::Guard,
+    key: BlockKey,
+) {
+    if let Some(n) = refs.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            refs.remove(&key);
+            set.remove(&key, guard);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{RequestExtras, prompt_keys};
+
+    const BS: u32 = 4;
+
+    fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32]) -> Event {
+        Event::Stored(Stored {
+            hashes: hashes.to_vec(),
+            parent,
+            token_ids: tokens.to_vec(),
+            block_size: BS,
+            lora_name: None,
+            lora_id: None,
+            medium: Some("GPU".into()),
+            extra_keys: None,
+            group: Some(0),
+            spec_kind: Some("full_attention".into()),
+        })
+    }
+
+    fn removed(hashes: &[u64]) -> Event {
+        Event::Removed(Removed {
+            hashes: hashes.to_vec(),
+            medium: Some("GPU".into()),
+            group: Some(0),
+        })
+    }
+
+    fn batch(events: Vec<Event>) -> Batch {
+        Batch {
+            ts: 0.0,
+            events,
+            dp_rank: Some(0),
+        }
+    }
+
+    fn keys(tokens: &[u32]) -> Vec<BlockKey> {
+        let mut k = Vec::new();
+        prompt_keys(tokens, BS as usize, RequestExtras::default(), &mut k);
+        k
+    }
+
+    fn index(max_blocks: usize) -> EngineIndex {
+        EngineIndex::new(Arc::new(Held::default()), IndexLimits { max_blocks })
+    }
+
+    const PROMPT: [u32; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+
+    #[test]
+    fn stored_blocks_match_the_prompts_keys() {
+        let mut ix = index(100);
+        ix.apply(0, &batch(vec![stored(&[10, 11], None, &PROMPT[..8])]), 1);
+        ix.apply(1, &batch(vec![stored(&[12], Some(11), &PROMPT[8..])]), 2);
+        assert_eq!(ix.held().matched(&keys(&PROMPT)), 3);
+        assert_eq!(ix.held().blocks(), 3);
+        assert_eq!(ix.held().block_size(), Some(BS));
+        // Evicting the middle block: only the first still matches from the start.
+        ix.apply(2, &batch(vec![removed(&[11])]), 3);
+        assert_eq!(ix.held().matched(&keys(&PROMPT)), 1);
+        assert_eq!(ix.held().last_event_ms(), 3);
+    }
+
+    #[test]
+    fn a_gap_drops_the_index_and_it_fills_again() {
+        let mut ix = index(100);
+        ix.apply(0, &batch(vec![stored(&[10, 11], None, &PROMPT[..8])]), 1);
+        assert_eq!(ix.check_seq(0, 3), SeqCheck::Gap { from: 1, to: 3 });
+        let v = ix.apply(3, &batch(vec![stored(&[12], Some(11), &PROMPT[8..])]), 2);
+        assert_eq!(v, SeqCheck::Gap { from: 1, to: 3 });
+        // The parent was dropped with the index: the new block cannot be keyed.
+        assert_eq!(ix.held().blocks(), 0);
+        assert_eq!(ix.stats().events_dropped[&Dropped::Unchained], 1);
+        assert_eq!(ix.stats().clears[&ClearReason::Gap], 1);
+        // A request reusing the prefix announces it again from the root.
+        ix.apply(4, &batch(vec![stored(&[10, 11, 12], None, &PROMPT)]), 3);
+        assert_eq!(ix.held().matched(&keys(&PROMPT)), 3);
+    }
+
+    #[test]
+    fn a_backwards_sequence_is_a_restart() {
+        let mut ix = index(100);
+        ix.apply(5, &batch(vec![stored(&[10], None, &PROMPT[..4])]), 1);
+        assert_eq!(ix.apply(0, &batch(vec![]), 2), SeqCheck::Backwards);
+        assert_eq!(ix.held().blocks(), 0);
+        assert_eq!(ix.stats().clears[&ClearReason::Restart], 1);
+        assert_eq!(ix.check_seq(0, 1), SeqCheck::InOrder);
+    }
+
+    #[test]
+    fn a_reset_clears_but_keeps_the_sequence() {
+        let mut ix = index(100);
+        ix.apply(0, &batch(vec![stored(&[10], None, &PROMPT[..4])]), 1);
+        ix.apply(1, &batch(vec![Event::Cleared]), 2);
+        assert_eq!(ix.held().blocks(), 0);
+        assert_eq!(ix.check_seq(0, 2), SeqCheck::InOrder);
+        assert_eq!(ix.stats().clears[&ClearReason::Reset], 1);
+    }
+
+    #[test]
+    fn replayed_batches_seen_live_are_duplicates() {
+        let mut ix = index(100);
+        ix.apply(0, &batch(vec![]), 1);
+        // 1..3 lost; the caller replays them, then the live copies arrive.
+        ix.apply(1, &batch(vec![stored(&[10], None, &PROMPT[..4])]), 2);
+        ix.apply(2, &batch(vec![]), 2);
+        ix.replayed(0, 3);
+        assert_eq!(ix.check_seq(0, 2), SeqCheck::Duplicate);
+        assert_eq!(ix.apply(3, &batch(vec![]), 3), SeqCheck::InOrder);
+        assert_eq!(ix.held().blocks(), 1);
+    }
+
+    #[test]
+    fn ranks_are_separate_sequences_over_one_set() {
+        let mut ix = index(100);
+        ix.apply(0, &batch(vec![stored(&[10], None, &PROMPT[..4])]), 1);
+        let mut b = batch(vec![stored(&[20], None, &PROMPT[..4])]);
+        b.dp_rank = Some(1);
+        ix.apply(0, &b, 1);
+        assert_eq!(ix.held().blocks(), 1);
+        // Rank 0 restarts: rank 1 still holds the block.
+        ix.apply(0, &batch(vec![]), 2);
+        assert_eq!(ix.held().matched(&keys(&PROMPT)), 1);
+        let mut r = batch(vec![removed(&[20])]);
+        r.dp_rank = Some(1);
+        ix.apply(1, &r, 3);
+        assert_eq!(ix.held().blocks(), 0);
+    }
+
+    #[test]
+    fn the_bound_holds_and_other_tiers_are_skipped() {
+        let mut ix = index(2);
+        let tokens: Vec<u32> = (0..40).collect();
+        let hashes: Vec<u64> = (100..110).collect();
+        ix.apply(0, &batch(vec![stored(&hashes, None, &tokens)]), 1);
+        assert_eq!(ix.held().blocks(), 2);
+        assert_eq!(ix.stats().events_dropped[&Dropped::Bound], 1);
+        let mut cpu = stored(&[1], None, &PROMPT[..4]);
+        if let Event::Stored(s) = &mut cpu {
+            s.medium = Some("CPU".into());
+        }
+        ix.apply(1, &batch(vec![cpu]), 2);
+        assert_eq!(ix.stats().events_dropped[&Dropped::OtherTier], 1);
+    }
+
+    #[test]
+    fn malformed_token_counts_are_dropped() {
+        let mut ix = index(100);
+        ix.apply(0, &batch(vec![stored(&[10, 11], None, &PROMPT[..3])]), 1);
+        assert_eq!(ix.stats().events_dropped[&Dropped::Malformed], 1);
+        assert_eq!(ix.held().blocks(), 0);
+    }
+}
