@@ -1,5 +1,7 @@
 //! The simulator's OpenAI surface: vLLM's routes, request checks, response bodies and SSE
-//! chunk shapes. Costs come from the engine (engine.rs); this file only shapes answers.
+//! chunk shapes, and vLLM's KV-event routes (`/kv_event_sources`, `/reset_prefix_cache`) with
+//! the simulator's own fault injection (`/sim/kv_events`). Costs come from the engine
+//! (engine.rs); this file only shapes answers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,10 +19,12 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::SimArgs;
 use super::engine::{AdmitError, Engine};
+use super::kv::BlockExtras;
+use super::kv_events::{Fault, Publisher, RequestKv};
 use super::metrics::FinishReason;
-use super::tokens::{self, output_piece};
+use super::tokens::{self, Tokenizer, output_piece};
+use super::{ReportMode, SimArgs};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -29,19 +33,50 @@ pub struct Sim {
     args: SimArgs,
     engine: Arc<Engine>,
     prometheus: PrometheusHandle,
+    tokenizer: Tokenizer,
+    publisher: Option<Publisher>,
     created: u64,
     seq: AtomicU64,
 }
 
 impl Sim {
-    pub fn new(args: SimArgs, bound: SocketAddr, engine: Arc<Engine>, prometheus: PrometheusHandle) -> Self {
+    pub fn new(
+        args: SimArgs,
+        bound: SocketAddr,
+        engine: Arc<Engine>,
+        prometheus: PrometheusHandle,
+        tokenizer: Tokenizer,
+        publisher: Option<Publisher>,
+    ) -> Self {
         Self {
             name: args.name.clone().unwrap_or_else(|| bound.to_string()),
             args,
             engine,
             prometheus,
+            tokenizer,
+            publisher,
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             seq: AtomicU64::new(1),
+        }
+    }
+
+    /// What a generation request's blocks are hashed with and announce, as vLLM takes it from
+    /// the request: its LoRA adapter (the model it names), its `cache_salt`, and its
+    /// `vllm_xargs.kv_cache_report_mode`.
+    fn request_kv(&self, model: &str, req: &Value) -> RequestKv {
+        let lora = self.args.loras.iter().position(|l| l == model);
+        let report = req.pointer("/vllm_xargs/kv_cache_report_mode").and_then(Value::as_str);
+        RequestKv {
+            extras: BlockExtras {
+                lora_name: lora.map(|_| model.to_owned()),
+                cache_salt: req.get("cache_salt").and_then(Value::as_str).map(str::to_owned),
+            },
+            // vLLM numbers adapters from 1.
+            lora_id: lora.map(|i| i as i64 + 1),
+            report_cached: match report {
+                Some(mode) => mode == "full",
+                None => self.args.kv_cache_report_mode == ReportMode::Full,
+            },
         }
     }
 
@@ -114,6 +149,11 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
             &name,
         ),
         (Method::GET, "/v1/models") => json_response(StatusCode::OK, &models(&sim), &name),
+        (Method::GET, "/kv_event_sources") => match &sim.publisher {
+            Some(p) => json_response(StatusCode::OK, p.sources(), &name),
+            None => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
+        },
+        (Method::POST, "/reset_prefix_cache") => reset_prefix_cache(&sim, parts.uri.query()),
         (Method::POST, _) => {
             let bytes = match Limited::new(body, sim.args.max_body_bytes).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -132,7 +172,7 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
                 Ok(_) => return Ok(bad_request("the body must be a JSON object", &name)),
                 Err(e) => return Ok(bad_request(format!("invalid JSON: {e}"), &name)),
             };
-            post(&sim, &path, request, arrived).await
+            post(&sim, &path, &bytes, request, arrived).await
         }
         _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
     };
@@ -163,8 +203,50 @@ fn models(sim: &Sim) -> Value {
     json!({"object": "list", "data": data})
 }
 
-async fn post(sim: &Arc<Sim>, path: &str, req: Value, arrived: Instant) -> Response<Body> {
+/// vLLM's `POST /reset_prefix_cache` (a development route there): `{"success": false}` while
+/// any request holds blocks. The simulator cannot preempt, so it refuses
+/// `reset_running_requests=true`.
+fn reset_prefix_cache(sim: &Sim, query: Option<&str>) -> Response<Body> {
+    let preempt = query
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv.eq_ignore_ascii_case("reset_running_requests=true"));
+    if preempt {
+        return bad_request(
+            "the simulator cannot preempt running requests (reset_running_requests)",
+            &sim.name,
+        );
+    }
+    let success = sim.engine.reset_prefix_cache();
+    json_response(StatusCode::OK, &json!({"success": success}), &sim.name)
+}
+
+/// `POST /sim/kv_events`: `{"skip": N}` loses the next N batches on the wire (they stay in the
+/// replay buffer), `{"pause": true|false}` stops or restarts sending.
+fn inject_fault(sim: &Sim, req: Value) -> Response<Body> {
+    let Some(publisher) = &sim.publisher else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            "KV events are off (--kv-events-port)",
+            None,
+            &sim.name,
+        );
+    };
+    match serde_json::from_value::<Fault>(req) {
+        Ok(fault) => {
+            publisher.inject(fault);
+            json_response(StatusCode::OK, &json!(fault), &sim.name)
+        }
+        Err(e) => bad_request(format!("expected {{\"skip\": N, \"pause\": bool}}: {e}"), &sim.name),
+    }
+}
+
+async fn post(sim: &Arc<Sim>, path: &str, body: &[u8], req: Value, arrived: Instant) -> Response<Body> {
     let name = &sim.name;
+    if path == "/sim/kv_events" {
+        return inject_fault(sim, req);
+    }
     let model = match req.get("model") {
         Some(Value::String(m)) => m.clone(),
         None if path == "/tokenize" || path == "/detokenize" => sim.args.models[0].clone(),
@@ -179,33 +261,22 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value, arrived: Instant) -> Respo
             name,
         );
     }
-    let cpt = sim.args.chars_per_token;
+    let tokenizer = &sim.tokenizer;
     match path {
-        "/v1/completions" => {
-            let Some(prompt) = req.get("prompt") else {
-                return bad_request("`prompt` is required", name);
-            };
-            match tokens::prompt_tokens(prompt, cpt) {
-                Ok(t) => generate(sim, Kind::Completion, model, t, &req, arrived).await,
-                Err(e) => bad_request(e, name),
-            }
-        }
-        "/v1/chat/completions" => match req.get("messages").map(tokens::render_chat) {
-            Some(Ok(text)) => generate(sim, Kind::Chat, model, tokens::tokenize(&text, cpt), &req, arrived).await,
-            Some(Err(e)) => bad_request(e, name),
-            None => bad_request("`messages` is required", name),
+        "/v1/completions" => match tokenizer.completion(body, &req) {
+            Ok(t) => generate(sim, Kind::Completion, model, t, &req, arrived).await,
+            Err(e) => bad_request(e, name),
+        },
+        "/v1/chat/completions" => match tokenizer.chat(body, &req) {
+            Ok(t) => generate(sim, Kind::Chat, model, t, &req, arrived).await,
+            Err(e) => bad_request(e, name),
         },
         "/v1/responses" => {
-            let text = match req.get("input") {
-                Some(Value::String(s)) => Ok(format!("<|user|>\n{s}<|end|>\n<|assistant|>\n")),
-                Some(list @ Value::Array(_)) => tokens::render_chat(list),
-                _ => Err("`input` must be a string or a list of messages".to_owned()),
-            };
             if req.get("stream").and_then(Value::as_bool) == Some(true) {
                 return bad_request("the simulator does not stream /v1/responses", name);
             }
-            match text {
-                Ok(text) => generate(sim, Kind::Responses, model, tokens::tokenize(&text, cpt), &req, arrived).await,
+            match tokenizer.responses(&req) {
+                Ok(t) => generate(sim, Kind::Responses, model, t, &req, arrived).await,
                 Err(e) => bad_request(e, name),
             }
         }
@@ -214,8 +285,8 @@ async fn post(sim: &Arc<Sim>, path: &str, req: Value, arrived: Instant) -> Respo
         "/v1/score" | "/score" => score(sim, model, &req).await,
         "/tokenize" => {
             let tokens = match (req.get("prompt"), req.get("messages")) {
-                (Some(Value::String(p)), _) => Ok(tokens::tokenize(p, cpt)),
-                (_, Some(m)) => tokens::render_chat(m).map(|t| tokens::tokenize(&t, cpt)),
+                (Some(Value::String(_)), _) => tokenizer.completion(body, &req),
+                (_, Some(_)) => tokenizer.chat(body, &req),
                 _ => Err("`prompt` or `messages` is required".to_owned()),
             };
             match tokens {
@@ -287,7 +358,8 @@ async fn generate(
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let (lease, admitted) = match sim.engine.admit(&prompt, max_tokens, arrived).await {
+    let kv = sim.request_kv(&model, req);
+    let (lease, admitted) = match sim.engine.admit(&prompt, max_tokens, arrived, &kv).await {
         Ok(a) => a,
         Err(e) => return admit_error(e, &name),
     };
@@ -471,13 +543,13 @@ async fn sleep_until(at: Instant, precise: bool) {
 }
 
 /// Inputs of an embeddings request: a string, strings, or token id lists.
-fn inputs(req: &Value, cpt: usize) -> Result<Vec<Vec<u32>>, String> {
+fn inputs(req: &Value, tokenizer: &Tokenizer, cpt: usize) -> Result<Vec<Vec<u32>>, String> {
     match req.get("input") {
-        Some(Value::String(s)) => Ok(vec![tokens::tokenize(s, cpt)]),
+        Some(Value::String(s)) => Ok(vec![tokenizer.text(s)?]),
         Some(Value::Array(items)) if !items.is_empty() => items
             .iter()
             .map(|i| match i {
-                Value::String(s) => Ok(tokens::tokenize(s, cpt)),
+                Value::String(s) => tokenizer.text(s),
                 other => tokens::prompt_tokens(other, cpt),
             })
             .collect::<Result<_, _>>()
@@ -497,7 +569,10 @@ fn vector(tokens: &[u32], dim: usize) -> Vec<f64> {
 
 /// Runs the prefill cost of `prompt` and waits for it, as a pooling request would.
 async fn prefill(sim: &Sim, prompt: &[u32]) -> Result<(), AdmitError> {
-    let (lease, admitted) = sim.engine.admit(prompt, 1, Instant::now()).await?;
+    let (lease, admitted) = sim
+        .engine
+        .admit(prompt, 1, Instant::now(), &RequestKv::default())
+        .await?;
     tokio::time::sleep_until(admitted.first_token_at).await;
     drop(lease);
     Ok(())
@@ -505,7 +580,7 @@ async fn prefill(sim: &Sim, prompt: &[u32]) -> Result<(), AdmitError> {
 
 async fn embeddings(sim: &Sim, model: String, req: &Value) -> Response<Body> {
     let name = &sim.name;
-    let inputs = match inputs(req, sim.args.chars_per_token) {
+    let inputs = match inputs(req, &sim.tokenizer, sim.args.chars_per_token) {
         Ok(i) => i,
         Err(e) => return bad_request(e, name),
     };
@@ -533,14 +608,16 @@ fn similarity(a: &[u32], b: &[u32], dim: usize) -> f64 {
 
 async fn rerank(sim: &Sim, model: String, req: &Value) -> Response<Body> {
     let name = &sim.name;
-    let cpt = sim.args.chars_per_token;
     let (Some(query), Some(docs)) = (
         req.get("query").and_then(Value::as_str),
         req.get("documents").and_then(Value::as_array),
     ) else {
         return bad_request("`query` and `documents` are required", name);
     };
-    let q = tokens::tokenize(query, cpt);
+    let q = match sim.tokenizer.text(query) {
+        Ok(q) => q,
+        Err(e) => return bad_request(e, name),
+    };
     let mut results = Vec::new();
     let mut total = 0;
     for (index, d) in docs.iter().enumerate() {
@@ -548,7 +625,10 @@ async fn rerank(sim: &Sim, model: String, req: &Value) -> Response<Body> {
             .as_str()
             .or_else(|| d.get("text").and_then(Value::as_str))
             .unwrap_or("");
-        let t = tokens::tokenize(text, cpt);
+        let t = match sim.tokenizer.text(text) {
+            Ok(t) => t,
+            Err(e) => return bad_request(e, name),
+        };
         if let Err(e) = prefill(sim, &[q.clone(), t.clone()].concat()).await {
             return admit_error(e, name);
         }
@@ -573,7 +653,6 @@ async fn rerank(sim: &Sim, model: String, req: &Value) -> Response<Body> {
 
 async fn score(sim: &Sim, model: String, req: &Value) -> Response<Body> {
     let name = &sim.name;
-    let cpt = sim.args.chars_per_token;
     let text = |k: &str| match req.get(k) {
         Some(Value::String(s)) => Some(vec![s.clone()]),
         Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()),
@@ -590,7 +669,10 @@ async fn score(sim: &Sim, model: String, req: &Value) -> Response<Body> {
     let mut data = Vec::new();
     let mut total = 0;
     for (index, (a, b)) in pairs.iter().enumerate() {
-        let (ta, tb) = (tokens::tokenize(a, cpt), tokens::tokenize(b, cpt));
+        let (ta, tb) = match (sim.tokenizer.text(a), sim.tokenizer.text(b)) {
+            (Ok(ta), Ok(tb)) => (ta, tb),
+            (Err(e), _) | (_, Err(e)) => return bad_request(e, name),
+        };
         if let Err(e) = prefill(sim, &[ta.clone(), tb.clone()].concat()).await {
             return admit_error(e, name);
         }

@@ -8,9 +8,16 @@
 //!   grows with the uncached prompt and with the prefills queued before it.
 //! - Decode: every output token takes `decode_base + decode_per_seq x (other running
 //!   sequences)`.
+//! - KV events (when a publisher is attached): each admission is one engine step, published
+//!   as one batch at once (vLLM publishes a step's batch when its forward pass ends, about
+//!   when the prefill completes), its events in the order vLLM's scheduler makes them: the
+//!   cache hit announced from the root (`BlockStored`, only for requests in vLLM's `full`
+//!   report mode), the blocks evicted to make room (`BlockRemoved`, one per block), then the
+//!   prompt's full blocks past the hit (`BlockStored`, chained to the last hit block). A cache
+//!   reset is a batch of its own.
 //!
 //! It is a model of vLLM's behaviour under load, not of its kernels: no preemption, no
-//! chunked-prefill interleaving.
+//! chunked-prefill interleaving, and output tokens never fill cacheable blocks.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +27,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::kv::{BlockPool, block_hashes};
+use lmstack_kv::event::Event;
+
+use super::kv::{Allocation, BlockPool, block_hashes};
+use super::kv_events::{self, EventSink, RequestKv};
 use super::metrics::SimMetrics;
 
 #[derive(Clone, Debug)]
@@ -59,6 +69,8 @@ enum Admission {
 
 struct Pending {
     hashes: Vec<u64>,
+    /// The prompt's tokens and what its events carry, when events are published.
+    events: Option<(Vec<u32>, RequestKv)>,
     usable_hits: usize,
     anonymous: usize,
     prompt_len: usize,
@@ -79,6 +91,7 @@ pub struct Engine {
     state: Mutex<State>,
     running: AtomicUsize,
     pub metrics: SimMetrics,
+    events: Option<EventSink>,
 }
 
 /// A running request's hold on its slot and blocks; dropping it finishes the request.
@@ -112,7 +125,7 @@ pub enum AdmitError {
 }
 
 impl Engine {
-    pub fn new(config: EngineConfig, metrics: SimMetrics) -> Arc<Self> {
+    pub fn new(config: EngineConfig, metrics: SimMetrics, events: Option<EventSink>) -> Arc<Self> {
         let pool = BlockPool::new(config.num_blocks);
         Arc::new(Self {
             state: Mutex::new(State {
@@ -123,6 +136,7 @@ impl Engine {
             }),
             running: AtomicUsize::new(0),
             metrics,
+            events,
             config,
         })
     }
@@ -132,12 +146,14 @@ impl Engine {
     }
 
     /// Admits a request that arrived at `arrived` (waiting for room if needed) and schedules its
-    /// prefill: from its arrival when admitted at once, else from when room was made.
+    /// prefill: from its arrival when admitted at once, else from when room was made. `kv` is
+    /// what its blocks are hashed with (and what their events carry).
     pub async fn admit(
         self: &Arc<Self>,
         tokens: &[u32],
         max_tokens: usize,
         arrived: Instant,
+        kv: &RequestKv,
     ) -> Result<(Lease, Admitted), AdmitError> {
         let c = &self.config;
         let total = tokens.len() + max_tokens;
@@ -149,7 +165,7 @@ impl Engine {
                 output: max_tokens,
             });
         }
-        let hashes = block_hashes(tokens, c.block_size);
+        let hashes = block_hashes(tokens, c.block_size, &kv.extras);
         let anonymous = total.div_ceil(c.block_size) - hashes.len();
         if hashes.len() + anonymous > c.num_blocks {
             return Err(AdmitError::TooBig {
@@ -165,6 +181,7 @@ impl Engine {
             let mut state = self.lock();
             state.waiting.push_back(Pending {
                 hashes: hashes.clone(),
+                events: self.events.is_some().then(|| (tokens.to_vec(), kv.clone())),
                 usable_hits,
                 anonymous,
                 prompt_len: tokens.len(),
@@ -195,6 +212,9 @@ impl Engine {
                 break;
             };
             let alloc = state.pool.allocate(&p.hashes, p.usable_hits, p.anonymous);
+            if let (Some(sink), Some((tokens, kv))) = (&self.events, &p.events) {
+                sink.publish(step_events(&p.hashes, tokens, c.block_size, kv, &alloc));
+            }
             let cached = alloc.hit_blocks * c.block_size;
             let now = Instant::now();
             // On arrival only the request just queued can be admitted (the ones before it are
@@ -232,6 +252,17 @@ impl Engine {
         );
     }
 
+    /// vLLM's `reset_prefix_cache`: drops every cached block, only while no request holds any
+    /// (false otherwise, and nothing changes). Announced by `AllBlocksCleared`.
+    pub fn reset_prefix_cache(&self) -> bool {
+        let mut state = self.lock();
+        let reset = state.pool.reset();
+        if reset && let Some(sink) = &self.events {
+            sink.publish(vec![Event::Cleared]);
+        }
+        reset
+    }
+
     fn release(&self, hashes: &[u64], anonymous: usize) {
         let mut state = self.lock();
         state.pool.release(hashes, anonymous);
@@ -248,6 +279,29 @@ impl Engine {
         let others = self.running.load(Ordering::Relaxed).saturating_sub(1);
         self.config.decode_base + self.config.decode_per_seq * others as u32
     }
+}
+
+/// One admission's events, in the order vLLM's scheduler makes them in a step.
+fn step_events(hashes: &[u64], tokens: &[u32], block_size: usize, kv: &RequestKv, alloc: &Allocation) -> Vec<Event> {
+    let hits = alloc.hit_blocks;
+    let mut events = Vec::with_capacity(alloc.evicted.len() + 2);
+    if kv.report_cached && hits > 0 {
+        events.push(kv_events::stored(
+            &hashes[..hits],
+            None,
+            &tokens[..hits * block_size],
+            0,
+            block_size,
+            kv,
+        ));
+    }
+    events.extend(alloc.evicted.iter().map(|&h| kv_events::removed(h)));
+    if hits < hashes.len() {
+        let parent = hits.checked_sub(1).map(|i| hashes[i]);
+        let blocks = &tokens[hits * block_size..hashes.len() * block_size];
+        events.push(kv_events::stored(&hashes[hits..], parent, blocks, hits, block_size, kv));
+    }
+    events
 }
 
 #[cfg(test)]
@@ -273,6 +327,7 @@ mod tests {
                 precise_timers: false,
             },
             SimMetrics::new("m", 4, num_blocks),
+            None,
         )
     }
 
@@ -281,13 +336,19 @@ mod tests {
         let e = engine(100, 4);
         let tokens: Vec<u32> = (0..40).collect();
         let t0 = Instant::now();
-        let (lease, first) = e.admit(&tokens, 4, Instant::now()).await.unwrap();
+        let (lease, first) = e
+            .admit(&tokens, 4, Instant::now(), &RequestKv::default())
+            .await
+            .unwrap();
         assert_eq!(first.cached_tokens, 0);
         assert_eq!(first.first_token_at - t0, Duration::from_millis(5));
         tokio::time::sleep_until(first.first_token_at).await;
         drop(lease);
         let t1 = Instant::now();
-        let (_lease, second) = e.admit(&tokens, 4, Instant::now()).await.unwrap();
+        let (_lease, second) = e
+            .admit(&tokens, 4, Instant::now(), &RequestKv::default())
+            .await
+            .unwrap();
         assert_eq!(second.cached_tokens, 36);
         assert_eq!(second.first_token_at - t1, Duration::from_micros(1400));
     }
@@ -295,10 +356,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn requests_wait_for_a_running_slot() {
         let e = engine(100, 1);
-        let (lease, _) = e.admit(&[1, 2, 3, 4, 5], 2, Instant::now()).await.unwrap();
+        let (lease, _) = e
+            .admit(&[1, 2, 3, 4, 5], 2, Instant::now(), &RequestKv::default())
+            .await
+            .unwrap();
         let e2 = e.clone();
         let waiter = tokio::spawn(async move {
-            e2.admit(&[9, 9, 9, 9, 9], 2, Instant::now())
+            e2.admit(&[9, 9, 9, 9, 9], 2, Instant::now(), &RequestKv::default())
                 .await
                 .map(|(_, a)| a.queued)
         });
@@ -316,8 +380,8 @@ mod tests {
         let a: Vec<u32> = (0..40).collect();
         let b: Vec<u32> = (100..140).collect();
         let t0 = Instant::now();
-        let (_la, first) = e.admit(&a, 1, Instant::now()).await.unwrap();
-        let (_lb, second) = e.admit(&b, 1, Instant::now()).await.unwrap();
+        let (_la, first) = e.admit(&a, 1, Instant::now(), &RequestKv::default()).await.unwrap();
+        let (_lb, second) = e.admit(&b, 1, Instant::now(), &RequestKv::default()).await.unwrap();
         assert_eq!(first.first_token_at - t0, Duration::from_millis(5));
         assert_eq!(second.first_token_at - t0, Duration::from_millis(10));
     }
@@ -330,7 +394,7 @@ mod tests {
         let mut ready = Vec::new();
         let mut leases = Vec::new();
         for p in &prompts {
-            let (lease, a) = e.admit(p, 1, Instant::now()).await.unwrap();
+            let (lease, a) = e.admit(p, 1, Instant::now(), &RequestKv::default()).await.unwrap();
             ready.push(a.first_token_at - t0);
             leases.push(lease);
         }
@@ -342,12 +406,143 @@ mod tests {
     async fn oversized_requests_are_refused() {
         let e = engine(3, 4);
         assert!(matches!(
-            e.admit(&[0; 40], 1, Instant::now()).await,
+            e.admit(&[0; 40], 1, Instant::now(), &RequestKv::default()).await,
             Err(AdmitError::TooBig { .. })
         ));
         assert!(matches!(
-            e.admit(&[0; 990], 20, Instant::now()).await,
+            e.admit(&[0; 990], 20, Instant::now(), &RequestKv::default()).await,
             Err(AdmitError::TooLong { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use lmstack_kv::event::{Batch, Stored};
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    use super::*;
+    use crate::sim::kv::BlockExtras;
+    use crate::sim::kv_events::{Command, test_sink};
+
+    fn engine(num_blocks: usize) -> (Arc<Engine>, UnboundedReceiver<Command>) {
+        let (sink, rx) = test_sink();
+        let config = EngineConfig {
+            block_size: 4,
+            num_blocks,
+            max_num_seqs: 8,
+            max_model_len: 1000,
+            prefill_lanes: 1,
+            prefill_base: Duration::ZERO,
+            prefill_per_token: Duration::ZERO,
+            decode_base: Duration::ZERO,
+            decode_per_seq: Duration::ZERO,
+            precise_timers: false,
+        };
+        (Engine::new(config, SimMetrics::new("m", 4, num_blocks), Some(sink)), rx)
+    }
+
+    fn next(rx: &mut UnboundedReceiver<Command>) -> Batch {
+        match rx.try_recv() {
+            Ok(Command::Batch(b)) => b,
+            other => panic!("no batch: {other:?}"),
+        }
+    }
+
+    fn stored(e: &Event) -> &Stored {
+        match e {
+            Event::Stored(s) => s,
+            other => panic!("not a BlockStored: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_admission_announces_the_blocks_past_its_hit() {
+        let (e, mut rx) = engine(100);
+        let tokens: Vec<u32> = (0..42).collect();
+        let kv = RequestKv::default();
+        drop(e.admit(&tokens, 1, Instant::now(), &kv).await.unwrap());
+        let first = next(&mut rx);
+        assert_eq!((first.dp_rank, first.events.len()), (Some(0), 1));
+        let s = stored(&first.events[0]);
+        assert_eq!(
+            (s.hashes.len(), s.parent, s.token_ids.as_slice()),
+            (10, None, &tokens[..40])
+        );
+        assert_eq!(s.extra_keys, Some(vec![None; 10]));
+        // A longer prompt with the same head: only its new blocks, chained to the last hit.
+        let longer: Vec<u32> = (0..52).collect();
+        drop(e.admit(&longer, 1, Instant::now(), &kv).await.unwrap());
+        let second = next(&mut rx);
+        let t = stored(&second.events[0]);
+        assert_eq!(
+            (t.hashes.len(), t.parent, t.token_ids.as_slice()),
+            (3, Some(s.hashes[9]), &longer[40..52])
+        );
+        // In `full` report mode the hit is announced too, from the root.
+        let full = RequestKv {
+            report_cached: true,
+            ..Default::default()
+        };
+        drop(e.admit(&longer, 1, Instant::now(), &full).await.unwrap());
+        let third = next(&mut rx);
+        let hit = stored(&third.events[0]);
+        assert_eq!((hit.hashes.len(), hit.parent), (12, None));
+        assert_eq!(hit.hashes[..10], s.hashes[..]);
+        // The last block is recomputed (vLLM always computes the last prompt token): stored again.
+        assert_eq!(stored(&third.events[1]).hashes, [t.hashes[2]]);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn evictions_and_resets_are_announced() {
+        let (e, mut rx) = engine(6);
+        let kv = RequestKv::default();
+        let a: Vec<u32> = (0..16).collect();
+        drop(e.admit(&a, 1, Instant::now(), &kv).await.unwrap());
+        let a_hashes = stored(&next(&mut rx).events[0]).hashes.clone();
+        let b: Vec<u32> = (100..116).collect();
+        let lease = e.admit(&b, 1, Instant::now(), &kv).await.unwrap();
+        let batch = next(&mut rx);
+        // Four new blocks and a decode block need five: three of a's go, tail first.
+        let removed: Vec<u64> = batch.events[..3]
+            .iter()
+            .map(|ev| match ev {
+                Event::Removed(r) => r.hashes[0],
+                other => panic!("not a BlockRemoved: {other:?}"),
+            })
+            .collect();
+        assert_eq!(removed, [a_hashes[3], a_hashes[2], a_hashes[1]]);
+        assert_eq!(stored(&batch.events[3]).hashes.len(), 4);
+        assert!(!e.reset_prefix_cache(), "b still holds its blocks");
+        assert!(rx.try_recv().is_err());
+        drop(lease);
+        assert!(e.reset_prefix_cache());
+        assert_eq!(next(&mut rx).events, [Event::Cleared]);
+    }
+
+    #[tokio::test]
+    async fn a_salt_gives_other_hashes_and_its_extra_key() {
+        let (e, mut rx) = engine(100);
+        let tokens: Vec<u32> = (0..8).collect();
+        drop(
+            e.admit(&tokens, 1, Instant::now(), &RequestKv::default())
+                .await
+                .unwrap(),
+        );
+        let plain = stored(&next(&mut rx).events[0]).clone();
+        let salted = RequestKv {
+            extras: BlockExtras {
+                cache_salt: Some("s".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (_, admitted) = e.admit(&tokens, 1, Instant::now(), &salted).await.unwrap();
+        assert_eq!(admitted.cached_tokens, 0);
+        let s = stored(&next(&mut rx).events[0]).clone();
+        assert!(s.hashes.iter().zip(&plain.hashes).all(|(a, b)| a != b));
+        let salt = lmstack_kv::event::Extra::Text("s".into());
+        assert_eq!(s.extra_keys, Some(vec![Some(vec![salt]), None]));
     }
 }

@@ -1,22 +1,49 @@
 //! The simulated KV block pool with prefix caching, after vLLM's: full prompt blocks are
-//! identified by chained hashes (a block's hash covers every token before it), blocks that
-//! no running request holds stay cached until evicted in LRU order, and a request's blocks
-//! are freed tail first so that the shared head of a prompt outlives its private tail.
+//! identified by chained hashes (a block's hash covers every token before it, and the
+//! request's extra keys), blocks that no running request holds stay cached until evicted in
+//! LRU order, and a request's blocks are freed tail first so that the shared head of a
+//! prompt outlives its private tail. The hashes are the simulator's own (xxh3): equal only
+//! within one simulator, as vLLM's are within one engine.
 
 use std::collections::{BTreeMap, HashMap};
 
-/// Chained hashes of the full blocks of `tokens`.
-pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+use xxhash_rust::xxh3::Xxh3;
+
+/// What makes a request's blocks differ beyond their tokens, as vLLM hashes them: the LoRA
+/// adapter (every block) and the cache salt (the first block only).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockExtras {
+    pub lora_name: Option<String>,
+    pub cache_salt: Option<String>,
+}
+
+impl BlockExtras {
+    /// Block `i`'s extra keys, in the order vLLM publishes them: the LoRA name, then the salt
+    /// (an empty salt is no salt, as in vLLM).
+    pub fn keys(&self, i: usize) -> Vec<&str> {
+        let salt = self.cache_salt.as_deref().filter(|s| i == 0 && !s.is_empty());
+        self.lora_name.as_deref().into_iter().chain(salt).collect()
+    }
+}
+
+/// Chained hashes of the full blocks of `tokens`, each over its parent's hash, its extra
+/// keys and its tokens.
+pub fn block_hashes(tokens: &[u32], block_size: usize, extras: &BlockExtras) -> Vec<u64> {
     let mut parent = 0u64;
     tokens
         .chunks_exact(block_size)
-        .map(|block| {
-            let mut bytes = Vec::with_capacity(8 + block.len() * 4);
-            bytes.extend_from_slice(&parent.to_le_bytes());
-            for t in block {
-                bytes.extend_from_slice(&t.to_le_bytes());
+        .enumerate()
+        .map(|(i, block)| {
+            let mut h = Xxh3::new();
+            h.update(&parent.to_le_bytes());
+            for key in extras.keys(i) {
+                h.update(&(key.len() as u64).to_le_bytes());
+                h.update(key.as_bytes());
             }
-            parent = xxhash_rust::xxh3::xxh3_64(&bytes);
+            for t in block {
+                h.update(&t.to_le_bytes());
+            }
+            parent = h.digest();
             parent
         })
         .collect()
@@ -30,12 +57,12 @@ struct Block {
 }
 
 /// What admitting a request did to the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocation {
     /// Leading prompt blocks found in the cache.
     pub hit_blocks: usize,
-    /// Blocks evicted to make room.
-    pub evicted: usize,
+    /// The cached blocks evicted to make room, in eviction order.
+    pub evicted: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -100,14 +127,14 @@ impl BlockPool {
         for h in &hashes[..hits] {
             self.hold(*h);
         }
-        let mut evicted = 0;
+        let mut evicted = Vec::new();
         let needed = hashes.len() - hits + anonymous;
         while self.blocks.len() + self.anonymous + needed > self.capacity {
             let Some((_, victim)) = self.lru.pop_first() else {
                 break;
             };
             self.blocks.remove(&victim);
-            evicted += 1;
+            evicted.push(victim);
         }
         for h in &hashes[hits..] {
             // A block may already exist past a missing one (a hash chain shares no middle),
@@ -148,6 +175,17 @@ impl BlockPool {
         }
         self.anonymous = self.anonymous.saturating_sub(anonymous);
     }
+
+    /// Drops every cached block, as vLLM's `reset_prefix_cache`: only when no request holds
+    /// any block (false, and nothing changed, otherwise).
+    pub fn reset(&mut self) -> bool {
+        if self.in_use() > 0 {
+            return false;
+        }
+        self.blocks.clear();
+        self.lru.clear();
+        true
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +195,10 @@ mod tests {
 
     fn tokens(range: std::ops::Range<u32>) -> Vec<u32> {
         range.collect()
+    }
+
+    fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+        super::block_hashes(tokens, block_size, &BlockExtras::default())
     }
 
     #[test]
@@ -191,9 +233,45 @@ mod tests {
         pool.release(&a, 0);
         let b = block_hashes(&tokens(1000..1032), 16);
         let alloc = pool.allocate(&b, usize::MAX, 0);
-        assert_eq!(alloc.evicted, 2);
+        assert_eq!(alloc.evicted, [a[3], a[2]]);
         // The head of `a` survived, its tail went.
         assert_eq!(pool.cached_prefix(&a), 2);
+    }
+
+    #[test]
+    fn a_salt_changes_the_first_block_and_so_every_block() {
+        let t = tokens(0..48);
+        let plain = block_hashes(&t, 16);
+        let salted = |salt: &str| {
+            let extras = BlockExtras {
+                cache_salt: Some(salt.to_owned()),
+                ..Default::default()
+            };
+            super::block_hashes(&t, 16, &extras)
+        };
+        let (a, b) = (salted("a"), salted("b"));
+        assert!(plain.iter().zip(&a).all(|(p, s)| p != s));
+        assert!(a.iter().zip(&b).all(|(x, y)| x != y));
+        assert_eq!(salted(""), plain, "an empty salt is no salt");
+        let lora = BlockExtras {
+            lora_name: Some("sql".into()),
+            cache_salt: Some("a".into()),
+        };
+        assert_eq!(lora.keys(0), ["sql", "a"]);
+        assert_eq!(lora.keys(1), ["sql"]);
+    }
+
+    #[test]
+    fn a_reset_drops_the_cache_only_when_nothing_is_held() {
+        let mut pool = BlockPool::new(10);
+        let a = block_hashes(&tokens(0..32), 16);
+        pool.allocate(&a, usize::MAX, 1);
+        assert!(!pool.reset());
+        assert_eq!(pool.cached_prefix(&a), 2);
+        pool.release(&a, 1);
+        assert!(pool.reset());
+        assert_eq!(pool.cached_prefix(&a), 0);
+        assert_eq!((pool.in_use(), pool.cached_free()), (0, 0));
     }
 
     #[test]

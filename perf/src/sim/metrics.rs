@@ -21,6 +21,9 @@ pub const QUEUE_TIME: &str = "vllm:request_queue_time_seconds";
 pub const PREFILL_TIME: &str = "vllm:request_prefill_time_seconds";
 pub const DECODE_TIME: &str = "vllm:request_decode_time_seconds";
 pub const CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
+/// The process's start (seconds since the Unix epoch), as prometheus_client exports it: what
+/// tells a restarted engine from the one before.
+pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
 
 /// Installs the process-wide recorder (one engine per process).
 pub fn install() -> PrometheusHandle {
@@ -38,10 +41,15 @@ pub fn install() -> PrometheusHandle {
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(ITL.into()), &itl))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_time_seconds".into()), &latency))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(E2E.into()), &latency));
-    match builder.and_then(|b| b.install_recorder()) {
+    let handle = match builder.and_then(|b| b.install_recorder()) {
         Ok(handle) => handle,
         Err(e) => panic!("cannot install the metrics recorder: {e}"),
-    }
+    };
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    gauge!(PROCESS_START_TIME).set(start);
+    handle
 }
 
 /// Handles for one engine's metrics.

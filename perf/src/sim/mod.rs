@@ -6,23 +6,33 @@
 //! token growing with the uncached prompt, decode time growing with the running sequences,
 //! and a bounded running set with a waiting queue (see `engine.rs`). It runs on tokio and
 //! hyper, a different HTTP stack from the router's, which keeps the router honest.
+//!
+//! For exact KV routing it can also tokenize with a model's real tokenizer and chat template
+//! (`--tokenizer`) and publish vLLM's KV events over ZeroMQ (`--kv-events-port`,
+//! `kv_events.rs`), so that what it announces is what a vLLM engine would for the same
+//! requests.
 
 pub mod api;
 pub mod engine;
 pub mod kv;
+pub mod kv_events;
 pub mod metrics;
 pub mod tokens;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use self::engine::{Engine, EngineConfig};
+use self::kv_events::{KvEventsConfig, Publisher};
+use self::tokens::Tokenizer;
 
 /// Every knob of the simulated engine.
 #[derive(Clone, Debug, Parser)]
@@ -91,6 +101,50 @@ pub struct SimArgs {
     /// Runtime worker threads (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Tokenize prompts with this model directory's tokenizer and chat template
+    /// (`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`), as vLLM does, instead
+    /// of the simulator's own hash tokenizer: prompt token ids, and so KV blocks and events,
+    /// are then a real engine's.
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// Publish vLLM's KV cache events on a ZeroMQ PUB socket bound on tcp://HOST:PORT (HOST is
+    /// --host); 0: no events, and no `/kv_event_sources`.
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    pub kv_events_port: u16,
+    /// Serve replays of recent KV event batches on a ZeroMQ ROUTER socket bound on
+    /// tcp://HOST:PORT, as vLLM's `replay_endpoint`; 0: none. Needs --kv-events-port.
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    pub kv_events_replay_port: u16,
+    /// KV event batches kept for replay (vLLM's `buffer_steps`).
+    #[arg(long, default_value_t = 10_000)]
+    pub kv_events_buffer_steps: usize,
+    /// The topic (first frame) of every KV event message.
+    #[arg(long, default_value = "")]
+    pub kv_events_topic: String,
+    /// How KV events are encoded: `tagged` (maps with a "type" key, vLLM 0.9 and later) or
+    /// `positional` (arrays, older releases).
+    #[arg(long, value_enum, default_value_t = EventEncoding::Tagged)]
+    pub kv_events_encoding: EventEncoding,
+    /// Which cache hits are announced: `incremental` (vLLM's default: only newly stored blocks,
+    /// unless a request asks with `vllm_xargs: {"kv_cache_report_mode": "full"}`) or `full`
+    /// (every request's hit is announced again from the first block, as vLLM does for a
+    /// request in `full` mode).
+    #[arg(long, value_enum, default_value_t = ReportMode::Incremental)]
+    pub kv_cache_report_mode: ReportMode,
+}
+
+/// `--kv-events-encoding`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EventEncoding {
+    Tagged,
+    Positional,
+}
+
+/// `--kv-cache-report-mode`: vLLM's per-request `kv_cache_report_mode`, for every request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportMode {
+    Incremental,
+    Full,
 }
 
 fn ms(v: f64) -> Duration {
@@ -116,6 +170,10 @@ pub fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.max_num_seqs > 0, "--max-num-seqs must be positive");
     anyhow::ensure!(args.prefill_lanes > 0, "--prefill-lanes must be positive");
     anyhow::ensure!(!args.models.is_empty(), "--model is required");
+    anyhow::ensure!(
+        args.kv_events_replay_port == 0 || args.kv_events_port != 0,
+        "--kv-events-replay-port needs --kv-events-port"
+    );
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
@@ -129,8 +187,32 @@ pub fn main() -> anyhow::Result<()> {
 
 async fn serve(args: SimArgs) -> anyhow::Result<()> {
     let prometheus = metrics::install();
+    let tokenizer = match &args.tokenizer {
+        Some(dir) => Tokenizer::model(dir).with_context(|| format!("--tokenizer {}", dir.display()))?,
+        None => Tokenizer::Hash {
+            chars_per_token: args.chars_per_token,
+        },
+    };
     let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
     let bound: SocketAddr = listener.local_addr()?;
+    let publisher = if args.kv_events_port == 0 {
+        None
+    } else {
+        Some(
+            Publisher::start(KvEventsConfig {
+                host: args.host.clone(),
+                port: args.kv_events_port,
+                replay_port: Some(args.kv_events_replay_port).filter(|&p| p != 0),
+                buffer_steps: args.kv_events_buffer_steps,
+                topic: args.kv_events_topic.clone(),
+                encoding: match args.kv_events_encoding {
+                    EventEncoding::Tagged => lmstack_kv::event::Encoding::Tagged,
+                    EventEncoding::Positional => lmstack_kv::event::Encoding::Positional,
+                },
+            })
+            .await?,
+        )
+    };
     let engine = Engine::new(
         EngineConfig {
             block_size: args.block_size,
@@ -145,9 +227,17 @@ async fn serve(args: SimArgs) -> anyhow::Result<()> {
             precise_timers: args.precise_timers,
         },
         metrics::SimMetrics::new(&args.models[0], args.block_size, args.num_gpu_blocks),
+        publisher.as_ref().map(Publisher::sink),
     );
-    let sim = Arc::new(api::Sim::new(args, bound, engine, prometheus));
+    let kv_events = (args.kv_events_port, args.kv_events_replay_port);
+    let sim = Arc::new(api::Sim::new(args, bound, engine, prometheus, tokenizer, publisher));
     println!("lmstack-sim listening on http://{bound} as {}", sim.name);
+    if kv_events.0 != 0 {
+        let replay = Some(kv_events.1)
+            .filter(|&p| p != 0)
+            .map_or(String::new(), |p| format!(", replays on port {p}"));
+        println!("lmstack-sim publishing KV events on port {}{replay}", kv_events.0);
+    }
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,

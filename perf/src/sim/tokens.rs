@@ -1,8 +1,70 @@
-//! The simulator's tokenizer and chat template: deterministic and cheap, not a real
-//! vocabulary. Text is cut into pieces of `chars_per_token` bytes, each hashed to an id, so
-//! equal text prefixes give equal token prefixes (which is all prefix caching needs).
+//! The simulator's tokenizers. By default its own, deterministic and cheap, not a real
+//! vocabulary: text is cut into pieces of `chars_per_token` bytes, each hashed to an id, so
+//! equal text prefixes give equal token prefixes (which is all prefix caching needs). With
+//! `--tokenizer`, a model's real tokenizer and chat template, applied as vLLM applies them
+//! (`lmstack_kv::prompt`), for token-exact KV blocks and events.
 
-use serde_json::Value;
+use std::path::Path;
+
+use lmstack_kv::prompt::{PromptError, PromptTokenizer};
+use serde_json::{Value, json};
+
+/// How requests become prompt token ids.
+pub enum Tokenizer {
+    /// The simulator's hash tokenizer and chat rendering.
+    Hash { chars_per_token: usize },
+    /// A model's tokenizer and chat template, as vLLM applies them.
+    Model(Box<PromptTokenizer>),
+}
+
+impl Tokenizer {
+    /// Loads a model directory's tokenizer and chat template.
+    pub fn model(dir: &Path) -> Result<Self, PromptError> {
+        Ok(Self::Model(Box::new(PromptTokenizer::from_dir(dir)?)))
+    }
+
+    /// The prompt of a `/v1/completions` request (`body` raw, `req` the same parsed).
+    pub fn completion(&self, body: &[u8], req: &Value) -> Result<Vec<u32>, String> {
+        match self {
+            Tokenizer::Hash { chars_per_token } => match req.get("prompt") {
+                Some(prompt) => prompt_tokens(prompt, *chars_per_token),
+                None => Err("`prompt` is required".into()),
+            },
+            Tokenizer::Model(t) => t.completion(body).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The prompt of a `/v1/chat/completions` request: its messages rendered by the chat
+    /// template, tokenized (`body` raw, whose key order a template may see; `req` parsed).
+    pub fn chat(&self, body: &[u8], req: &Value) -> Result<Vec<u32>, String> {
+        match self {
+            Tokenizer::Hash { chars_per_token } => match req.get("messages") {
+                Some(messages) => render_chat(messages).map(|text| tokenize(&text, *chars_per_token)),
+                None => Err("`messages` is required".into()),
+            },
+            Tokenizer::Model(t) => t.chat(body).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The prompt of a `/v1/responses` request: its `input` (a string, or messages) as a chat.
+    pub fn responses(&self, req: &Value) -> Result<Vec<u32>, String> {
+        let messages = match req.get("input") {
+            Some(Value::String(s)) => json!([{"role": "user", "content": s}]),
+            Some(list @ Value::Array(_)) => list.clone(),
+            _ => return Err("`input` must be a string or a list of messages".into()),
+        };
+        let chat = json!({"messages": messages});
+        self.chat(chat.to_string().as_bytes(), &chat)
+    }
+
+    /// A text to embed, rank or score, with special tokens as vLLM adds them.
+    pub fn text(&self, text: &str) -> Result<Vec<u32>, String> {
+        match self {
+            Tokenizer::Hash { chars_per_token } => Ok(tokenize(text, *chars_per_token)),
+            Tokenizer::Model(t) => t.encode(text, true).map_err(|e| e.to_string()),
+        }
+    }
+}
 
 pub const VOCAB: u32 = 50_000;
 
