@@ -11,9 +11,17 @@
 //!   - a sequence that goes backwards is a new publisher, a restarted engine: dropped alike;
 //!   - `AllBlocksCleared` (a cache reset) drops them too;
 //!   - a stored block whose parent is unknown cannot be keyed (its chain is unknown) and is
-//!     skipped. vLLM announces a cached prefix again each time a request reuses it, so a
-//!     dropped index fills again from the traffic itself, and what it holds is never more
-//!     than the engine holds.
+//!     skipped.
+//!
+//!   So the set never holds more than the engine does. It may hold less: what the engine
+//!   stored before the index saw it (a subscription to a running engine, a dropped rank;
+//!   vLLM re-announces a reused prefix only for requests asking `kv_cache_report_mode:
+//!   full`). The index says whether it is **complete** ([`Held::is_complete`]): it is when
+//!   it has seen every batch since the engine's cache was last empty (a first sequence
+//!   number of 0, `AllBlocksCleared`, an engine known to have served nothing). Otherwise it
+//!   counts the blocks it may be missing, at most the engine's capacity, down by every
+//!   eviction of a block it never saw: at 0 every such block is gone, and it is complete
+//!   again. A caller treats an incomplete set as a lower bound.
 //!
 //!   A hard bound on blocks per engine holds memory: blocks past it are not indexed (and
 //!   counted), which can only under-report what an engine holds.
@@ -32,6 +40,7 @@ pub struct Held {
     blocks: AtomicUsize,
     block_size: AtomicU32,
     fresh: AtomicBool,
+    complete: AtomicBool,
     clears: AtomicU64,
     last_event_ms: AtomicU64,
 }
@@ -58,6 +67,11 @@ impl Held {
     /// not been found stale since.
     pub fn is_fresh(&self) -> bool {
         self.fresh.load(Ordering::Acquire)
+    }
+
+    /// Whether the set is all the engine holds (see the module's doc), not a lower bound.
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
     }
 
     /// How many times the index was dropped (gaps, restarts, resets).
@@ -207,6 +221,8 @@ struct Rank {
     /// Sequence numbers below this were applied by a replay: seen live again, they are
     /// duplicates, not a restart.
     replayed_below: Option<i64>,
+    /// Blocks the engine may hold that the index never saw (`None`: none, complete).
+    unknown: Option<u64>,
 }
 
 /// One engine's index, fed with its event batches in the order they arrive.
@@ -218,6 +234,10 @@ pub struct EngineIndex {
     /// How many ranks hold each key (a key is in `held` while any does).
     refs: HashMap<BlockKey, u32>,
     stats: IndexStats,
+    /// Blocks one rank's cache holds at most (what it may hold unseen).
+    capacity: u64,
+    /// The engine was known to hold nothing when the index started.
+    started_empty: bool,
 }
 
 impl EngineIndex {
@@ -229,7 +249,36 @@ impl EngineIndex {
             ranks: HashMap::new(),
             refs: HashMap::new(),
             stats: IndexStats::default(),
+            capacity: limits.max_blocks as u64,
+            started_empty: false,
         }
+    }
+
+    /// Sets what one rank's cache holds at most, in blocks (vLLM's `num_gpu_blocks`), the
+    /// most an incomplete index may be missing; the default is the index's bound.
+    pub fn set_capacity(&mut self, blocks: u64) {
+        self.capacity = blocks.max(1);
+        for r in self.ranks.values_mut() {
+            if let Some(n) = &mut r.unknown {
+                *n = (*n).min(self.capacity);
+            }
+        }
+    }
+
+    /// Says the engine held nothing when the index started (it had served no request), so
+    /// the index is complete until a batch shows events were missed.
+    pub fn started_empty(&mut self) {
+        self.started_empty = true;
+        self.update_complete();
+    }
+
+    fn update_complete(&self) {
+        let complete = if self.ranks.is_empty() {
+            self.started_empty
+        } else {
+            self.ranks.values().all(|r| r.unknown.is_none())
+        };
+        self.held.complete.store(complete, Ordering::Release);
     }
 
     pub fn held(&self) -> &Arc<Held> {
@@ -275,7 +324,14 @@ impl EngineIndex {
             SeqCheck::InOrder => {}
         }
         self.stats.batches += 1;
-        self.ranks.entry(rank).or_default().next_seq = Some(seq.saturating_add(1));
+        let capacity = self.capacity;
+        let r = self.ranks.entry(rank).or_default();
+        if r.next_seq.is_none() {
+            // A publisher's first batch is 0: it has seen everything. Joined later, what the
+            // batches before stored is unseen.
+            r.unknown = (seq != 0).then_some(capacity);
+        }
+        r.next_seq = Some(seq.saturating_add(1));
         for event in &batch.events {
             match event {
                 Event::Stored(s) => self.stored(rank, s),
@@ -288,6 +344,7 @@ impl EngineIndex {
             }
         }
         self.held.last_event_ms.store(now_ms, Ordering::Relaxed);
+        self.update_complete();
         check
     }
 
@@ -301,6 +358,8 @@ impl EngineIndex {
             self.drop_rank(rank, reason);
         }
         self.ranks.clear();
+        self.started_empty = false;
+        self.update_complete();
     }
 
     fn clear_rank(&mut self, rank: u32, reason: ClearReason) {
@@ -318,9 +377,13 @@ impl EngineIndex {
             unref(&mut self.refs, &self.held.set, &guard, key);
         }
         r.replayed_below = None;
-        if reason != ClearReason::Reset {
-            // A reset keeps the publisher (and its sequence); the others start over.
+        if reason == ClearReason::Reset {
+            // The engine holds nothing now; the publisher (and its sequence) goes on.
+            r.unknown = None;
+        } else {
+            // The others start over, and what the engine holds is unseen.
             r.next_seq = None;
+            r.unknown = Some(self.capacity);
         }
         self.held.blocks.store(self.refs.len(), Ordering::Relaxed);
     }
@@ -395,8 +458,12 @@ impl EngineIndex {
         };
         let guard = self.held.set.guard();
         for hash in &rm.hashes {
-            if let Some(key) = r.by_hash.remove(&(group, *hash)) {
-                unref(&mut self.refs, &self.held.set, &guard, key);
+            match r.by_hash.remove(&(group, *hash)) {
+                Some(key) => unref(&mut self.refs, &self.held.set, &guard, key),
+                // A block the index never saw left: one fewer that may be missing.
+                None => {
+                    r.unknown = r.unknown.and_then(|n| n.checked_sub(1)).filter(|&n| n > 0);
+                }
             }
         }
         drop(guard);
@@ -495,9 +562,48 @@ mod tests {
         assert_eq!(ix.held().blocks(), 0);
         assert_eq!(ix.stats().events_dropped[&Dropped::Unchained], 1);
         assert_eq!(ix.stats().clears[&ClearReason::Gap], 1);
-        // A request reusing the prefix announces it again from the root.
+        assert!(!ix.held().is_complete());
+        // A request reusing the prefix (with `kv_cache_report_mode: full`) announces it
+        // again from the root.
         ix.apply(4, &batch(vec![stored(&[10, 11, 12], None, &PROMPT)]), 3);
         assert_eq!(ix.held().matched(&keys(&PROMPT)), 3);
+    }
+
+    #[test]
+    fn an_incomplete_index_is_complete_again_once_every_unseen_block_is_evicted() {
+        let mut ix = index(100);
+        ix.set_capacity(3);
+        // Joined late: up to 3 blocks may be held unseen.
+        ix.apply(7, &batch(vec![stored(&[10], None, &PROMPT[..4])]), 1);
+        assert!(!ix.held().is_complete());
+        // A known block's eviction says nothing about the unseen ones.
+        ix.apply(8, &batch(vec![removed(&[10])]), 2);
+        assert!(!ix.held().is_complete());
+        ix.apply(9, &batch(vec![removed(&[90, 91])]), 3);
+        assert!(!ix.held().is_complete());
+        ix.apply(10, &batch(vec![removed(&[92])]), 4);
+        assert!(ix.held().is_complete());
+        // A reset empties the engine: complete at once.
+        ix.apply(20, &batch(vec![]), 5);
+        assert!(!ix.held().is_complete());
+        ix.apply(21, &batch(vec![Event::Cleared]), 6);
+        assert!(ix.held().is_complete());
+    }
+
+    #[test]
+    fn a_publishers_first_batch_or_an_idle_engine_makes_it_complete() {
+        let mut ix = index(100);
+        assert!(!ix.held().is_complete(), "nothing known of a running engine");
+        ix.started_empty();
+        assert!(ix.held().is_complete(), "an engine that served nothing holds nothing");
+        let mut ix = index(100);
+        ix.apply(0, &batch(vec![]), 1);
+        assert!(ix.held().is_complete());
+        // A restart: the new publisher's first batch is 0 again.
+        ix.apply(5, &batch(vec![]), 2);
+        assert!(!ix.held().is_complete(), "a gap");
+        ix.apply(0, &batch(vec![]), 3);
+        assert!(ix.held().is_complete());
     }
 
     #[test]
