@@ -31,6 +31,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub discovery: DiscoveryConfig,
     pub routing: RoutingConfig,
+    pub kv_events: KvEventsConfig,
     pub log: LogConfig,
 }
 
@@ -386,6 +387,61 @@ impl AffinityConfig {
     }
 }
 
+/// Exact KV routing: `prefix` matches prompts against the blocks each engine reports holding
+/// in its KV events (vLLM's `--kv-events-config`), where it can, and against the affinity
+/// table elsewhere. An engine's publisher is found from its `/kv_event_sources`, else from
+/// `endpoints` or `endpoint_template`; a model's tokenizer from `tokenizers`, else the model
+/// card's `root` directory. `lmstack_routing_mode` says which engines are routed exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvEventsConfig {
+    /// Subscribe to engines' KV events (only models routed by `prefix` use them).
+    pub enabled: bool,
+    /// Per backend URL, its publisher's ZeroMQ endpoint (`tcp://host:port`), for engines that
+    /// do not serve `/kv_event_sources`.
+    pub endpoints: BTreeMap<String, String>,
+    /// The publisher of engines without an entry in `endpoints` that do not serve
+    /// `/kv_event_sources`: `{host}` becomes the engine's host, e.g. `tcp://{host}:5557`.
+    /// Empty: none.
+    pub endpoint_template: String,
+    /// The ZeroMQ topic to subscribe to (vLLM's `topic`; empty: all).
+    pub topic: String,
+    /// Per model, the directory with its `tokenizer.json` and chat template.
+    pub tokenizers: BTreeMap<String, PathBuf>,
+    /// Blocks indexed per engine at most (about 80 bytes each); past it, stored blocks are
+    /// not indexed and counted as dropped.
+    pub max_blocks_per_engine: usize,
+    /// Prompts longer than this (bytes of JSON) are matched on the affinity table instead of
+    /// being tokenized on the request path.
+    pub max_prompt_bytes: usize,
+    /// Time to connect to a publisher (and to read an engine's `/metrics` and
+    /// `/kv_event_sources` when it registers), ms.
+    pub connect_timeout_ms: u64,
+    /// Time for a replay of missed events (engines with a `replay_endpoint`), ms; past it the
+    /// engine's index is dropped instead.
+    pub replay_timeout_ms: u64,
+    /// How often engines are checked against discovery (new, gone, unhealthy), and how long
+    /// to wait before subscribing again after a failure, ms.
+    pub check_interval_ms: u64,
+}
+
+impl Default for KvEventsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            endpoints: BTreeMap::new(),
+            endpoint_template: String::new(),
+            topic: String::new(),
+            tokenizers: BTreeMap::new(),
+            max_blocks_per_engine: 262_144,
+            max_prompt_bytes: 1 << 20,
+            connect_timeout_ms: 2_000,
+            replay_timeout_ms: 2_000,
+            check_interval_ms: 1_000,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelRoutingConfig {
@@ -521,6 +577,25 @@ pub struct Cli {
     /// the engine and why (`routing.explain_header`).
     #[arg(long)]
     pub explain_routing: bool,
+    /// Do not subscribe to engines' KV events: `prefix` matches on the affinity table only
+    /// (`kv_events.enabled: false`).
+    #[arg(long)]
+    pub no_kv_events: bool,
+    /// The KV-event publisher of engines that do not serve `/kv_event_sources`, `{host}` for
+    /// the engine's host, e.g. `tcp://{host}:5557` (`kv_events.endpoint_template`).
+    #[arg(long)]
+    pub kv_events_endpoint: Option<String>,
+    /// `MODEL=DIR`: the directory with the model's `tokenizer.json` and chat template, for
+    /// exact KV routing (`kv_events.tokenizers`; repeat for more models).
+    #[arg(long, value_parser = parse_model_dir)]
+    pub tokenizer: Vec<(String, PathBuf)>,
+}
+
+fn parse_model_dir(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((model, dir)) if !model.is_empty() && !dir.is_empty() => Ok((model.to_owned(), PathBuf::from(dir))),
+        _ => Err(format!("expected MODEL=DIR, not {s:?}")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -626,6 +701,15 @@ impl Config {
         if cli.explain_routing {
             self.routing.explain_header = true;
         }
+        if cli.no_kv_events {
+            self.kv_events.enabled = false;
+        }
+        if let Some(t) = &cli.kv_events_endpoint {
+            self.kv_events.endpoint_template = t.clone();
+        }
+        for (model, dir) in &cli.tokenizer {
+            self.kv_events.tokenizers.insert(model.clone(), dir.clone());
+        }
         if let Some(v) = cli.connect_timeout_ms {
             self.upstream.connect_timeout_ms = v;
         }
@@ -666,6 +750,14 @@ impl Config {
             ),
             ("upstream.queue_timeout_ms", self.upstream.queue_timeout_ms),
             ("discovery.health.interval_ms", self.discovery.health.interval_ms),
+            (
+                "kv_events.max_blocks_per_engine",
+                self.kv_events.max_blocks_per_engine as u64,
+            ),
+            ("kv_events.max_prompt_bytes", self.kv_events.max_prompt_bytes as u64),
+            ("kv_events.connect_timeout_ms", self.kv_events.connect_timeout_ms),
+            ("kv_events.replay_timeout_ms", self.kv_events.replay_timeout_ms),
+            ("kv_events.check_interval_ms", self.kv_events.check_interval_ms),
             ("discovery.health.timeout_ms", self.discovery.health.timeout_ms),
             (
                 "discovery.health.unhealthy_after",
@@ -760,6 +852,22 @@ impl Config {
             return Err(invalid(
                 "routing.session.body_field must not be empty (use null for none)",
             ));
+        }
+        let kv = &self.kv_events;
+        let zmq = |e: &str| e.starts_with("tcp://") || e.starts_with("ipc://");
+        for (backend, endpoint) in &kv.endpoints {
+            BackendUrl::parse(backend).map_err(|e| invalid(format!("kv_events.endpoints: {backend}: {e}")))?;
+            if !zmq(endpoint) {
+                return Err(invalid(format!(
+                    "kv_events.endpoints: {backend}: {endpoint:?} is not a tcp:// or ipc:// endpoint"
+                )));
+            }
+        }
+        if !kv.endpoint_template.is_empty() && !zmq(&kv.endpoint_template) {
+            return Err(invalid(format!(
+                "kv_events.endpoint_template {:?} is not a tcp:// or ipc:// endpoint",
+                kv.endpoint_template
+            )));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid(format!("log.level {:?}: {e}", self.log.level)))?;

@@ -15,6 +15,7 @@ use lmstack_snapshot::AffinityEntry;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{Config, ms};
+use crate::kv::Kv;
 use crate::metrics::{self, LocalMetrics};
 use crate::queue::WaitQueue;
 use crate::state::{LocalRouting, SnapshotCell, StateRef};
@@ -34,6 +35,8 @@ pub struct Shared {
     pub affinity_out: Option<crossbeam_channel::Sender<Vec<AffinityEntry>>>,
     /// This process among the router's replicas.
     pub replica: String,
+    /// Exact KV routing's engine indexes and tokenizers (`kv_events.enabled`).
+    pub kv: Option<Arc<Kv>>,
 }
 
 /// Limits and timeouts, converted once from the configuration.
@@ -91,6 +94,10 @@ impl Limits {
 pub struct PrefixBuffers {
     pub blocks: Vec<u64>,
     pub matched: Vec<u32>,
+    /// Exact KV routing: the prompt's token block keys, and per pool index the blocks the
+    /// engine holds (`u32::MAX`: not matched exactly).
+    pub keys: Vec<u64>,
+    pub exact: Vec<u32>,
 }
 
 /// Free buffers kept per worker at most.

@@ -13,6 +13,7 @@ mod ctx;
 mod discovery;
 mod downstream;
 mod error;
+mod kv;
 mod metrics;
 mod proxy;
 mod queue;
@@ -115,7 +116,11 @@ fn run(config: Config) -> anyhow::Result<()> {
     } else {
         (None, None)
     };
+    let uses_prefix =
+        config.routing.policy.uses_prefix() || config.routing.models.values().any(|m| m.policy.uses_prefix());
+    let kv = (config.kv_events.enabled && uses_prefix).then(|| Arc::new(kv::Kv::new(config.kv_events.clone())));
     let shared = Arc::new(Shared {
+        kv: kv.clone(),
         cell: Arc::new(SnapshotCell::new(config.routing.clone())),
         config,
         prometheus,
@@ -128,6 +133,9 @@ fn run(config: Config) -> anyhow::Result<()> {
         control::spawn_reporter(shared.clone(), rx).context("starting the affinity reporter")?;
     }
     discovery::spawn(shared.clone()).context("starting discovery")?;
+    if let Some(kv) = kv {
+        kv::spawn(kv, shared.cell.clone())?;
+    }
     spawn_upkeep(shared.clone())?;
     for (id, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();

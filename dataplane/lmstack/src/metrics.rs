@@ -1,7 +1,8 @@
 //! Metric names, their descriptions and buckets, and per-worker caches of metric handles.
 //!
 //! Every name the binary exports lives here as a const; label keys come from a closed set
-//! (`model`, `endpoint`, `policy`, `reason`, `status`, `error_kind`, `driver`, `version`).
+//! (`model`, `endpoint`, `policy`, `reason`, `status`, `error_kind`, `driver`, `version`,
+//! `mode`, `check`).
 //! Each worker resolves its handles once per routing state and accumulates values in its
 //! own memory, flushing them to the shared exporter every [`FLUSH_INTERVAL`]: the request
 //! path does no registry lookup and touches no cache line another core writes. Not here:
@@ -96,6 +97,15 @@ pub const CONTROL_CONNECTED: &str = "lmstack_control_connected";
 pub const AFFINITY_SHARED_BLOCKS_TOTAL: &str = "lmstack_affinity_shared_blocks_total";
 pub const CONTROL_DISCONNECTS_TOTAL: &str = "lmstack_control_disconnects_total";
 pub const DISCOVERY_FILE_READS_TOTAL: &str = "lmstack_discovery_file_reads_total";
+pub const ROUTING_MODE: &str = "lmstack_routing_mode";
+pub const KV_BATCHES_TOTAL: &str = "lmstack_kv_event_batches_total";
+pub const KV_EVENTS_APPLIED_TOTAL: &str = "lmstack_kv_events_applied_total";
+pub const KV_EVENTS_DROPPED_TOTAL: &str = "lmstack_kv_events_dropped_total";
+pub const KV_RESYNCS_TOTAL: &str = "lmstack_kv_index_resyncs_total";
+pub const KV_REPLAYED_TOTAL: &str = "lmstack_kv_event_batches_replayed_total";
+pub const KV_INDEX_BLOCKS: &str = "lmstack_kv_index_blocks";
+pub const KV_LAST_EVENT_AGE: &str = "lmstack_kv_last_event_age_seconds";
+pub const KV_COMPAT_PROBLEM: &str = "lmstack_kv_compat_problem";
 pub const BUILD_INFO: &str = "lmstack_build_info";
 pub const WORKERS: &str = "lmstack_workers";
 
@@ -224,8 +234,87 @@ fn describe() {
         DISCOVERY_FILE_READS_TOTAL,
         "Reads of the backends file (file mode), by status (ok, fail)."
     );
+    describe_gauge!(
+        ROUTING_MODE,
+        "How prefix routing matches a model's prompts on an endpoint: 1 for the current mode (exact: the engine's KV events; approximate: the affinity table, no events or no tokenizer; degraded: events not live, or an index that may miss blocks, used as a lower bound)."
+    );
+    describe_counter!(KV_BATCHES_TOTAL, "KV event batches received from an endpoint.");
+    describe_counter!(
+        KV_EVENTS_APPLIED_TOTAL,
+        "KV events applied to an endpoint's block index."
+    );
+    describe_counter!(
+        KV_EVENTS_DROPPED_TOTAL,
+        "KV events not applied, by reason (bound, unchained, other_tier, malformed, unknown)."
+    );
+    describe_counter!(
+        KV_RESYNCS_TOTAL,
+        "Times an endpoint's block index was dropped, by reason (gap, restart, reset, identity, block_size)."
+    );
+    describe_counter!(
+        KV_REPLAYED_TOTAL,
+        "KV event batches recovered from an endpoint's replay socket after a gap."
+    );
+    describe_gauge!(KV_INDEX_BLOCKS, "Blocks in an endpoint's KV block index.");
+    describe_gauge!(
+        KV_LAST_EVENT_AGE,
+        "Seconds since an endpoint's last KV event batch (absent before the first)."
+    );
+    describe_gauge!(
+        KV_COMPAT_PROBLEM,
+        "1 when a check made at an endpoint's registration failed (metric names, prefix caching, block size, KV events reachable), else 0."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
     describe_gauge!(WORKERS, "Worker threads, by IO driver (io_uring or epoll).");
+}
+
+/// `lmstack_routing_mode`: 1 for `mode`, 0 for the others.
+pub fn kv_mode(model: &str, endpoint: &str, mode: &str, all: &[&'static str]) {
+    for m in all {
+        gauge!(ROUTING_MODE, "model" => model.to_owned(), "endpoint" => endpoint.to_owned(), "mode" => *m)
+            .set(if *m == mode { 1.0 } else { 0.0 });
+    }
+}
+
+/// An endpoint's index size and event age (`last_event_ms`: Unix ms, 0 before any).
+pub fn kv_index(endpoint: &str, blocks: usize, last_event_ms: u64) {
+    gauge!(KV_INDEX_BLOCKS, "endpoint" => endpoint.to_owned()).set(blocks as f64);
+    if last_event_ms > 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        gauge!(KV_LAST_EVENT_AGE, "endpoint" => endpoint.to_owned())
+            .set(now.saturating_sub(last_event_ms) as f64 / 1000.0);
+    }
+}
+
+/// An endpoint left: its index gauges go to 0.
+pub fn kv_engine_gone(endpoint: &str) {
+    gauge!(KV_INDEX_BLOCKS, "endpoint" => endpoint.to_owned()).set(0.0);
+}
+
+pub fn kv_received(endpoint: &str) {
+    counter!(KV_BATCHES_TOTAL, "endpoint" => endpoint.to_owned()).increment(1);
+}
+
+pub fn kv_applied(endpoint: &str, n: u64) {
+    counter!(KV_EVENTS_APPLIED_TOTAL, "endpoint" => endpoint.to_owned()).increment(n);
+}
+
+pub fn kv_dropped(endpoint: &str, reason: &'static str, n: u64) {
+    counter!(KV_EVENTS_DROPPED_TOTAL, "endpoint" => endpoint.to_owned(), "reason" => reason).increment(n);
+}
+
+pub fn kv_resync(endpoint: &str, reason: &'static str, n: u64) {
+    counter!(KV_RESYNCS_TOTAL, "endpoint" => endpoint.to_owned(), "reason" => reason).increment(n);
+}
+
+pub fn kv_replayed(endpoint: &str, batches: usize) {
+    counter!(KV_REPLAYED_TOTAL, "endpoint" => endpoint.to_owned()).increment(batches as u64);
+}
+
+pub fn kv_problem(endpoint: &str, check: &'static str, problem: bool) {
+    gauge!(KV_COMPAT_PROBLEM, "endpoint" => endpoint.to_owned(), "check" => check).set(if problem { 1.0 } else { 0.0 });
 }
 
 /// Histogram samples a worker buffers per metric before recording them early.

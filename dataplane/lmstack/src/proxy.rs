@@ -166,7 +166,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     let session = session_key(&head, peek.session.as_deref(), session_config);
     // The prompt's blocks, and how much of them each endpoint holds, for policies that ask.
     let prefix = if pool.policy.name().uses_prefix() {
-        prefix_plan(ctx, pool, &peek, session)
+        prefix_plan(ctx, &state, pool, &peek, session, (&head, &body))
     } else {
         None
     };
@@ -225,6 +225,8 @@ struct PrefixPlan<'c> {
     session_home: Option<usize>,
     /// The session's key in the affinity table.
     session_block: Option<u64>,
+    /// What exact KV routing found, when the pool has engines it covers.
+    exact: Option<crate::kv::Exact>,
 }
 
 impl PrefixPlan<'_> {
@@ -239,9 +241,11 @@ impl PrefixPlan<'_> {
 
 fn prefix_plan<'c>(
     ctx: &'c WorkerCtx,
+    state: &RoutingState,
     pool: &ModelPool,
     peek: &lmstack_http::Peek<'_>,
     session: Option<&str>,
+    (head, body): (&RequestHead, &Bytes),
 ) -> Option<PrefixPlan<'c>> {
     let a = &ctx.shared.config.routing.affinity;
     let mut scratch = ctx.scratch();
@@ -256,6 +260,19 @@ fn prefix_plan<'c>(
         .cell
         .affinity
         .matched(&buffers.blocks, &pool.tags, &mut buffers.matched);
+    // Where engines report what they hold, their exact matches replace the table's.
+    let exact = ctx.shared.kv.as_ref().and_then(|kv| {
+        kv.refine(
+            &pool.name,
+            head.path().starts_with("/v1/chat/"),
+            body,
+            pool.endpoints.iter().map(|&i| &*state.endpoints[i].url),
+            buffers.blocks.len(),
+            &mut buffers.matched,
+            &mut buffers.exact,
+            &mut buffers.keys,
+        )
+    });
     // Where the session went last, when the request has a key.
     let session_block = session.map(lmstack_route::blocks::session_block);
     let session_home = session_block.and_then(|b| {
@@ -273,6 +290,7 @@ fn prefix_plan<'c>(
         shared: found.shared,
         session_home,
         session_block,
+        exact,
     })
 }
 
@@ -644,6 +662,29 @@ fn explain(pool: &ModelPool, pick: Pick, prefix: Option<&PrefixPlan<'_>>, endpoi
         if plan.session_block.is_some() {
             let home = plan.session_home.map_or("none".to_owned(), |h| h.to_string());
             let _ = write!(out, "; session_home={home}");
+        }
+        let exact = &plan.scratch.get().exact;
+        match (plan.exact, exact.get(pick.index).copied()) {
+            (Some(e), Some(h)) if h != u32::MAX => {
+                let _ = write!(out, "; kv=exact; kv_blocks={h}/{}; kv_tokens={}", e.blocks, e.tokens);
+                if e.incomplete > 0 {
+                    let _ = write!(out, "; kv_incomplete={}", e.incomplete);
+                }
+                // Every endpoint's own count, in pool order (`-`: not matched exactly).
+                out.push_str("; kv_held=");
+                for (i, h) in exact.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    match h {
+                        &u32::MAX => out.push('-'),
+                        h => {
+                            let _ = write!(out, "{h}");
+                        }
+                    }
+                }
+            }
+            _ => out.push_str("; kv=approximate"),
         }
     }
     let _ = write!(out, "; endpoint={endpoint}");

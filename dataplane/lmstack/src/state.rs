@@ -127,6 +127,9 @@ pub struct ModelPool {
     /// The endpoints' affinity tags, in pool order.
     pub tags: Vec<Option<EndpointTag>>,
     pub policy: Policy,
+    /// The model card's `root` when it is an absolute path (vLLM's model directory): where
+    /// exact KV routing looks for the tokenizer when none is configured.
+    pub root: Option<Arc<str>>,
 }
 
 impl ModelPool {
@@ -380,6 +383,13 @@ impl SnapshotCell {
                 tags: members.iter().map(|&i| endpoints[i].tag).collect(),
                 endpoints: members,
                 policy,
+                root: m
+                    .card
+                    .as_ref()
+                    .and_then(|c| c.get("root"))
+                    .and_then(|r| r.as_str())
+                    .filter(|r| r.starts_with('/'))
+                    .map(Arc::from),
             });
             cards.push(m.card.clone().unwrap_or_else(|| {
                 serde_json::json!({
