@@ -97,6 +97,25 @@ impl Held {
         self.clears.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Every key held now (a relay's full copy for a newly connected router).
+    pub fn keys(&self) -> Vec<BlockKey> {
+        self.set.pin().iter().copied().collect()
+    }
+
+    /// Applies changes relayed from another process's index (lmstack-control's): `added`
+    /// and `removed` keys, and whether that index is complete.
+    pub fn apply_relayed(&self, added: &[BlockKey], removed: &[BlockKey], complete: bool) {
+        let set = self.set.pin();
+        for k in added {
+            set.insert(*k);
+        }
+        for k in removed {
+            set.remove(k);
+        }
+        self.blocks.store(set.len(), Ordering::Relaxed);
+        self.complete.store(complete, Ordering::Release);
+    }
+
     /// Sets the block size learnt elsewhere (the engine's `cache_config_info`) until events
     /// say.
     pub fn set_block_size(&self, block_size: u32) {
@@ -225,6 +244,19 @@ struct Rank {
     unknown: Option<u64>,
 }
 
+/// Keys a set gained and lost, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<BlockKey>,
+    pub removed: Vec<BlockKey>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
 /// One engine's index, fed with its event batches in the order they arrive.
 #[derive(Debug)]
 pub struct EngineIndex {
@@ -236,6 +268,9 @@ pub struct EngineIndex {
     stats: IndexStats,
     /// Blocks one rank's cache holds at most (what it may hold unseen).
     capacity: u64,
+    /// Keys added to and removed from the set since [`EngineIndex::take_changes`], when
+    /// recorded (a relay's deltas).
+    changes: Option<Changes>,
     /// The engine was known to hold nothing when the index started.
     started_empty: bool,
 }
@@ -251,7 +286,18 @@ impl EngineIndex {
             stats: IndexStats::default(),
             capacity: limits.max_blocks as u64,
             started_empty: false,
+            changes: None,
         }
+    }
+
+    /// Records the keys the set gains and loses from now on, for [`Self::take_changes`].
+    pub fn record_changes(&mut self) {
+        self.changes.get_or_insert_with(Changes::default);
+    }
+
+    /// The keys gained and lost since the last call (in order: a key may be in both).
+    pub fn take_changes(&mut self) -> Changes {
+        self.changes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Sets what one rank's cache holds at most, in blocks (vLLM's `num_gpu_blocks`), the
@@ -374,7 +420,7 @@ impl EngineIndex {
         };
         let guard = self.held.set.guard();
         for (_, key) in r.by_hash.drain() {
-            unref(&mut self.refs, &self.held.set, &guard, key);
+            unref(&mut self.refs, &self.held.set, &guard, key, &mut self.changes);
         }
         r.replayed_below = None;
         if reason == ClearReason::Reset {
@@ -437,6 +483,9 @@ impl EngineIndex {
             *refs += 1;
             if *refs == 1 {
                 set.insert(key);
+                if let Some(c) = &mut self.changes {
+                    c.added.push(key);
+                }
             }
         }
         drop(set);
@@ -459,7 +508,7 @@ impl EngineIndex {
         let guard = self.held.set.guard();
         for hash in &rm.hashes {
             match r.by_hash.remove(&(group, *hash)) {
-                Some(key) => unref(&mut self.refs, &self.held.set, &guard, key),
+                Some(key) => unref(&mut self.refs, &self.held.set, &guard, key, &mut self.changes),
                 // A block the index never saw left: one fewer that may be missing.
                 None => {
                     r.unknown = r.unknown.and_then(|n| n.checked_sub(1)).filter(|&n| n > 0);
@@ -477,12 +526,16 @@ fn unref(
     set: &papaya::HashSet<BlockKey>,
     guard: &impl papaya::Guard,
     key: BlockKey,
+    changes: &mut Option<Changes>,
 ) {
     if let Some(n) = refs.get_mut(&key) {
         *n -= 1;
         if *n == 0 {
             refs.remove(&key);
             set.remove(&key, guard);
+            if let Some(c) = changes {
+                c.removed.push(key);
+            }
         }
     }
 }
@@ -670,6 +723,27 @@ mod tests {
         }
         ix.apply(1, &batch(vec![cpu]), 2);
         assert_eq!(ix.stats().events_dropped[&Dropped::OtherTier], 1);
+    }
+
+    #[test]
+    fn recorded_changes_rebuild_the_set_elsewhere() {
+        let mut ix = index(100);
+        ix.record_changes();
+        let copy = Held::default();
+        ix.apply(0, &batch(vec![stored(&[10, 11, 12], None, &PROMPT)]), 1);
+        ix.apply(1, &batch(vec![removed(&[12])]), 2);
+        let c = ix.take_changes();
+        assert_eq!((c.added.len(), c.removed.len()), (3, 1));
+        copy.apply_relayed(&c.added, &c.removed, true);
+        assert_eq!(copy.matched(&keys(&PROMPT)), 2);
+        assert_eq!(copy.blocks(), 2);
+        assert!(copy.is_complete());
+        assert!(ix.take_changes().is_empty());
+        let mut all = copy.keys();
+        all.sort_unstable();
+        let mut mine = ix.held().keys();
+        mine.sort_unstable();
+        assert_eq!(all, mine);
     }
 
     #[test]

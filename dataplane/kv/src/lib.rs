@@ -10,8 +10,13 @@
 //!   keep it from going stale: sequence gaps, restarts and clears ([`index`]);
 //! - turns a request into the token ids vLLM will see: the model's own tokenizer and chat
 //!   template ([`prompt`]).
+//!
+//! With `intake`, it also follows engines' events over ZeroMQ into their indexes
+//! ([`intake`]: tokio, for the router's KV thread and for lmstack-control).
 
 pub mod event;
 pub mod index;
+#[cfg(feature = "intake")]
+pub mod intake;
 pub mod key;
 pub mod prompt;

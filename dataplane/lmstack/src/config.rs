@@ -423,6 +423,9 @@ pub struct KvEventsConfig {
     /// How often engines are checked against discovery (new, gone, unhealthy), and how long
     /// to wait before subscribing again after a failure, ms.
     pub check_interval_ms: u64,
+    /// In control mode, take each engine's block index from lmstack-control's stream (control
+    /// follows every engine once, for all replicas) instead of subscribing to the engines.
+    pub via_control: bool,
 }
 
 impl Default for KvEventsConfig {
@@ -438,6 +441,7 @@ impl Default for KvEventsConfig {
             connect_timeout_ms: 2_000,
             replay_timeout_ms: 2_000,
             check_interval_ms: 1_000,
+            via_control: true,
         }
     }
 }

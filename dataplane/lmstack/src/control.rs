@@ -130,6 +130,12 @@ fn apply(shared: &Shared, line: &[u8], base: &mut Option<Snapshot>) -> Result<()
             learn(shared, &batch);
             return Ok(());
         }
+        StreamMessage::Kv { delta } => {
+            if let Some(kv) = shared.kv.as_ref().filter(|kv| kv.via_control()) {
+                kv.apply_relayed(&delta);
+            }
+            return Ok(());
+        }
         StreamMessage::Full { snapshot } => {
             shared.cell.replace(&snapshot).map_err(|e| {
                 reject("invalid");

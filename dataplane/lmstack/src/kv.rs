@@ -28,12 +28,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lmstack_kv::event::{self, Batch};
-use lmstack_kv::index::{ClearReason, Dropped, EngineIndex, Held, IndexLimits, IndexStats, SeqCheck};
+use lmstack_kv::index::{ClearReason, Dropped, Held};
+use lmstack_kv::intake::{self, Counts, IntakeConfig, Observer, SourceState};
 use lmstack_kv::key::{self, BlockKey, RequestExtras};
 use lmstack_kv::prompt::PromptTokenizer;
-use lmstack_probe::BackendUrl;
-use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend};
 
 use crate::config::KvEventsConfig;
 use crate::metrics;
@@ -94,6 +92,8 @@ impl Engine {
 /// What the workers share with the intake thread.
 pub struct Kv {
     config: KvEventsConfig,
+    /// Indexes come from lmstack-control's stream, not from subscriptions.
+    via_control: bool,
     engines: papaya::HashMap<Arc<str>, Arc<Engine>>,
     tokenizers: papaya::HashMap<Arc<str>, Arc<PromptTokenizer>>,
 }
@@ -115,12 +115,39 @@ pub struct Exact {
 }
 
 impl Kv {
-    pub fn new(config: KvEventsConfig) -> Self {
+    /// `control_mode`: discovery follows lmstack-control (which relays indexes when
+    /// `kv_events.via_control`).
+    pub fn new(config: KvEventsConfig, control_mode: bool) -> Self {
         Self {
+            via_control: control_mode && config.via_control,
             config,
             engines: papaya::HashMap::new(),
             tokenizers: papaya::HashMap::new(),
         }
+    }
+
+    pub fn via_control(&self) -> bool {
+        self.via_control
+    }
+
+    /// Applies an engine's index changes relayed by lmstack-control.
+    pub fn apply_relayed(&self, delta: &lmstack_snapshot::KvDelta) {
+        let engines = self.engines.pin();
+        let engine = engines.get_or_insert_with(Arc::from(delta.endpoint.as_str()), Arc::default);
+        if delta.reset {
+            engine.held.reset();
+        }
+        if delta.block_size > 0 {
+            engine.held.set_block_size(delta.block_size);
+        }
+        engine.held.apply_relayed(&delta.added, &delta.removed, delta.complete);
+        engine.held.set_fresh(delta.live);
+        let source = match (delta.publishes, delta.live) {
+            (false, _) => SOURCE_NONE,
+            (true, false) => SOURCE_DOWN,
+            (true, true) => SOURCE_LIVE,
+        };
+        engine.source.store(source, Ordering::Release);
     }
 
     /// How `prefix` routes `model` on the engine at `url` now.
@@ -246,6 +273,17 @@ struct Running {
 
 async fn supervise(kv: Arc<Kv>, cell: Arc<SnapshotCell>) {
     let every = Duration::from_millis(kv.config.check_interval_ms);
+    let c = &kv.config;
+    let intake = Arc::new(IntakeConfig {
+        endpoints: c.endpoints.clone(),
+        endpoint_template: c.endpoint_template.clone(),
+        topic: c.topic.clone(),
+        max_blocks: c.max_blocks_per_engine,
+        connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+        replay_timeout: Duration::from_millis(c.replay_timeout_ms),
+        retry: every,
+    });
+    let observer: Arc<dyn Observer> = Arc::new(Observed { kv: kv.clone() });
     let mut running: HashMap<Arc<str>, Running> = HashMap::new();
     let mut tried_tokenizers: HashMap<Arc<str>, Option<PathBuf>> = HashMap::new();
     loop {
@@ -277,8 +315,10 @@ async fn supervise(kv: Arc<Kv>, cell: Arc<SnapshotCell>) {
             if !keep {
                 r.task.abort();
                 if let Some(engine) = kv.engines.pin().get(url) {
-                    reset(engine, url, ClearReason::Identity);
+                    engine.held.set_fresh(false);
+                    engine.held.reset();
                     engine.source.store(SOURCE_DOWN, Ordering::Release);
+                    metrics::kv_resync(url, ClearReason::Identity.as_str(), 1);
                 }
                 if !wanted.contains_key(url) {
                     kv.engines.pin().remove(url);
@@ -287,12 +327,26 @@ async fn supervise(kv: Arc<Kv>, cell: Arc<SnapshotCell>) {
             }
             keep
         });
+        if kv.via_control {
+            // Control relays the indexes: only forget engines that left.
+            let engines = kv.engines.pin();
+            let gone: Vec<Arc<str>> = engines.keys().filter(|u| !wanted.contains_key(*u)).cloned().collect();
+            for url in gone {
+                engines.remove(&url);
+                metrics::kv_engine_gone(&url);
+            }
+        }
         for (url, healthy) in &wanted {
-            if !healthy || running.contains_key(url) {
+            if kv.via_control || !healthy || running.contains_key(url) {
                 continue;
             }
             let engine = kv.engines.pin().get_or_insert_with(url.clone(), Arc::default).clone();
-            let task = tokio::spawn(follow(kv.clone(), url.clone(), engine));
+            let task = tokio::spawn(intake::follow(
+                intake.clone(),
+                url.clone(),
+                engine.held.clone(),
+                observer.clone(),
+            ));
             running.insert(url.clone(), Running { task });
         }
         // Figures.
@@ -337,499 +391,52 @@ async fn load_tokenizer(kv: &Kv, model: &Arc<str>, dir: Option<PathBuf>) {
     }
 }
 
-fn reset(engine: &Engine, url: &str, reason: ClearReason) {
-    if engine.held.blocks() > 0 || engine.held.is_fresh() {
-        tracing::info!(endpoint = url, reason = reason.as_str(), "KV index dropped");
+/// The router's [`Observer`]: metrics, and each engine's source state for routing.
+struct Observed {
+    kv: Arc<Kv>,
+}
+
+impl Observer for Observed {
+    fn check(&self, url: &str, check: &'static str, problem: bool) {
+        metrics::kv_problem(url, check, problem);
     }
-    engine.held.set_fresh(false);
-    engine.held.reset();
-    metrics::kv_resync(url, reason.as_str(), 1);
-}
 
-/// Where an engine publishes, per data-parallel rank.
-#[derive(Clone, Debug, PartialEq)]
-struct Source {
-    rank: u32,
-    endpoint: String,
-    replay: Option<String>,
-}
-
-/// One engine's registration and subscription, until the supervisor stops it.
-async fn follow(kv: Arc<Kv>, url: Arc<str>, engine: Arc<Engine>) {
-    let retry = Duration::from_millis(kv.config.check_interval_ms);
-    loop {
-        let (sources, compat) = register(&kv, &url, &engine).await;
-        if sources.is_empty() {
-            engine.source.store(SOURCE_NONE, Ordering::Release);
-            // Engines may gain a publisher on restart; look again now and then.
-            tokio::time::sleep(retry * 30).await;
-            continue;
-        }
-        engine.source.store(SOURCE_DOWN, Ordering::Release);
-        if let Err(e) = subscribe(&kv, &url, &engine, &sources, &compat).await {
-            tracing::warn!(endpoint = %url, error = %e, "KV events subscription failed; routing this engine approximately until it is back");
-            metrics::kv_problem(&url, "kv_events_unreachable", true);
-        }
-        engine.source.store(SOURCE_DOWN, Ordering::Release);
-        reset(&engine, &url, ClearReason::Identity);
-        tokio::time::sleep(retry).await;
-    }
-}
-
-/// Reads what routing relies on from the engine, reports what does not match, and returns
-/// its publishers.
-async fn register(kv: &Kv, url: &str, engine: &Engine) -> (Vec<Source>, Compat) {
-    let Ok(base) = BackendUrl::parse(url) else {
-        return (Vec::new(), Compat::default());
-    };
-    let timeout = Duration::from_millis(kv.config.connect_timeout_ms);
-    let fetch = |path: &'static str| {
-        let base = base.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let addr = base.resolve().ok()?;
-                let r = lmstack_probe::client::get(addr, &base.authority(), path, timeout, 4 << 20).ok()?;
-                (r.status == 200).then_some(r.body)
-            })
-            .await
-            .ok()
-            .flatten()
-        }
-    };
-    let (metrics_text, sources_body) = (fetch("/metrics").await, fetch("/kv_event_sources").await);
-    let report = Compat::read(metrics_text.as_deref());
-    for (check, problem) in report.problems() {
-        metrics::kv_problem(url, check, problem.is_some());
-        if let Some(p) = problem {
-            tracing::warn!(endpoint = url, check, "{p}");
+    fn source(&self, url: &str, state: SourceState) {
+        if let Some(e) = self.kv.engines.pin().get(url) {
+            e.source.store(
+                match state {
+                    SourceState::None => SOURCE_NONE,
+                    SourceState::Down => SOURCE_DOWN,
+                    SourceState::Live => SOURCE_LIVE,
+                },
+                Ordering::Release,
+            );
         }
     }
-    if let Some(bs) = report.block_size {
-        engine.held.set_block_size(bs);
+
+    fn received(&self, url: &str) {
+        metrics::kv_received(url);
     }
-    let host = base.host.clone();
-    let sources = if let Some(e) = kv.config.endpoints.get(url) {
-        vec![Source {
-            rank: 0,
-            endpoint: e.clone(),
-            replay: None,
-        }]
-    } else if let Some(s) = sources_body
-        .as_deref()
-        .map(|b| parse_sources(b, &host))
-        .filter(|s| !s.is_empty())
-    {
-        s
-    } else if !kv.config.endpoint_template.is_empty() {
-        vec![Source {
-            rank: 0,
-            endpoint: kv.config.endpoint_template.replace("{host}", &host),
-            replay: None,
-        }]
-    } else {
-        Vec::new()
-    };
-    if sources.is_empty() {
-        tracing::info!(
-            endpoint = url,
-            "the engine publishes no KV events (no /kv_event_sources, no kv_events.endpoints entry): routed approximately"
-        );
-    } else {
-        tracing::info!(endpoint = url, sources = ?sources, hash_algo = report.hash_algo.as_deref().unwrap_or("?"), "subscribing to KV events");
-    }
-    (sources, report)
-}
 
-/// `/kv_event_sources`: `{rank: {endpoint, replay_endpoint, topic, publisher, ...}}`, the
-/// endpoints as the engine bound them (`*` or an IPv6 wildcard stand for its host).
-fn parse_sources(body: &[u8], host: &str) -> Vec<Source> {
-    let Ok(serde_json::Value::Object(ranks)) = serde_json::from_slice(body) else {
-        return Vec::new();
-    };
-    let mut out: Vec<Source> = ranks
-        .iter()
-        .filter_map(|(rank, c)| {
-            if c.get("publisher").and_then(|p| p.as_str()).is_some_and(|p| p != "zmq") {
-                return None;
-            }
-            let endpoint = connectable(c.get("endpoint")?.as_str()?, host)?;
-            let replay = c
-                .get("replay_endpoint")
-                .and_then(|r| r.as_str())
-                .and_then(|r| connectable(r, host));
-            Some(Source {
-                rank: rank.parse().ok()?,
-                endpoint,
-                replay,
-            })
-        })
-        .collect();
-    out.sort_by_key(|s| s.rank);
-    out
-}
-
-/// A bound endpoint as a subscriber connects to it: `tcp://*:5557`, `tcp://[::]:5557` and
-/// `tcp://[::ffff:127.0.0.1]:5557` become `tcp://HOST:5557`.
-fn connectable(endpoint: &str, host: &str) -> Option<String> {
-    if endpoint.starts_with("ipc://") {
-        return Some(endpoint.to_owned());
-    }
-    let rest = endpoint.strip_prefix("tcp://")?;
-    let (h, port) = rest.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    let h = h.trim_start_matches('[').trim_end_matches(']');
-    let h = match h {
-        "*" | "::" | "0.0.0.0" => host,
-        h => h.strip_prefix("::ffff:").unwrap_or(h),
-    };
-    Some(if h.contains(':') {
-        format!("tcp://[{h}]:{port}")
-    } else {
-        format!("tcp://{h}:{port}")
-    })
-}
-
-/// What registration found in the engine's `/metrics`.
-#[derive(Debug, Default)]
-struct Compat {
-    scraped: bool,
-    names: Vec<&'static str>,
-    prefix_caching: Option<bool>,
-    block_size: Option<u32>,
-    num_gpu_blocks: Option<u64>,
-    hash_algo: Option<String>,
-    /// `vllm:prefix_cache_queries_total`: 0 when the engine has served no request.
-    queries: Option<f64>,
-}
-
-impl Compat {
-    /// The metric names routing reads (any one of each group).
-    const NEEDED: [(&'static str, &'static [&'static str]); 4] = [
-        ("metric_running", &["vllm:num_requests_running"]),
-        ("metric_waiting", &["vllm:num_requests_waiting"]),
-        (
-            "metric_kv_usage",
-            &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
-        ),
-        (
-            "metric_prefix_hits",
-            &["vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"],
-        ),
-    ];
-
-    fn read(text: Option<&[u8]>) -> Compat {
-        let Some(text) = text.and_then(|t| std::str::from_utf8(t).ok()) else {
-            return Compat::default();
-        };
-        let mut c = Compat {
-            scraped: true,
-            ..Compat::default()
-        };
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap_or("");
-            if matches!(
-                name,
-                "vllm:prefix_cache_queries_total" | "vllm:gpu_prefix_cache_queries_total"
-            ) {
-                let v: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
-                c.queries = Some(c.queries.unwrap_or(0.0) + v);
-            }
-            for (check, names) in Self::NEEDED {
-                if names.contains(&name) && !c.names.contains(&check) {
-                    c.names.push(check);
-                }
-            }
-            if name == "vllm:cache_config_info" {
-                let label = |key: &str| {
-                    let at = line.find(&format!("{key}=\""))? + key.len() + 2;
-                    let end = line[at..].find('"')?;
-                    Some(line[at..at + end].to_owned())
-                };
-                c.prefix_caching = label("enable_prefix_caching").map(|v| v == "True");
-                c.block_size = label("block_size").and_then(|v| v.parse().ok());
-                c.num_gpu_blocks = label("num_gpu_blocks").and_then(|v| v.parse().ok());
-                c.hash_algo = label("prefix_caching_hash_algo");
-            }
+    fn counted(&self, url: &str, c: &Counts) {
+        if c.applied > 0 {
+            metrics::kv_applied(url, c.applied);
         }
-        c
-    }
-
-    /// Each check with its problem, if any.
-    fn problems(&self) -> Vec<(&'static str, Option<String>)> {
-        let mut out = vec![(
-            "metrics",
-            (!self.scraped)
-                .then(|| "its /metrics cannot be read: load figures and cache checks are missing".to_owned()),
-        )];
-        if !self.scraped {
-            return out;
+        for (why, n) in &c.dropped {
+            metrics::kv_dropped(url, why.as_str(), *n);
         }
-        for (check, names) in Self::NEEDED {
-            out.push((
-                check,
-                (!self.names.contains(&check))
-                    .then(|| format!("its /metrics has none of {names:?}: routing cannot see that figure")),
-            ));
+        if c.malformed_frames > 0 {
+            metrics::kv_dropped(url, Dropped::Malformed.as_str(), c.malformed_frames);
         }
-        out.push((
-            "prefix_caching",
-            (self.prefix_caching == Some(false))
-                .then(|| "prefix caching is off (--enable-prefix-caching): nothing to route on".to_owned()),
-        ));
-        out.push((
-            "block_size",
-            self.block_size
-                .is_none()
-                .then(|| "vllm:cache_config_info gives no block_size: known once events arrive".to_owned()),
-        ));
-        out
-    }
-}
-
-/// Subscribes to every rank and applies their batches until a connection is lost.
-async fn subscribe(kv: &Kv, url: &str, engine: &Engine, sources: &[Source], compat: &Compat) -> anyhow::Result<()> {
-    let timeout = Duration::from_millis(kv.config.connect_timeout_ms);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(1024);
-    let mut readers = Vec::new();
-    for source in sources {
-        let mut socket = zeromq::SubSocket::new();
-        let monitor = socket.monitor();
-        tokio::time::timeout(timeout, socket.connect(&source.endpoint))
-            .await
-            .map_err(|_| anyhow::anyhow!("connecting to {} timed out", source.endpoint))?
-            .with_context(|| format!("connecting to {}", source.endpoint))?;
-        socket.subscribe(&kv.config.topic).await?;
-        readers.push(tokio::spawn(read(socket, monitor, source.rank, tx.clone())));
-    }
-    drop(tx);
-    metrics::kv_problem(url, "kv_events_unreachable", false);
-    let mut index = EngineIndex::new(
-        engine.held.clone(),
-        IndexLimits {
-            max_blocks: kv.config.max_blocks_per_engine,
-        },
-    );
-    if let Some(blocks) = compat.num_gpu_blocks {
-        index.set_capacity(blocks);
-    }
-    if compat.queries == Some(0.0) {
-        // It has served nothing: it holds nothing, and the index starts complete.
-        index.started_empty();
-    }
-    engine.source.store(SOURCE_LIVE, Ordering::Release);
-    engine.held.set_fresh(true);
-    tracing::info!(endpoint = url, "KV events subscribed: routing this engine exactly");
-    let mut published = IndexStats::default();
-    let result = loop {
-        let Some(input) = rx.recv().await else {
-            break Ok(());
-        };
-        match input {
-            Input::Lost(rank) => break Err(anyhow::anyhow!("rank {rank}'s publisher disconnected")),
-            Input::Bad(e) => {
-                metrics::kv_dropped(url, Dropped::Malformed.as_str(), 1);
-                tracing::debug!(endpoint = url, error = %e, "undecodable KV event frame");
-            }
-            Input::Batch(rank, seq, batch) => {
-                metrics::kv_received(url);
-                if let SeqCheck::Gap { from, to } = index.check_seq(rank, seq)
-                    && let Some(replay) = sources
-                        .iter()
-                        .find(|s| s.rank == rank)
-                        .and_then(|s| s.replay.as_deref())
-                {
-                    match fetch_replay(replay, from, to, Duration::from_millis(kv.config.replay_timeout_ms)).await {
-                        Ok(batches) => {
-                            for (s, b) in &batches {
-                                index.apply(*s, b, now_ms());
-                            }
-                            index.replayed(rank, to);
-                            metrics::kv_replayed(url, batches.len());
-                        }
-                        Err(e) => {
-                            tracing::warn!(endpoint = url, error = %e, from, to, "KV events replay failed; dropping the index")
-                        }
-                    }
-                }
-                let check = index.apply(seq, &batch, now_ms());
-                if matches!(check, SeqCheck::Gap { .. } | SeqCheck::Backwards) {
-                    tracing::info!(endpoint = url, rank, seq, verdict = ?check, "KV event sequence broke: index dropped, refilling from events");
-                }
-                publish(url, index.stats(), &mut published);
-            }
+        for (reason, n) in &c.clears {
+            metrics::kv_resync(url, reason.as_str(), *n);
         }
-    };
-    for r in readers {
-        r.abort();
-    }
-    result
-}
-
-enum Input {
-    Batch(u32, i64, Batch),
-    Bad(String),
-    Lost(u32),
-}
-
-async fn read(
-    mut socket: zeromq::SubSocket,
-    mut monitor: impl futures_util::Stream<Item = SocketEvent> + Unpin,
-    rank: u32,
-    tx: tokio::sync::mpsc::Sender<Input>,
-) {
-    use futures_util::StreamExt as _;
-    loop {
-        let input = tokio::select! {
-            msg = socket.recv() => match msg {
-                Ok(m) => decode(&m, rank),
-                Err(_) => Input::Lost(rank),
-            },
-            ev = monitor.next() => match ev {
-                Some(SocketEvent::Disconnected(_)) | None => Input::Lost(rank),
-                Some(_) => continue,
-            },
-        };
-        let lost = matches!(input, Input::Lost(_));
-        if tx.send(input).await.is_err() || lost {
-            return;
+        if c.replayed > 0 {
+            metrics::kv_replayed(url, c.replayed);
         }
     }
-}
 
-/// `[topic, seq, payload]` (a publisher without a topic may send `[seq, payload]`).
-fn decode(m: &zeromq::ZmqMessage, rank: u32) -> Input {
-    let frames: Vec<&[u8]> = m.iter().map(|b| b.as_ref()).collect();
-    let (seq, payload) = match frames.as_slice() {
-        [_, seq, payload] | [seq, payload] => (seq, payload),
-        _ => return Input::Bad(format!("{} frames", frames.len())),
-    };
-    match (event::decode_seq(seq), event::decode_batch(payload)) {
-        (Ok(seq), Ok(mut batch)) => {
-            // The subscription's rank wins over what the batch says (older releases omit it).
-            batch.dp_rank = Some(batch.dp_rank.unwrap_or(rank));
-            Input::Batch(rank, seq, batch)
-        }
-        (Err(e), _) | (_, Err(e)) => Input::Bad(e.to_string()),
-    }
-}
-
-/// Asks the engine's replay socket for batches `from..to`.
-async fn fetch_replay(endpoint: &str, from: i64, to: i64, timeout: Duration) -> anyhow::Result<Vec<(i64, Batch)>> {
-    tokio::time::timeout(timeout, async {
-        let mut socket = zeromq::DealerSocket::new();
-        socket.connect(endpoint).await?;
-        let mut request = zeromq::ZmqMessage::from(bytes::Bytes::new());
-        request.push_back(bytes::Bytes::copy_from_slice(&event::encode_seq(from)));
-        socket.send(request).await?;
-        let mut out = Vec::new();
-        loop {
-            let m = socket.recv().await?;
-            let frames: Vec<&[u8]> = m.iter().map(|b| b.as_ref()).collect();
-            // [empty, topic, seq, payload]; the end is seq -1.
-            let [_, _, seq, payload] = frames.as_slice() else {
-                anyhow::bail!("a replay message of {} frames", frames.len());
-            };
-            let seq = event::decode_seq(seq)?;
-            if seq == event::END_SEQ {
-                break;
-            }
-            if seq < to {
-                out.push((seq, event::decode_batch(payload)?));
-            }
-        }
-        let covered = out.first().is_some_and(|(s, _)| *s == from) && out.len() as i64 == to - from;
-        anyhow::ensure!(covered, "the replay buffer no longer holds {from}..{to}");
-        Ok(out)
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("replay timed out"))?
-}
-
-/// Publishes what changed in `stats` since `published`.
-fn publish(url: &str, stats: &IndexStats, published: &mut IndexStats) {
-    let applied = stats.events_applied - published.events_applied;
-    if applied > 0 {
-        metrics::kv_applied(url, applied);
-    }
-    for why in Dropped::ALL {
-        let n = stats.events_dropped.get(&why).copied().unwrap_or(0)
-            - published.events_dropped.get(&why).copied().unwrap_or(0);
-        if n > 0 {
-            metrics::kv_dropped(url, why.as_str(), n);
-        }
-    }
-    for reason in ClearReason::ALL {
-        let n = stats.clears.get(&reason).copied().unwrap_or(0) - published.clears.get(&reason).copied().unwrap_or(0);
-        if n > 0 {
-            metrics::kv_resync(url, reason.as_str(), n);
-        }
-    }
-    *published = stats.clone();
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bound_endpoints_become_connectable() {
-        assert_eq!(
-            connectable("tcp://*:5557", "10.0.0.5").as_deref(),
-            Some("tcp://10.0.0.5:5557")
-        );
-        assert_eq!(
-            connectable("tcp://[::ffff:127.0.0.1]:5557", "h").as_deref(),
-            Some("tcp://127.0.0.1:5557")
-        );
-        assert_eq!(connectable("tcp://[::]:6000", "h").as_deref(), Some("tcp://h:6000"));
-        assert_eq!(
-            connectable("tcp://[fd00::1]:6000", "h").as_deref(),
-            Some("tcp://[fd00::1]:6000")
-        );
-        assert_eq!(
-            connectable("ipc:///tmp/kv.ipc", "h").as_deref(),
-            Some("ipc:///tmp/kv.ipc")
-        );
-        assert_eq!(connectable("tcp://nohost", "h"), None);
-    }
-
-    #[test]
-    fn sources_come_per_rank() {
-        let body = br#"{"1": {"publisher": "zmq", "endpoint": "tcp://*:5558", "replay_endpoint": null},
-                        "0": {"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5600"}}"#;
-        let s = parse_sources(body, "e1");
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].endpoint, "tcp://e1:5557");
-        assert_eq!(s[0].replay.as_deref(), Some("tcp://e1:5600"));
-        assert_eq!(s[1].rank, 1);
-        assert!(parse_sources(b"{}", "h").is_empty());
-        assert!(parse_sources(br#"{"0": {"publisher": "null", "endpoint": "tcp://*:1"}}"#, "h").is_empty());
-    }
-
-    #[test]
-    fn registration_reads_the_real_engine_metrics() {
-        let text = include_bytes!("../../../control/snapshot/tests/fixtures/vllm-0.32-cpu-metrics.txt");
-        let c = Compat::read(Some(text));
-        assert_eq!(c.block_size, Some(32));
-        assert_eq!(c.prefix_caching, Some(true));
-        assert_eq!(c.hash_algo.as_deref(), Some("sha256"));
-        assert!(c.problems().iter().all(|(_, p)| p.is_none()), "{:?}", c.problems());
-        let bare = Compat::read(Some(b"vllm:num_requests_running 1\n"));
-        let problems: Vec<_> = bare
-            .problems()
-            .into_iter()
-            .filter(|(_, p)| p.is_some())
-            .map(|(c, _)| c)
-            .collect();
-        assert_eq!(
-            problems,
-            ["metric_waiting", "metric_kv_usage", "metric_prefix_hits", "block_size"]
-        );
+    fn dropped(&self, url: &str, reason: ClearReason) {
+        metrics::kv_resync(url, reason.as_str(), 1);
     }
 }

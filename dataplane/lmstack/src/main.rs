@@ -118,7 +118,9 @@ fn run(config: Config) -> anyhow::Result<()> {
     };
     let uses_prefix =
         config.routing.policy.uses_prefix() || config.routing.models.values().any(|m| m.policy.uses_prefix());
-    let kv = (config.kv_events.enabled && uses_prefix).then(|| Arc::new(kv::Kv::new(config.kv_events.clone())));
+    let control_mode = config.discovery.mode == config::DiscoveryMode::Control;
+    let kv = (config.kv_events.enabled && uses_prefix)
+        .then(|| Arc::new(kv::Kv::new(config.kv_events.clone(), control_mode)));
     let shared = Arc::new(Shared {
         kv: kv.clone(),
         cell: Arc::new(SnapshotCell::new(config.routing.clone())),

@@ -309,8 +309,8 @@ pub fn kv_resync(endpoint: &str, reason: &'static str, n: u64) {
     counter!(KV_RESYNCS_TOTAL, "endpoint" => endpoint.to_owned(), "reason" => reason).increment(n);
 }
 
-pub fn kv_replayed(endpoint: &str, batches: usize) {
-    counter!(KV_REPLAYED_TOTAL, "endpoint" => endpoint.to_owned()).increment(batches as u64);
+pub fn kv_replayed(endpoint: &str, batches: u64) {
+    counter!(KV_REPLAYED_TOTAL, "endpoint" => endpoint.to_owned()).increment(batches);
 }
 
 pub fn kv_problem(endpoint: &str, check: &'static str, problem: bool) {
