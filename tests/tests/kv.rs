@@ -355,3 +355,62 @@ fn the_index_is_bounded_and_engines_without_events_are_approximate() {
         );
     }
 }
+
+#[test]
+fn control_follows_the_engines_once_and_every_replica_routes_exactly() {
+    let (a, b) = (engine("a", free_port(), &[]), engine("b", free_port(), &[]));
+    let urls = format!("{},{}", a.url(), b.url());
+    let c = control(
+        &args(&[
+            "--source",
+            "static",
+            "--static-backends",
+            &urls,
+            "--probe-interval-ms",
+            "200",
+        ]),
+        &[],
+    );
+    let dir = format!("{MODEL}={}", tokenizer_dir());
+    let replica = |_: usize| {
+        let r = router_following(
+            &c,
+            &["--routing-logic", "prefix", "--explain-routing", "--tokenizer", &dir],
+        );
+        wait_until("the replica routes", || healthy_endpoints(&r, MODEL) == 2);
+        r
+    };
+    let (r1, r2) = (replica(1), replica(2));
+    for r in [&r1, &r2] {
+        wait_mode(r, &a, "exact");
+        wait_mode(r, &b, "exact");
+    }
+    // Blocks stored on b behind every router's back reach both replicas through control.
+    let doc = document(40);
+    assert_eq!(post(&b, "/v1/completions", &completion(&doc), &[]).status, 200);
+    let blocks = full_blocks(&doc) as f64;
+    for r in [&r1, &r2] {
+        wait_until("b's blocks relayed", || index_blocks(r, &b) >= blocks);
+        let reply = post(r, "/v1/completions", &completion(&format!("{doc} And then?")), &[]);
+        assert_eq!(
+            reply.header("x-sim-engine"),
+            Some("b"),
+            "{:?}",
+            reply.header("x-lmstack-route")
+        );
+        assert_eq!(explained(&reply, "kv"), "exact");
+    }
+    // The replicas never subscribed themselves: control did, once per engine.
+    for r in [&r1, &r2] {
+        assert_eq!(metric_sum(&metrics_text(r), "lmstack_kv_event_batches_total", &[]), 0.0);
+    }
+    assert!(metric_sum(&metrics_text(&c), "lmstack_control_kv_event_batches_total", &[]) >= 1.0);
+    // A replica that connects later gets the whole index at once.
+    let r3 = replica(3);
+    wait_until("the late replica has b's blocks", || index_blocks(&r3, &b) >= blocks);
+    // A reset on b reaches every replica.
+    assert_eq!(post(&b, "/reset_prefix_cache", &json!({}), &[]).status, 200);
+    for r in [&r1, &r2, &r3] {
+        wait_until("b's reset relayed", || index_blocks(r, &b) == 0.0);
+    }
+}

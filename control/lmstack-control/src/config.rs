@@ -104,6 +104,30 @@ pub struct Cli {
     /// later (about 8 bytes each in memory, more on the wire).
     #[arg(long, env = "LMSTACK_CONTROL_AFFINITY_KEEP_BLOCKS", default_value_t = 1 << 20)]
     pub affinity_keep_blocks: usize,
+    /// Do not follow engines' KV events (exact KV routing then needs each router to
+    /// subscribe itself, or stays approximate).
+    #[arg(long, env = "LMSTACK_CONTROL_NO_KV_EVENTS")]
+    pub no_kv_events: bool,
+    /// The KV-event publisher of engines that do not serve `/kv_event_sources`, `{host}` for
+    /// the engine's host, e.g. `tcp://{host}:5557`; empty: only engines that say.
+    #[arg(long, env = "LMSTACK_CONTROL_KV_EVENTS_ENDPOINT", default_value = "")]
+    pub kv_events_endpoint: String,
+    /// The ZeroMQ topic of KV events (vLLM's `topic`; empty: all).
+    #[arg(long, env = "LMSTACK_CONTROL_KV_EVENTS_TOPIC", default_value = "")]
+    pub kv_events_topic: String,
+    /// Blocks indexed per engine at most (about 80 bytes each).
+    #[arg(long, env = "LMSTACK_CONTROL_KV_MAX_BLOCKS_PER_ENGINE", default_value_t = 262_144)]
+    pub kv_max_blocks_per_engine: usize,
+    /// Time to connect to a publisher (and to read an engine's registration pages), ms.
+    #[arg(long, env = "LMSTACK_CONTROL_KV_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub kv_connect_timeout_ms: u64,
+    /// Time for a replay of missed KV events, ms (past it the engine's index is dropped).
+    #[arg(long, env = "LMSTACK_CONTROL_KV_REPLAY_TIMEOUT_MS", default_value_t = 2_000)]
+    pub kv_replay_timeout_ms: u64,
+    /// How often engines are checked against the snapshot, and the wait before subscribing
+    /// again after a failure, ms.
+    #[arg(long, env = "LMSTACK_CONTROL_KV_CHECK_INTERVAL_MS", default_value_t = 1_000)]
+    pub kv_check_interval_ms: u64,
     /// Log filter (`info`, `debug`, `lmstack_control=debug`, ...).
     #[arg(long, env = "LMSTACK_CONTROL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -113,6 +137,19 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The KV events intake's settings.
+    pub fn intake(&self) -> lmstack_kv::intake::IntakeConfig {
+        lmstack_kv::intake::IntakeConfig {
+            endpoints: Default::default(),
+            endpoint_template: self.kv_events_endpoint.clone(),
+            topic: self.kv_events_topic.clone(),
+            max_blocks: self.kv_max_blocks_per_engine,
+            connect_timeout: Duration::from_millis(self.kv_connect_timeout_ms),
+            replay_timeout: Duration::from_millis(self.kv_replay_timeout_ms),
+            retry: Duration::from_millis(self.kv_check_interval_ms),
+        }
+    }
+
     pub fn health(&self) -> HealthCheckConfig {
         HealthCheckConfig {
             interval_ms: self.probe_interval_ms,

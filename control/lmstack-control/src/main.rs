@@ -6,6 +6,7 @@ mod config;
 mod engines;
 mod hub;
 mod kube_source;
+mod kv;
 mod metrics;
 mod server;
 
@@ -55,7 +56,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Tests and scripts read this line for the bound address.
     println!("lmstack-control listening on http://{bound}");
     tracing::info!(%bound, "listening");
-    let serve = server::serve(listener, hub, prometheus, cli.heartbeat());
+    let relay = Arc::new(kv::KvRelay::new());
+    if !cli.no_kv_events {
+        tokio::spawn(kv::run(relay.clone(), hub.clone(), Arc::new(cli.intake())));
+    }
+    let serve = server::serve(listener, hub, relay, prometheus, cli.heartbeat());
     tokio::select! {
         r = serve => r,
         _ = shutdown() => {

@@ -15,6 +15,12 @@ pub const WATCH_ERRORS_TOTAL: &str = "lmstack_control_watch_errors_total";
 pub const PODS: &str = "lmstack_control_pods";
 pub const AFFINITY_BLOCKS_TOTAL: &str = "lmstack_control_affinity_blocks_total";
 pub const AFFINITY_BATCHES_LAGGED_TOTAL: &str = "lmstack_control_affinity_batches_lagged_total";
+pub const KV_BATCHES_TOTAL: &str = "lmstack_control_kv_event_batches_total";
+pub const KV_RESYNCS_TOTAL: &str = "lmstack_control_kv_index_resyncs_total";
+pub const KV_INDEX_BLOCKS: &str = "lmstack_control_kv_index_blocks";
+pub const KV_COMPAT_PROBLEM: &str = "lmstack_control_kv_compat_problem";
+pub const KV_DELTA_KEYS_TOTAL: &str = "lmstack_control_kv_delta_keys_total";
+pub const KV_DELTAS_LAGGED_TOTAL: &str = "lmstack_control_kv_deltas_lagged_total";
 
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new().install_recorder()?;
@@ -50,6 +56,24 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         AFFINITY_BATCHES_LAGGED_TOTAL,
         "Affinity batches a slow stream missed (its replica learns them from its own traffic)."
+    );
+    describe_counter!(KV_BATCHES_TOTAL, "KV event batches received from an engine.");
+    describe_counter!(
+        KV_RESYNCS_TOTAL,
+        "Times an engine's KV block index was dropped, by reason (gap, restart, reset, identity, block_size)."
+    );
+    describe_gauge!(KV_INDEX_BLOCKS, "Blocks in an engine's KV block index.");
+    describe_gauge!(
+        KV_COMPAT_PROBLEM,
+        "1 when a check made at an engine's registration failed (metric names, prefix caching, block size, KV events reachable)."
+    );
+    describe_counter!(
+        KV_DELTA_KEYS_TOTAL,
+        "Block keys relayed to router replicas in KV index deltas (added and removed)."
+    );
+    describe_counter!(
+        KV_DELTAS_LAGGED_TOTAL,
+        "KV index deltas a slow stream missed (it gets full copies again)."
     );
     Ok(handle)
 }

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::hub::Hub;
+use crate::kv::KvRelay;
 use crate::metrics;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -33,6 +34,7 @@ const MAX_REPORT_BYTES: usize = 64 * 1024 * 1024;
 
 struct Ctx {
     hub: Arc<Hub>,
+    relay: Arc<KvRelay>,
     prometheus: PrometheusHandle,
     heartbeat: Duration,
 }
@@ -40,11 +42,13 @@ struct Ctx {
 pub async fn serve(
     listener: TcpListener,
     hub: Arc<Hub>,
+    relay: Arc<KvRelay>,
     prometheus: PrometheusHandle,
     heartbeat: Duration,
 ) -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx {
         hub,
+        relay,
         prometheus,
         heartbeat,
     });
@@ -155,6 +159,7 @@ fn count(message: &StreamMessage) {
         StreamMessage::Delta { .. } => "delta",
         StreamMessage::Heartbeat { .. } => "heartbeat",
         StreamMessage::Affinity { .. } => "affinity",
+        StreamMessage::Kv { .. } => "kv",
     };
     ::metrics::counter!(metrics::STREAM_MESSAGES_TOTAL, "type" => kind).increment(1);
 }
@@ -164,6 +169,8 @@ fn count(message: &StreamMessage) {
 fn watch(ctx: &Ctx) -> Response<Body> {
     let mut rx = ctx.hub.subscribe();
     let mut affinity = ctx.hub.subscribe_affinity();
+    let mut kv = ctx.relay.subscribe();
+    let relay = ctx.relay.clone();
     let hub = ctx.hub.clone();
     let heartbeat = ctx.heartbeat;
     // A small queue: a data plane that stops reading holds at most this much, then the
@@ -185,10 +192,16 @@ fn watch(ctx: &Ctx) -> Response<Body> {
                 let first = seen == 0;
                 seen = current.snapshot.version;
                 ticker.reset();
-                // A new stream learns what other replicas assigned lately.
+                // A new stream learns what other replicas assigned lately, and what every
+                // engine holds.
                 if first {
-                    for batch in hub.recent_affinity() {
-                        let message = StreamMessage::Affinity { batch };
+                    let kv = relay.dump().into_iter().map(|delta| StreamMessage::Kv { delta });
+                    for message in hub
+                        .recent_affinity()
+                        .into_iter()
+                        .map(|batch| StreamMessage::Affinity { batch })
+                        .chain(kv)
+                    {
                         count(&message);
                         if tx.send(line(&message)).await.is_err() {
                             return;
@@ -212,6 +225,24 @@ fn watch(ctx: &Ctx) -> Response<Body> {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
+                delta = kv.recv() => {
+                    let messages = match delta {
+                        Ok(delta) if seen != 0 => vec![StreamMessage::Kv { delta: (*delta).clone() }],
+                        Ok(_) => Vec::new(),
+                        // Deltas were lost for this stream: full copies again.
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            ::metrics::counter!(metrics::KV_DELTAS_LAGGED_TOTAL).increment(n);
+                            relay.dump().into_iter().map(|delta| StreamMessage::Kv { delta }).collect()
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    };
+                    for message in messages {
+                        count(&message);
+                        if tx.send(line(&message)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 _ = ticker.tick() => {
                     let message = StreamMessage::Heartbeat { version: seen };
                     count(&message);

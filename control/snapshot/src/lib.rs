@@ -124,6 +124,37 @@ pub enum StreamMessage {
     Affinity {
         batch: AffinityBatch,
     },
+    /// What an engine's KV block index gained and lost (exact KV routing, control
+    /// following the engines' KV events for every replica).
+    Kv {
+        delta: KvDelta,
+    },
+}
+
+/// Changes to one engine's KV block index, as lmstack-control keeps it from the engine's
+/// KV events: block keys (lmstack's chained hashes of token ids, see `lmstack-kv`), so a
+/// router applies them without knowing vLLM's hashes. A router joining gets every key of
+/// every engine (`reset`, then the keys, in messages of bounded size), then the changes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvDelta {
+    /// The endpoint's URL, as in snapshots.
+    pub endpoint: String,
+    /// Empty the copy first (a full copy follows, or the index was dropped).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
+    /// Whether the engine's events are being followed now (else route it approximately).
+    pub live: bool,
+    /// Whether the engine publishes events at all.
+    pub publishes: bool,
+    /// Whether the index is all the engine holds (else a lower bound).
+    pub complete: bool,
+    /// The engine's block size in tokens (0: not known yet).
+    pub block_size: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<u64>,
 }
 
 /// Prefix assignments one data plane replica made: which endpoint got which prompt blocks
