@@ -4,11 +4,13 @@
 //! - `test`: what CI runs: formatting, lints and every test.
 //! - `perf`: the latency and throughput benchmark against nginx, results under perf/results.
 //! - `real-vllm`: an opt-in compatibility check against real vLLM engines on CPU.
+//! - `real-kv`: exact KV routing against real vLLM engines (agreement, hit rates, restarts).
 //! - `ebpf`: installs the BPF tool chain and builds lmstack-agent with its probes.
 
 mod demo;
 mod ebpf;
 mod perf;
+mod real_kv;
 mod real_vllm;
 mod test;
 
@@ -35,6 +37,9 @@ enum Task {
     Perf(perf::PerfArgs),
     /// Check compatibility against real vLLM engines on CPU (opt-in; downloads ~3 GB once).
     RealVllm(real_vllm::RealVllmArgs),
+    /// Exact KV routing against real vLLM engines with KV events: agreement with what the
+    /// engines report storing, engine-side hit rates per policy, restart detection (opt-in).
+    RealKv(real_kv::RealKvArgs),
     /// Install the eBPF tool chain (LLVM 22, rust-src, bpf-linker) and build lmstack-agent.
     Ebpf(ebpf::EbpfArgs),
 }
@@ -45,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test(a) => test::run(&a),
         Task::Perf(a) => perf::run(&a),
         Task::RealVllm(a) => real_vllm::run(&a),
+        Task::RealKv(a) => real_kv::run(&a),
         Task::Ebpf(a) => ebpf::run(&a),
     }
 }
@@ -94,6 +100,10 @@ pub fn build_bins(release: bool) -> anyhow::Result<PathBuf> {
         cmd.arg("--release");
     }
     run_cmd(&mut cmd)?;
-    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root().join("target"), PathBuf::from);
-    Ok(target.join(if release { "release" } else { "debug" }))
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root().join("target"), PathBuf::from)
 }
