@@ -414,3 +414,46 @@ fn control_follows_the_engines_once_and_every_replica_routes_exactly() {
         wait_until("b's reset relayed", || index_blocks(r, &b) == 0.0);
     }
 }
+
+#[test]
+fn a_lora_adapters_blocks_are_its_own() {
+    let a = engine("a", free_port(), &["--lora", "sql"]);
+    let b = engine("b", free_port(), &["--lora", "sql"]);
+    let r = router_over(&[&a, &b], &[]);
+    wait_mode(&r, &b, "exact");
+    wait_until("the adapter is served", || {
+        metric(
+            &metrics_text(&r),
+            "lmstack_routing_mode",
+            &[("model", "sql"), ("endpoint", &b.url()), ("mode", "exact")],
+        ) == Some(1.0)
+    });
+    // The adapter's prompt cached on b: the adapter's requests find it there (keyed with
+    // the adapter's name, as vLLM hashes it), the base model's do not.
+    let doc = document(50);
+    let lora = |prompt: &str| json!({"model": "sql", "prompt": prompt, "max_tokens": 2});
+    assert_eq!(post(&b, "/v1/completions", &lora(&doc), &[]).status, 200);
+    wait_until("indexed", || index_blocks(&r, &b) > 0.0);
+    let reply = post(&r, "/v1/completions", &lora(&format!("{doc} More?")), &[]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.header("x-sim-engine"),
+        Some("b"),
+        "{:?}",
+        reply.header("x-lmstack-route")
+    );
+    let held: usize = explained(&reply, "kv_blocks")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(held >= 10, "{:?}", reply.header("x-lmstack-route"));
+    let base = post(&r, "/v1/completions", &completion(&format!("{doc} More?")), &[]);
+    assert_eq!(
+        explained(&base, "kv_held"),
+        "0,0",
+        "{:?}",
+        base.header("x-lmstack-route")
+    );
+}

@@ -151,8 +151,9 @@ impl Kv {
     }
 
     /// How `prefix` routes `model` on the engine at `url` now.
-    pub fn mode(&self, model: &str, url: &str) -> Mode {
-        let tokenizer = self.tokenizers.pin().contains_key(model);
+    pub fn mode(&self, model: &str, lora_of: Option<&str>, url: &str) -> Mode {
+        let tokenizers = self.tokenizers.pin();
+        let tokenizer = tokenizers.contains_key(model) || lora_of.is_some_and(|p| tokenizers.contains_key(p));
         match self.engines.pin().get(url) {
             Some(e) => e.mode(tokenizer),
             None => Mode::Approximate,
@@ -173,6 +174,7 @@ impl Kv {
     pub fn refine<'u>(
         &self,
         model: &str,
+        lora_of: Option<&str>,
         chat: bool,
         body: &[u8],
         urls: impl Iterator<Item = &'u str>,
@@ -187,7 +189,8 @@ impl Kv {
             return None;
         }
         let tokenizers = self.tokenizers.pin();
-        let tokenizer = tokenizers.get(model)?;
+        // A LoRA adapter tokenizes as its base model, unless it has its own tokenizer.
+        let tokenizer = tokenizers.get(model).or_else(|| tokenizers.get(lora_of?))?;
         let engines = self.engines.pin();
         let exact: Vec<(usize, &Arc<Engine>)> = urls
             .enumerate()
@@ -204,7 +207,7 @@ impl Kv {
         };
         let salt: Salted<'_> = serde_json::from_slice(body).ok()?;
         let extras = RequestExtras {
-            lora_name: None,
+            lora_name: lora_of.is_some().then_some(model),
             cache_salt: salt.cache_salt.as_deref(),
         };
         let mut found = Exact {
@@ -296,7 +299,9 @@ async fn supervise(kv: Arc<Kv>, cell: Arc<SnapshotCell>) {
                 .get(&*pool.name)
                 .cloned()
                 .or_else(|| pool.root.as_deref().map(PathBuf::from));
-            if tried_tokenizers.get(&pool.name) == Some(&dir) {
+            // A LoRA adapter without a tokenizer of its own uses its base model's.
+            let dir = dir.filter(|_| pool.parent.is_none() || kv.config.tokenizers.contains_key(&*pool.name));
+            if tried_tokenizers.get(&pool.name) == Some(&dir) || (dir.is_none() && pool.parent.is_some()) {
                 continue;
             }
             tried_tokenizers.insert(pool.name.clone(), dir.clone());
@@ -356,7 +361,7 @@ async fn supervise(kv: Arc<Kv>, cell: Arc<SnapshotCell>) {
                 metrics::kv_mode(
                     &pool.name,
                     url,
-                    kv.mode(&pool.name, url).as_str(),
+                    kv.mode(&pool.name, pool.parent.as_deref(), url).as_str(),
                     &Mode::ALL.map(Mode::as_str),
                 );
             }

@@ -264,6 +264,7 @@ fn prefix_plan<'c>(
     let exact = ctx.shared.kv.as_ref().and_then(|kv| {
         kv.refine(
             &pool.name,
+            pool.parent.as_deref(),
             head.path().starts_with("/v1/chat/"),
             body,
             pool.endpoints.iter().map(|&i| &*state.endpoints[i].url),

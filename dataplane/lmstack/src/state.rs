@@ -130,6 +130,10 @@ pub struct ModelPool {
     /// The model card's `root` when it is an absolute path (vLLM's model directory): where
     /// exact KV routing looks for the tokenizer when none is configured.
     pub root: Option<Arc<str>>,
+    /// The base model when this one is a LoRA adapter (its card's `parent`, as vLLM lists
+    /// adapters): exact KV routing uses the base model's tokenizer and keys blocks with the
+    /// adapter's name, as vLLM hashes them.
+    pub parent: Option<Arc<str>>,
 }
 
 impl ModelPool {
@@ -389,6 +393,13 @@ impl SnapshotCell {
                     .and_then(|c| c.get("root"))
                     .and_then(|r| r.as_str())
                     .filter(|r| r.starts_with('/'))
+                    .map(Arc::from),
+                parent: m
+                    .card
+                    .as_ref()
+                    .and_then(|c| c.get("parent"))
+                    .and_then(|p| p.as_str())
+                    .filter(|p| *p != m.name)
                     .map(Arc::from),
             });
             cards.push(m.card.clone().unwrap_or_else(|| {
