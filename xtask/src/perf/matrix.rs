@@ -53,7 +53,10 @@ pub struct MatrixArgs {
     /// List the cells and exit.
     #[arg(id = "list-cells", long = "list-cells")]
     list_cells: bool,
-    /// Router policies compared with the limit in every cell.
+    /// Router policies compared with the limit in every cell. `prefix_exact` is `prefix` on
+    /// the engines' KV events (exact KV routing); with it in the list, every target's engines
+    /// tokenize with the tiny model's real tokenizer (perf/fixtures/tiny-llama), so that all
+    /// targets count the same tokens.
     #[arg(
         id = "matrix-policies",
         long = "matrix-policies",
@@ -380,10 +383,11 @@ fn run_cell(
 ) -> anyhow::Result<Value> {
     let mut names = vec!["limit".to_owned()];
     names.extend(policies.iter().cloned());
+    let real_tokenizer = policies.iter().any(|p| p == EXACT);
     let outcomes: Vec<anyhow::Result<Value>> = thread::scope(|s| {
         let handles: Vec<_> = names
             .iter()
-            .map(|name| s.spawn(move || run_target(bins, work, cell, name, router_extra)))
+            .map(|name| s.spawn(move || run_target(bins, work, cell, name, router_extra, real_tokenizer)))
             .collect();
         handles
             .into_iter()
@@ -400,9 +404,25 @@ fn run_cell(
     Ok(Value::Object(targets))
 }
 
-fn engine_args(cell: &Cell, merged: usize, name: &str) -> Vec<String> {
+/// The pseudo-policy `prefix` with the engines' KV events.
+const EXACT: &str = "prefix_exact";
+
+fn tokenizer_dir() -> String {
+    crate::root()
+        .join("perf/fixtures/tiny-llama")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A port free now, for an engine's KV-event publisher.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn engine_args(cell: &Cell, merged: usize, name: &str, extra: &[String]) -> Vec<String> {
     let n = merged as f64;
     let mut a = lmstack_e2e::args(&["--host", "127.0.0.1", "--port", "0", "--name", name]);
+    a.extend(extra.iter().cloned());
     for (k, v) in [
         ("--block-size", BLOCK_TOKENS.to_string()),
         ("--num-gpu-blocks", (cell.blocks_per_engine() * merged).to_string()),
@@ -421,14 +441,42 @@ fn engine_args(cell: &Cell, merged: usize, name: &str) -> Vec<String> {
 
 /// One target of a cell: fresh engines (one merged engine for the limit), its router(s), the
 /// workload, then the figures.
-fn run_target(bins: &Path, work: &Path, cell: &Cell, name: &str, router_extra: &[String]) -> anyhow::Result<Value> {
+fn run_target(
+    bins: &Path,
+    work: &Path,
+    cell: &Cell,
+    name: &str,
+    router_extra: &[String],
+    real_tokenizer: bool,
+) -> anyhow::Result<Value> {
     let sim = bins.join("lmstack-sim");
+    let exact = name == EXACT;
+    let engine_extra = |_: usize| -> anyhow::Result<Vec<String>> {
+        let mut a = Vec::new();
+        if real_tokenizer {
+            a.extend(["--tokenizer".to_owned(), tokenizer_dir()]);
+        }
+        if exact {
+            a.extend(["--kv-events-port".to_owned(), free_port()?.to_string()]);
+        }
+        Ok(a)
+    };
     let sims: Vec<Proc> = if name == "limit" {
-        vec![Proc::start(&sim, &engine_args(cell, cell.engines, "limit"), &[])]
+        vec![Proc::start(
+            &sim,
+            &engine_args(cell, cell.engines, "limit", &engine_extra(0)?),
+            &[],
+        )]
     } else {
         (0..cell.engines)
-            .map(|i| Proc::start(&sim, &engine_args(cell, 1, &format!("e{i}")), &[]))
-            .collect()
+            .map(|i| {
+                Ok(Proc::start(
+                    &sim,
+                    &engine_args(cell, 1, &format!("e{i}"), &engine_extra(i)?),
+                    &[],
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?
     };
     let urls: Vec<String> = sims.iter().map(Proc::url).collect();
     let mut control = None;
@@ -440,13 +488,18 @@ fn run_target(bins: &Path, work: &Path, cell: &Cell, name: &str, router_extra: &
             "--port",
             "0",
             "--routing-logic",
-            name,
+            if exact { "prefix" } else { name },
             "--log-level",
             "warn",
             "--workers",
             "1",
         ]);
         flags.extend(router_extra.iter().cloned());
+        if exact {
+            flags.extend(["--tokenizer".to_owned(), format!("sim-model={}", tokenizer_dir())]);
+        } else {
+            flags.push("--no-kv-events".to_owned());
+        }
         if cell.replicas {
             let c = super::replicas::start_control(bins, &urls, 200)?;
             flags.extend(lmstack_e2e::args(&[
@@ -570,6 +623,13 @@ fn checks(cell: &Cell, targets: &Value) -> Value {
         "balance_ok": f(p, "requests_max_over_min") <= 1.3,
         "no_idle": f(p, "idle_engines") == 0.0,
     });
+    let e = &targets[EXACT];
+    if !e.is_null() {
+        c["exact_hit_over_limit"] = json!(f(e, "hit_rate") / f(limit, "hit_rate"));
+        c["exact_p99_over_limit"] = json!(f(e, "ttft_ms.p99") / f(limit, "ttft_ms.p99"));
+        c["exact_max_over_min"] = json!(f(e, "requests_max_over_min"));
+        c["exact_hit_over_approximate"] = json!(f(e, "hit_rate") / f(p, "hit_rate"));
+    }
     let s = &targets["session"];
     if cell.headers && !s.is_null() {
         c["session_hit_over_limit"] = json!(f(s, "hit_rate") / f(limit, "hit_rate"));
