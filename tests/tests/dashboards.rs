@@ -4,9 +4,12 @@
 //! - the alert rules pass `promtool check rules` and `promtool test rules`;
 //! - end to end: a real Prometheus scrapes the router, lmstack-control, two simulated engines
 //!   under traffic, two routers in trouble (an engine that resets, a control that sends
-//!   garbage) and (as root) lmstack-agent on one engine's cgroup; every target of every
-//!   panel must return series. PNGs of key queries on Prometheus' graph page, rendered by
-//!   headless Chromium, are left under target/dashboards/ for a person to look at.
+//!   garbage), two engines publishing KV events (followed by control and by a router of their
+//!   own, with a replayed gap, a gap that drops an index, and an index bound that drops
+//!   blocks) and (as root) lmstack-agent on one engine's cgroup; every target of every
+//!   panel must return series, and every alert rule evaluates without error. PNGs of key
+//!   queries on Prometheus' graph page, rendered by headless Chromium, are left under
+//!   target/dashboards/ for a person to look at.
 //!
 //! Tools come from `cargo xtask test` (target/tools, apt); without them the case skips, and
 //! fails under CI.
@@ -21,12 +24,15 @@ use std::time::{Duration, Instant};
 
 use lmstack_e2e::bed::{Prometheus, TestBed, ebpf_preconditions, find_exe, node_tools, skip};
 use lmstack_e2e::{
-    FakeEngine, Misbehave, Proc, agent, args, bin, control, get, router_following, sim, wait_healthy, workspace_root,
+    FakeEngine, Misbehave, Proc, agent, args, backends, bin, control, get, metric, metrics_text, metrics_when, post,
+    router_following, sim, wait_healthy, wait_until, workspace_root,
 };
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "lmstack-e2e";
 const MODEL: &str = "sim-model";
+/// The model of the engines that publish KV events (tokenized with its real tokenizer).
+const KV_MODEL: &str = "tiny-llama";
 
 fn dashboards() -> Vec<(String, Value)> {
     let mut out: Vec<(String, Value)> = std::fs::read_dir(workspace_root().join("grafana"))
@@ -93,6 +99,9 @@ fn dashboards_have_the_panels_users_expect_and_template_variables() {
         "Prefix match ratio",
         "Kernel TTFT",
         "Kernel time between tokens",
+        "Engines by routing mode",
+        "Routing mode per engine",
+        "KV index blocks per engine",
     ] {
         assert!(titles.iter().any(|t| t == want), "no panel {want:?}");
     }
@@ -175,6 +184,16 @@ fn dashboards_type_check_against_grafana_schema() {
     );
 }
 
+const ALERTS: &str = "helm/lmstack/files/alerts.yaml";
+
+/// The alert rules in `ALERTS`, counted in its text.
+fn alert_count() -> usize {
+    std::fs::read_to_string(workspace_root().join(ALERTS))
+        .unwrap()
+        .matches("- alert: ")
+        .count()
+}
+
 fn promtool() -> Option<PathBuf> {
     let p = find_exe(&["/usr/bin/promtool", "/usr/local/bin/promtool"]);
     if p.is_none() {
@@ -191,12 +210,12 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
     let root = workspace_root();
     let check = Command::new(&promtool)
         .args(["check", "rules"])
-        .arg(root.join("helm/lmstack/files/alerts.yaml"))
+        .arg(root.join(ALERTS))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&check.stdout).into_owned() + &String::from_utf8_lossy(&check.stderr);
     assert!(
-        check.status.success() && text.contains("SUCCESS: 4 rules found"),
+        check.status.success() && text.contains(&format!("SUCCESS: {} rules found", alert_count())),
         "{text}"
     );
     let test = Command::new(&promtool)
@@ -243,6 +262,66 @@ fn garbage_control() -> SocketAddr {
     addr
 }
 
+/// A port free now (for the engines' ZeroMQ sockets, which must be known in advance).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tokenizer_dir() -> String {
+    workspace_root()
+        .join("perf/fixtures/tiny-llama")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A simulated engine publishing KV events with the tiny model's tokenizer; `extra` adds flags.
+fn kv_engine(name: &str, extra: &[&str]) -> Proc {
+    let (port, dir) = (free_port().to_string(), tokenizer_dir());
+    let mut a = vec![
+        "--model",
+        KV_MODEL,
+        "--block-size",
+        "16",
+        "--tokenizer",
+        &dir,
+        "--kv-events-port",
+        &port,
+    ];
+    a.extend_from_slice(extra);
+    sim(name, &a)
+}
+
+/// A completion whose prompt is a document only `seed` has, about a block per section.
+fn kv_completion(seed: usize, sections: usize) -> Value {
+    let prompt: String = (0..sections)
+        .map(|i| {
+            format!(
+                "Section {i} of report {seed}: the figures for quarter {} were revised. ",
+                i * seed % 7
+            )
+        })
+        .collect();
+    json!({"model": KV_MODEL, "prompt": prompt, "max_tokens": 2})
+}
+
+/// Whether `router` routes `engine` in routing `mode` now.
+fn routed(router: &Proc, engine: &Proc, mode: &str) -> bool {
+    metric(
+        &metrics_text(router),
+        "lmstack_routing_mode",
+        &[("endpoint", &engine.url()), ("mode", mode)],
+    ) == Some(1.0)
+}
+
+fn index_blocks(router: &Proc, engine: &Proc) -> f64 {
+    metric(
+        &metrics_text(router),
+        "lmstack_kv_index_blocks",
+        &[("endpoint", &engine.url())],
+    )
+    .unwrap_or(0.0)
+}
+
 /// Polls an instant query until it returns at least one series.
 fn series(prom: &Prometheus, query: &str, deadline: Instant) -> Result<usize, String> {
     loop {
@@ -283,6 +362,13 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         None => sim("engine-a", &["--model", MODEL]),
     };
     let engine_b = sim("engine-b", &["--model", MODEL]);
+    // Exact KV routing: two engines publishing KV events, followed by control (which relays
+    // their indexes to the router below) and by a router of their own that subscribes itself,
+    // with an index bound small enough to drop blocks. kv-a keeps a replay socket, kv-b none.
+    let replay_port = free_port().to_string();
+    let kv_a = kv_engine("kv-a", &["--kv-events-replay-port", &replay_port]);
+    let kv_b = kv_engine("kv-b", &[]);
+    let tokenizer = format!("{KV_MODEL}={}", tokenizer_dir());
     let agent_proc = bed.as_ref().map(|bed| {
         Proc::start(
             &bin("lmstack-agent"),
@@ -304,7 +390,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
             &[],
         )
     });
-    let engines = format!("{},{}", engine_a.url(), engine_b.url());
+    let engines = format!("{},{},{},{}", engine_a.url(), engine_b.url(), kv_a.url(), kv_b.url());
     let control_proc = control(
         &args(&[
             "--source",
@@ -316,8 +402,23 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         ]),
         &[],
     );
-    let router = router_following(&control_proc, &["--routing-logic", "prefix"]);
+    let router = router_following(&control_proc, &["--routing-logic", "prefix", "--tokenizer", &tokenizer]);
     wait_healthy(&router);
+    let bound = workspace_root().join("target/e2e-logs/dashboards-kv-bound.yaml");
+    std::fs::create_dir_all(bound.parent().unwrap()).unwrap();
+    std::fs::write(&bound, "kv_events:\n  max_blocks_per_engine: 8\n").unwrap();
+    let mut kv_args = backends(&[&kv_a, &kv_b]);
+    kv_args.extend(args(&[
+        "--routing-logic",
+        "prefix",
+        "--health-check-interval-ms",
+        "200",
+        "--tokenizer",
+        &tokenizer,
+        "--config",
+        bound.to_str().unwrap(),
+    ]));
+    let kv_router = lmstack_e2e::router(&kv_args);
     // What an operator must see go wrong, made to happen: a router discovering one engine
     // itself (health probes) that resets every request (upstream errors), and a router whose
     // control sends garbage (rejected messages, disconnects).
@@ -350,9 +451,12 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         ("router", router.addr.to_string(), false),
         ("router", static_router.addr.to_string(), false),
         ("router", lost_router.addr.to_string(), false),
+        ("router", kv_router.addr.to_string(), false),
         ("control", control_proc.addr.to_string(), false),
         ("engines", engine_a.addr.to_string(), false),
         ("engines", engine_b.addr.to_string(), false),
+        ("engines", kv_a.addr.to_string(), false),
+        ("engines", kv_b.addr.to_string(), false),
     ];
     if let Some(a) = &agent_proc {
         // The agent labels series with the engine pod's namespace: honour it (as the chart does).
@@ -368,7 +472,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         .collect();
     let config = format!(
         "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: ['{}']\nscrape_configs:\n{}",
-        workspace_root().join("helm/lmstack/files/alerts.yaml").display(),
+        workspace_root().join(ALERTS).display(),
         jobs.concat()
     );
     let prom = Prometheus::start_with(&config).expect("prometheus");
@@ -389,6 +493,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         &[],
     );
     assert_eq!(unknown.status, 404, "{}", unknown.body);
+    kv_events(&router, &kv_router, &kv_a, &kv_b);
     std::thread::sleep(Duration::from_secs(3));
     traffic(&router, 24);
     if let Some(a) = &agent_proc {
@@ -425,16 +530,56 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         .body_mut()
         .read_json()
         .unwrap();
-    assert_eq!(
-        rules["data"]["groups"][0]["rules"].as_array().map(Vec::len),
-        Some(4),
-        "{rules}"
-    );
+    let list = rules["data"]["groups"][0]["rules"].as_array().unwrap();
+    assert_eq!(list.len(), alert_count(), "{rules}");
+    for rule in list {
+        assert_ne!(rule["health"], "err", "{}: {}", rule["name"], rule["lastError"]);
+    }
 
     pictures(&prom);
-    drop((static_router, lost_router));
+    drop((static_router, lost_router, kv_router));
     drop(router);
     drop(bed);
+}
+
+/// What the Exact KV routing panels show, made to happen on the KV engines: a few blocks
+/// stored (within `kv_router`'s bound), then three batches lost on the wire at each engine
+/// before four more of dozens of blocks (past the bound): kv-a's are replayed from its replay
+/// socket, kv-b's index is dropped (and routed `degraded` until its cache turns over).
+fn kv_events(router: &Proc, kv_router: &Proc, kv_a: &Proc, kv_b: &Proc) {
+    // Both followers (kv_router itself, and control for `router`) must be subscribed before
+    // anything is lost, else they have no sequence to see a gap in.
+    for e in [kv_a, kv_b] {
+        for r in [router, kv_router] {
+            wait_until(&format!("{} routed exact", e.url()), || routed(r, e, "exact"));
+        }
+    }
+    for (e, seed) in [(kv_a, 1), (kv_b, 2)] {
+        assert_eq!(post(e, "/v1/completions", &kv_completion(seed, 2), &[]).status, 200);
+        for r in [router, kv_router] {
+            wait_until("the blocks indexed", || index_blocks(r, e) > 0.0);
+        }
+        assert_eq!(post(e, "/sim/kv_events", &json!({"skip": 3}), &[]).status, 200);
+        for i in 0..4 {
+            assert_eq!(
+                post(e, "/v1/completions", &kv_completion(seed * 10 + i, 40), &[]).status,
+                200
+            );
+        }
+    }
+    metrics_when(kv_router, "kv-a's gap replayed, kv-b's index dropped", |t| {
+        let replayed = metric(
+            t,
+            "lmstack_kv_event_batches_replayed_total",
+            &[("endpoint", &kv_a.url())],
+        );
+        let gap = metric(
+            t,
+            "lmstack_kv_index_resyncs_total",
+            &[("endpoint", &kv_b.url()), ("reason", "gap")],
+        );
+        replayed.is_some_and(|v| v >= 3.0) && gap.is_some_and(|v| v >= 1.0)
+    });
 }
 
 /// PNGs of key queries on Prometheus' graph page (headless Chromium), under target/dashboards.
@@ -450,6 +595,7 @@ fn pictures(prom: &Prometheus) {
         ("running-per-instance", "sum by (instance) (vllm:num_requests_running)".to_owned()),
         ("requests-per-second", "sum by (model, status) (rate(lmstack_requests_total[1m]))".to_owned()),
         ("kv-cache-hit-rate", "sum by (instance) (rate(vllm:prefix_cache_hits_total[1m])) / sum by (instance) (rate(vllm:prefix_cache_queries_total[1m]))".to_owned()),
+        ("routing-modes", "sum by (model, mode) (max by (model, endpoint, mode) (lmstack_routing_mode))".to_owned()),
     ];
     for (name, q) in queries {
         let url = format!(
