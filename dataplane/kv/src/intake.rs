@@ -143,15 +143,18 @@ pub async fn follow(config: Arc<IntakeConfig>, url: Arc<str>, held: Arc<Held>, o
         observer.source(&url, SourceState::Down);
         if let Err(e) = subscribe(&config, &url, &held, &*observer, &sources, &compat).await {
             tracing::warn!(endpoint = %url, error = %e, "KV events subscription failed; routing this engine approximately until it is back");
-            observer.check(&url, "kv_events_unreachable", true);
+            if matches!(e, IntakeError::Connect { .. }) {
+                observer.check(&url, "kv_events_unreachable", true);
+            }
         }
         observer.source(&url, SourceState::Down);
+        // Counted only when there was an index to drop (not on every failed attempt).
         if held.blocks() > 0 || held.is_fresh() {
             tracing::info!(endpoint = %url, "KV index dropped: the subscription was lost");
+            held.set_fresh(false);
+            held.reset();
+            observer.dropped(&url, ClearReason::Identity);
         }
-        held.set_fresh(false);
-        held.reset();
-        observer.dropped(&url, ClearReason::Identity);
         tokio::time::sleep(config.retry).await;
     }
 }
