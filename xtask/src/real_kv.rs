@@ -49,6 +49,19 @@ pub struct RealKvArgs {
     /// Rounds per user.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Runs of each policy in the hit-rate check (taking turns).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Independent router replicas in the hit-rate check (no control; a user's rounds take
+    /// turns between them).
+    #[arg(long, default_value_t = 1)]
+    routers: usize,
+    /// Added to the results file's name (`perf/results/<date>-real-kv-<tag>.json`).
+    #[arg(long)]
+    tag: Option<String>,
+    /// Only the two prefix modes in the hit-rate check.
+    #[arg(long)]
+    only_prefix: bool,
     /// Skip the hit-rate runs.
     #[arg(long)]
     no_hit_rate: bool,
@@ -224,7 +237,7 @@ pub fn run(args: &RealKvArgs) -> anyhow::Result<()> {
     // 2. Hit rate, per routing mode, on fresh caches.
     if !args.no_hit_rate {
         let mut runs = Vec::new();
-        for (label, extra) in [
+        let policies = [
             ("prefix (exact)", vec!["--routing-logic", "prefix"]),
             (
                 "prefix (approximate)",
@@ -232,18 +245,45 @@ pub fn run(args: &RealKvArgs) -> anyhow::Result<()> {
             ),
             ("session", vec!["--routing-logic", "session"]),
             ("round_robin", vec!["--routing-logic", "round_robin"]),
-        ] {
+        ];
+        // Repeats take turns, so that drift on the machine touches every policy alike.
+        let turns = (0..args.repeat).flat_map(|_| {
+            policies
+                .iter()
+                .filter(|(l, _)| args.only_prefix.then_some(()).is_none() || l.starts_with("prefix"))
+        });
+        for (label, extra) in turns {
+            let (label, extra) = (*label, extra.clone());
             reset_caches(&urls)?;
-            let r = router(&bins, &urls, &extra, &args.model_dir)?;
+            // With --routers 2: independent replicas (no control), a user's rounds taking
+            // turns between them, so that each sees half of every conversation.
+            let routers: Vec<Proc> = (0..args.routers)
+                .map(|_| router(&bins, &urls, &extra, &args.model_dir))
+                .collect::<anyhow::Result<_>>()?;
             if label == "prefix (exact)" {
                 // The reset's AllBlocksCleared comes with the engines' next step: the first
                 // request makes the index complete.
-                for u in &urls {
-                    wait("events followed", Duration::from_secs(30), || live(&r.url(), u))?;
+                for r in &routers {
+                    for u in &urls {
+                        wait("events followed", Duration::from_secs(30), || live(&r.url(), u))?;
+                    }
                 }
             }
-            let run = multi_round(&bins, args, &r.url(), &urls, label)?;
-            println!("{label}: {}", summary(&run));
+            let entry = routers.iter().map(Proc::url).collect::<Vec<_>>().join(",");
+            let mut run = multi_round(&bins, args, &entry, &urls, label)?;
+            // Why the router sent requests where it did.
+            let m: String = routers.iter().map(|r| text(&format!("{}/metrics", r.url()))).collect();
+            let mut reasons = serde_json::Map::new();
+            for line in m.lines().filter(|l| l.starts_with("lmstack_routing_decisions_total{")) {
+                if let (Some(at), Some(v)) = (line.find("reason=\""), line.rsplit(' ').next()) {
+                    let reason: String = line[at + 8..].chars().take_while(|c| *c != '"').collect();
+                    let n: f64 = v.parse().unwrap_or(0.0);
+                    let before = reasons.get(&reason).and_then(Value::as_f64).unwrap_or(0.0);
+                    reasons.insert(reason, json!(before + n));
+                }
+            }
+            run["decisions"] = Value::Object(reasons);
+            println!("{label}: {} decisions {}", summary(&run), run["decisions"]);
             runs.push(run);
         }
         // The limit: one engine with both engines' cache takes every request.
@@ -349,8 +389,9 @@ pub fn run(args: &RealKvArgs) -> anyhow::Result<()> {
 
     let date = Command::new("date").arg("+%Y-%m-%d").output()?;
     let path = root().join(format!(
-        "perf/results/{}-real-kv.json",
-        String::from_utf8_lossy(&date.stdout).trim()
+        "perf/results/{}-real-kv{}.json",
+        String::from_utf8_lossy(&date.stdout).trim(),
+        args.tag.as_deref().map(|t| format!("-{t}")).unwrap_or_default()
     ));
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("wrote {}", path.display());
