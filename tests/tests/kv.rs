@@ -457,3 +457,47 @@ fn a_lora_adapters_blocks_are_its_own() {
         base.header("x-lmstack-route")
     );
 }
+
+#[test]
+fn a_router_joining_late_replays_what_it_missed_or_says_it_is_incomplete() {
+    let replay = free_port().to_string();
+    let a = engine("a", free_port(), &["--kv-events-replay-port", &replay]);
+    let b = engine("b", free_port(), &[]);
+    // Traffic before any router subscribed: the shared prefix every later block hangs from.
+    let doc = document(60);
+    for e in [&a, &b] {
+        assert_eq!(post(e, "/v1/completions", &completion(&doc), &[]).status, 200);
+    }
+    let r = router_over(&[&a, &b], &[]);
+    // Subscribed, with nothing seen yet of engines that served traffic: lower bounds.
+    wait_mode(&r, &a, "degraded");
+    wait_mode(&r, &b, "degraded");
+    // The next batch shows what was missed. a's replay socket still has it: the index is
+    // complete. b has none: its index stays a lower bound, and says so.
+    for e in [&a, &b] {
+        let more = format!("{doc} {}", document(61));
+        assert_eq!(post(e, "/v1/completions", &completion(&more), &[]).status, 200);
+    }
+    wait_until("a replayed", || index_blocks(&r, &a) >= full_blocks(&doc) as f64);
+    wait_mode(&r, &a, "exact");
+    wait_mode(&r, &b, "degraded");
+    let text = metrics_text(&r);
+    assert!(
+        metric(
+            &text,
+            "lmstack_kv_event_batches_replayed_total",
+            &[("endpoint", &a.url())]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(
+        metric(
+            &text,
+            "lmstack_kv_events_dropped_total",
+            &[("endpoint", &b.url()), ("reason", "unchained")]
+        )
+        .unwrap()
+            >= 1.0
+    );
+}

@@ -26,7 +26,7 @@
 //!   A hard bound on blocks per engine holds memory: blocks past it are not indexed (and
 //!   counted), which can only under-report what an engine holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
@@ -242,6 +242,9 @@ struct Rank {
     replayed_below: Option<i64>,
     /// Blocks the engine may hold that the index never saw (`None`: none, complete).
     unknown: Option<u64>,
+    /// Blocks the engine stored that could not be keyed (their parent was unseen): held
+    /// there, missing here, until evicted. Their children cannot be keyed either.
+    unchained: HashSet<(u32, BlockHash)>,
 }
 
 /// Keys a set gained and lost, in order.
@@ -322,7 +325,9 @@ impl EngineIndex {
         let complete = if self.ranks.is_empty() {
             self.started_empty
         } else {
-            self.ranks.values().all(|r| r.unknown.is_none())
+            self.ranks
+                .values()
+                .all(|r| r.unknown.is_none() && r.unchained.is_empty())
         };
         self.held.complete.store(complete, Ordering::Release);
     }
@@ -348,6 +353,12 @@ impl EngineIndex {
             Some(_) if r.replayed_below.is_some_and(|b| seq < b) => SeqCheck::Duplicate,
             Some(_) => SeqCheck::Backwards,
         }
+    }
+
+    /// Whether a batch of `rank` was applied since the index started (or the rank was
+    /// dropped).
+    pub fn seen(&self, rank: u32) -> bool {
+        self.ranks.get(&rank).is_some_and(|r| r.next_seq.is_some())
     }
 
     /// Records that batches below `to` were applied by a replay (see [`SeqCheck::Duplicate`]).
@@ -423,6 +434,7 @@ impl EngineIndex {
             unref(&mut self.refs, &self.held.set, &guard, key, &mut self.changes);
         }
         r.replayed_below = None;
+        r.unchained.clear();
         if reason == ClearReason::Reset {
             // The engine holds nothing now; the publisher (and its sequence) goes on.
             r.unknown = None;
@@ -460,6 +472,9 @@ impl EngineIndex {
             Some(p) => match r.by_hash.get(&(group, p)) {
                 Some(&k) => k,
                 None => {
+                    // Held there, not keyable here: the index misses them until they go.
+                    let room = self.limits.max_blocks.saturating_sub(r.unchained.len());
+                    r.unchained.extend(s.hashes.iter().take(room).map(|&h| (group, h)));
                     *self.stats.events_dropped.entry(Dropped::Unchained).or_default() += 1;
                     return;
                 }
@@ -509,6 +524,8 @@ impl EngineIndex {
         for hash in &rm.hashes {
             match r.by_hash.remove(&(group, *hash)) {
                 Some(key) => unref(&mut self.refs, &self.held.set, &guard, key, &mut self.changes),
+                // One it could not key left.
+                None if r.unchained.remove(&(group, *hash)) => {}
                 // A block the index never saw left: one fewer that may be missing.
                 None => {
                     r.unknown = r.unknown.and_then(|n| n.checked_sub(1)).filter(|&n| n > 0);
@@ -640,6 +657,24 @@ mod tests {
         ix.apply(20, &batch(vec![]), 5);
         assert!(!ix.held().is_complete());
         ix.apply(21, &batch(vec![Event::Cleared]), 6);
+        assert!(ix.held().is_complete());
+    }
+
+    #[test]
+    fn blocks_that_cannot_be_keyed_keep_it_incomplete_until_they_are_evicted() {
+        let mut ix = index(100);
+        ix.set_capacity(1);
+        // Joined late: block 10 (and what the engine held before) unseen.
+        ix.apply(5, &batch(vec![stored(&[11], Some(10), &PROMPT[4..8])]), 1);
+        assert_eq!(ix.stats().events_dropped[&Dropped::Unchained], 1);
+        // The one block from before is evicted: the pre-join count is done, but 11 is still
+        // held there and missing here.
+        ix.apply(6, &batch(vec![removed(&[10])]), 2);
+        assert!(!ix.held().is_complete());
+        // Its child cannot be keyed either.
+        ix.apply(7, &batch(vec![stored(&[12], Some(11), &PROMPT[8..])]), 3);
+        assert!(!ix.held().is_complete());
+        ix.apply(8, &batch(vec![removed(&[12, 11])]), 4);
         assert!(ix.held().is_complete());
     }
 

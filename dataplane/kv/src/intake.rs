@@ -9,8 +9,10 @@
 //!    block size); each check's result goes to the [`Observer`], problems are logged.
 //! 2. **Subscription**: one ZeroMQ SUB per rank; batches are applied in order to the engine's
 //!    index. A gap is replayed from the rank's replay socket when it has one (else the index
-//!    drops the rank's blocks); a lost connection (a restart) drops the whole index, and the
-//!    engine registers again after `retry`.
+//!    drops the rank's blocks), and so is everything before the first batch seen when the
+//!    publisher had already sent some (so that a late subscriber knows the chains later blocks
+//!    hang from); a lost connection (a restart) drops the whole index, and the engine
+//!    registers again after `retry`.
 //!
 //! An engine that publishes nothing is looked at again every 30 `retry`s; one that does not
 //! answer (down, restarting) every `retry`.
@@ -444,7 +446,14 @@ async fn subscribe(
             }
             Input::Batch(rank, seq, batch) => {
                 observer.received(url);
-                if let SeqCheck::Gap { from, to } = index.check_seq(rank, seq)
+                // A gap, or joining a publisher that already sent batches: what was missed is
+                // asked of the replay socket (from its start, when joining), when there is one.
+                let missed = match index.check_seq(rank, seq) {
+                    SeqCheck::Gap { from, to } => Some((from, to)),
+                    SeqCheck::InOrder if !index.seen(rank) && seq > 0 => Some((0, seq)),
+                    _ => None,
+                };
+                if let Some((from, to)) = missed
                     && let Some(replay) = sources
                         .iter()
                         .find(|s| s.rank == rank)

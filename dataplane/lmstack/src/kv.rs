@@ -98,6 +98,33 @@ pub struct Kv {
     tokenizers: papaya::HashMap<Arc<str>, Arc<PromptTokenizer>>,
 }
 
+/// The affinity table's block, in tokens, for models with a tokenizer: their prompts are
+/// matched there on token blocks (chained like the engines' index keys), so that the table's
+/// matches, the engines' own and the load counts are all in one unit. vLLM's default block.
+pub const AFFINITY_BLOCK_TOKENS: usize = 16;
+
+/// A request's token ids and what else keys its blocks, as vLLM hashes them.
+pub struct Tokenized<'b> {
+    pub tokens: Vec<u32>,
+    lora_name: Option<&'b str>,
+    cache_salt: Option<std::borrow::Cow<'b, str>>,
+}
+
+impl Tokenized<'_> {
+    pub fn extras(&self) -> RequestExtras<'_> {
+        RequestExtras {
+            lora_name: self.lora_name,
+            cache_salt: self.cache_salt.as_deref(),
+        }
+    }
+
+    /// Its blocks for the affinity table (at most `max` of them).
+    pub fn affinity_blocks(&self, max: usize, out: &mut Vec<BlockKey>) {
+        let tokens = &self.tokens[..self.tokens.len().min(max.saturating_mul(AFFINITY_BLOCK_TOKENS))];
+        key::prompt_keys(tokens, AFFINITY_BLOCK_TOKENS, self.extras(), out);
+    }
+}
+
 /// What an exact lookup found, for the explain header and the metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Exact {
@@ -160,88 +187,86 @@ impl Kv {
         }
     }
 
-    /// Replaces the approximate matches of the pool's endpoints whose events are live with
-    /// what they hold, in the affinity table's units (`affinity_blocks` for the whole
-    /// prompt): the engine's count where its index is complete, the larger of the two where
-    /// it is a lower bound. `held` gets, per pool index, the engine's own count of blocks
-    /// (`u32::MAX` where its events are not live). `None` when no endpoint of the pool has
-    /// live events, or the request cannot be tokenized exactly (it is then routed on the
-    /// affinity table alone).
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the request, the pool, and the worker's scratch buffers"
-    )]
-    pub fn refine<'u>(
+    /// The request's token ids as the engines will see them, and what else keys its blocks;
+    /// `None` when the model has no tokenizer here, the body is over
+    /// `kv_events.max_prompt_bytes`, or vLLM's tokenization cannot be reproduced exactly
+    /// (the request is then matched on characters, as without a tokenizer).
+    pub fn tokenize<'b>(
         &self,
-        model: &str,
+        model: &'b str,
         lora_of: Option<&str>,
         chat: bool,
-        body: &[u8],
-        urls: impl Iterator<Item = &'u str>,
-        affinity_blocks: usize,
-        matched: &mut [u32],
-        held: &mut Vec<u32>,
-        keys: &mut Vec<BlockKey>,
-    ) -> Option<Exact> {
-        held.clear();
-        held.resize(matched.len(), u32::MAX);
+        body: &'b [u8],
+    ) -> Option<Tokenized<'b>> {
         if body.len() > self.config.max_prompt_bytes {
             return None;
         }
         let tokenizers = self.tokenizers.pin();
         // A LoRA adapter tokenizes as its base model, unless it has its own tokenizer.
         let tokenizer = tokenizers.get(model).or_else(|| tokenizers.get(lora_of?))?;
-        let engines = self.engines.pin();
-        let exact: Vec<(usize, &Arc<Engine>)> = urls
-            .enumerate()
-            .filter_map(|(i, url)| engines.get(url).map(|e| (i, e)))
-            .filter(|(_, e)| e.live())
-            .collect();
-        if exact.is_empty() {
-            return None;
-        }
         let tokens = if chat {
             tokenizer.chat(body).ok()?
         } else {
             tokenizer.completion(body).ok()?
         };
-        let salt: Salted<'_> = serde_json::from_slice(body).ok()?;
-        let extras = RequestExtras {
+        let salt: Salted<'b> = serde_json::from_slice(body).ok()?;
+        Some(Tokenized {
+            tokens,
             lora_name: lora_of.is_some().then_some(model),
-            cache_salt: salt.cache_salt.as_deref(),
-        };
+            cache_salt: salt.cache_salt,
+        })
+    }
+
+    /// Replaces the affinity table's matches of the pool's endpoints whose events are live
+    /// with what they hold, in the table's units (blocks of [`AFFINITY_BLOCK_TOKENS`] tokens
+    /// of `request`): the engine's count where its index is complete, the larger of the two
+    /// where it is a lower bound. `held` gets, per pool index, the engine's own count of
+    /// blocks (`u32::MAX` where its events are not live). `None` when no endpoint of the
+    /// pool has live events.
+    pub fn refine<'u>(
+        &self,
+        request: &Tokenized<'_>,
+        urls: impl Iterator<Item = &'u str>,
+        matched: &mut [u32],
+        held: &mut Vec<u32>,
+        keys: &mut Vec<BlockKey>,
+    ) -> Option<Exact> {
+        held.clear();
+        held.resize(matched.len(), u32::MAX);
+        let engines = self.engines.pin();
         let mut found = Exact {
-            tokens: tokens.len(),
+            tokens: request.tokens.len(),
             ..Exact::default()
         };
         let mut keyed_for = 0;
-        for (i, engine) in exact {
+        for (i, url) in urls.enumerate() {
+            let Some(engine) = engines.get(url).filter(|e| e.live()) else {
+                continue;
+            };
             let complete = engine.held.is_complete();
             found.incomplete += usize::from(!complete);
+            found.endpoints += 1;
             let Some(block_size) = engine.held.block_size() else {
                 // No block stored yet: it holds nothing of any prompt.
                 if complete {
                     matched[i] = 0;
                 }
                 held[i] = 0;
-                found.endpoints += 1;
                 continue;
             };
             if keyed_for != block_size {
-                key::prompt_keys(&tokens, block_size as usize, extras, keys);
+                key::prompt_keys(&request.tokens, block_size as usize, request.extras(), keys);
                 keyed_for = block_size;
             }
             let n = engine.held.matched(keys);
             held[i] = n as u32;
             found.blocks = keys.len();
             found.best = found.best.max(n);
-            found.endpoints += 1;
-            // In the table's units: the share of the prompt's tokens held there.
-            let share = (n * block_size as usize) as f64 / tokens.len().max(1) as f64;
-            let exact = (share.min(1.0) * affinity_blocks as f64).floor() as u32;
+            // In the table's units: the same tokens, cut in its block size.
+            let exact = (n * block_size as usize / AFFINITY_BLOCK_TOKENS) as u32;
             matched[i] = if complete { exact } else { exact.max(matched[i]) };
         }
-        Some(found)
+        (found.endpoints > 0).then_some(found)
     }
 }
 

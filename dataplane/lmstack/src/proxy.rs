@@ -250,8 +250,26 @@ fn prefix_plan<'c>(
     let a = &ctx.shared.config.routing.affinity;
     let mut scratch = ctx.scratch();
     let buffers = scratch.get_mut();
-    let mut hasher = BlockHasher::new(a.block_bytes, a.max_prompt_blocks, &mut buffers.blocks);
-    if !lmstack_http::peek::prompt_pieces(peek, |piece| hasher.feed(piece)) || hasher.blocks() == 0 {
+    // Models with a tokenizer are matched on token blocks (the engines' own unit), others on
+    // blocks of normalised prompt characters.
+    let tokenized = ctx.shared.kv.as_ref().and_then(|kv| {
+        kv.tokenize(
+            &pool.name,
+            pool.parent.as_deref(),
+            head.path().starts_with("/v1/chat/"),
+            body,
+        )
+    });
+    match &tokenized {
+        Some(t) => t.affinity_blocks(a.max_prompt_blocks, &mut buffers.blocks),
+        None => {
+            let mut hasher = BlockHasher::new(a.block_bytes, a.max_prompt_blocks, &mut buffers.blocks);
+            if !lmstack_http::peek::prompt_pieces(peek, |piece| hasher.feed(piece)) {
+                return None;
+            }
+        }
+    }
+    if buffers.blocks.is_empty() {
         return None;
     }
     buffers.matched.resize(pool.endpoints.len(), 0);
@@ -261,19 +279,19 @@ fn prefix_plan<'c>(
         .affinity
         .matched(&buffers.blocks, &pool.tags, &mut buffers.matched);
     // Where engines report what they hold, their exact matches replace the table's.
-    let exact = ctx.shared.kv.as_ref().and_then(|kv| {
-        kv.refine(
-            &pool.name,
-            pool.parent.as_deref(),
-            head.path().starts_with("/v1/chat/"),
-            body,
+    let exact = match (&ctx.shared.kv, &tokenized) {
+        (Some(kv), Some(t)) => kv.refine(
+            t,
             pool.endpoints.iter().map(|&i| &*state.endpoints[i].url),
-            buffers.blocks.len(),
             &mut buffers.matched,
             &mut buffers.exact,
             &mut buffers.keys,
-        )
-    });
+        ),
+        _ => {
+            buffers.exact.clear();
+            None
+        }
+    };
     // Where the session went last, when the request has a key.
     let session_block = session.map(lmstack_route::blocks::session_block);
     let session_home = session_block.and_then(|b| {

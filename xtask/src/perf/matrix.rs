@@ -525,11 +525,21 @@ fn run_target(
     } else {
         routers.iter().map(Proc::url).collect()
     };
-    // Wait until the router(s) route to every engine.
+    // Wait until the router(s) route to every engine (exactly, for prefix_exact: subscribed
+    // before the traffic, as a router is before its engines get any).
     for r in &routers {
         lmstack_e2e::wait_until("the router sees every engine", || {
             lmstack_e2e::healthy_endpoints(r, "sim-model") == cell.engines as u64
         });
+        if exact {
+            lmstack_e2e::wait_until("the router follows every engine's KV events", || {
+                let text = lmstack_e2e::metrics_text(r);
+                urls.iter().all(|u| {
+                    lmstack_e2e::metric(&text, "lmstack_routing_mode", &[("endpoint", u), ("mode", "exact")])
+                        == Some(1.0)
+                })
+            });
+        }
     }
     let safe = cell.name.replace('/', "_");
     let out = std::process::Command::new(bins.join("lmstack-load"))
@@ -587,6 +597,20 @@ fn run_target(
                 if n > 0.0 {
                     let before = reasons.get(reason).and_then(Value::as_f64).unwrap_or(0.0);
                     reasons.insert(reason.into(), json!(before + n));
+                }
+            }
+            // Exact KV routing: what the events did to the index.
+            for name in [
+                "lmstack_kv_event_batches_total",
+                "lmstack_kv_events_applied_total",
+                "lmstack_kv_events_dropped_total",
+                "lmstack_kv_index_resyncs_total",
+            ] {
+                let n = metric_sum(&text, name, &[]);
+                if n > 0.0 {
+                    let key = name.trim_start_matches("lmstack_");
+                    let before = reasons.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+                    reasons.insert(key.into(), json!(before + n));
                 }
             }
         }
