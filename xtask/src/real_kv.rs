@@ -490,3 +490,55 @@ fn summary(run: &Value) -> String {
         run["errors"]
     )
 }
+
+/// The figure of a `real-kv` report: per policy, the engines' hit rate (mean of its runs)
+/// against the one-engine limit, and requests max/min.
+pub fn figure(report: &Value) -> (String, usize, Vec<crate::perf::plot::Panel>) {
+    use crate::perf::plot::{Panel, Series};
+    let runs = report["hit_rate"].as_array().cloned().unwrap_or_default();
+    let mut labels: Vec<String> = Vec::new();
+    for r in &runs {
+        let l = r["label"].as_str().unwrap_or("?").to_owned();
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+    let mean = |label: &str, key: &str| {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["label"] == label)
+            .filter_map(|r| r[key].as_f64())
+            .collect();
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    let panels = vec![
+        Panel::Bars {
+            title: "engine-side prefix cache hit rate (mean of runs)".into(),
+            y_label: "hits / queries".into(),
+            categories: labels.clone(),
+            series: vec![Series::new(
+                "hit rate",
+                labels.iter().map(|l| mean(l, "engine_hit_rate")).collect(),
+            )],
+        },
+        Panel::Bars {
+            title: "requests per engine, max / min".into(),
+            y_label: "max / min".into(),
+            categories: labels.clone(),
+            series: vec![Series::new(
+                "max/min",
+                labels.iter().map(|l| mean(l, "requests_max_over_min")).collect(),
+            )],
+        },
+    ];
+    let a = &report["agreement"];
+    let title = format!(
+        "exact KV routing on real vLLM: lookups agree with the engines' reports {}/{}",
+        a["agree"], a["checks"]
+    );
+    (title, 2, panels)
+}

@@ -143,6 +143,8 @@ fn plot_report(report: &Value, svg: &Path) -> anyhow::Result<bool> {
         replicas::figure(report)
     } else if report.get("table_bytes").is_some() {
         memory::figure(report)
+    } else if report.get("agreement").is_some() {
+        crate::real_kv::figure(report)
     } else {
         return Ok(false);
     };
@@ -204,7 +206,9 @@ mod tests {
             let svg = temp_svg(&path.file_stem().unwrap().to_string_lossy());
             assert!(plot_report(&report, &svg).unwrap(), "{} has no figure", path.display());
             let texts = svg_texts(&svg);
-            let expected = if report.get("throughput").is_some() {
+            let expected = if report.get("agreement").is_some() {
+                "prefix (exact)"
+            } else if report.get("throughput").is_some() {
                 "lmstack-2-engines"
             } else if report.get("cells").is_some() || report.get("variants").is_some() {
                 "prefix"
