@@ -346,6 +346,43 @@ pub fn metrics_when(p: &Proc, what: &str, ready: impl Fn(&str) -> bool) -> Strin
     text
 }
 
+/// The tiny model's tokenizer files (perf/fixtures/tiny-llama): the ones real vLLM serves in
+/// the real-engine checks, and simulated engines tokenize with for exact KV routing.
+pub fn tiny_tokenizer_dir() -> String {
+    workspace_root()
+        .join("perf/fixtures/tiny-llama")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A loopback port free now, for a listener that must be named in advance (an engine's
+/// ZeroMQ KV-event sockets).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// Whether `router` routes `engine` in exact-KV `mode` now (`lmstack_routing_mode`).
+pub fn routing_mode_is(router: &Proc, engine: &Proc, mode: &str) -> bool {
+    metric(
+        &metrics_text(router),
+        "lmstack_routing_mode",
+        &[("endpoint", &engine.url()), ("mode", mode)],
+    ) == Some(1.0)
+}
+
+/// Blocks in `router`'s KV index of `engine` (0 before any).
+pub fn kv_index_blocks(router: &Proc, engine: &Proc) -> f64 {
+    metric(
+        &metrics_text(router),
+        "lmstack_kv_index_blocks",
+        &[("endpoint", &engine.url())],
+    )
+    .unwrap_or(0.0)
+}
+
 /// A raw HTTP/1.1 response as read off the wire.
 #[derive(Debug)]
 pub struct RawResponse {

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use lmstack_e2e::bed::{Prometheus, TestBed, ebpf_preconditions, find_exe, node_tools, skip};
 use lmstack_e2e::{
-    FakeEngine, Misbehave, Proc, agent, args, backends, bin, control, get, metric, metrics_text, metrics_when, post,
-    router_following, sim, wait_healthy, wait_until, workspace_root,
+    FakeEngine, Misbehave, Proc, agent, args, backends, bin, control, free_port, get, kv_index_blocks, metric,
+    metrics_when, post, router_following, routing_mode_is, sim, tiny_tokenizer_dir, wait_healthy, wait_until,
+    workspace_root,
 };
 use serde_json::{Value, json};
 
@@ -262,21 +263,9 @@ fn garbage_control() -> SocketAddr {
     addr
 }
 
-/// A port free now (for the engines' ZeroMQ sockets, which must be known in advance).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn tokenizer_dir() -> String {
-    workspace_root()
-        .join("perf/fixtures/tiny-llama")
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// A simulated engine publishing KV events with the tiny model's tokenizer; `extra` adds flags.
 fn kv_engine(name: &str, extra: &[&str]) -> Proc {
-    let (port, dir) = (free_port().to_string(), tokenizer_dir());
+    let (port, dir) = (free_port().to_string(), tiny_tokenizer_dir());
     let mut a = vec![
         "--model",
         KV_MODEL,
@@ -302,24 +291,6 @@ fn kv_completion(seed: usize, sections: usize) -> Value {
         })
         .collect();
     json!({"model": KV_MODEL, "prompt": prompt, "max_tokens": 2})
-}
-
-/// Whether `router` routes `engine` in routing `mode` now.
-fn routed(router: &Proc, engine: &Proc, mode: &str) -> bool {
-    metric(
-        &metrics_text(router),
-        "lmstack_routing_mode",
-        &[("endpoint", &engine.url()), ("mode", mode)],
-    ) == Some(1.0)
-}
-
-fn index_blocks(router: &Proc, engine: &Proc) -> f64 {
-    metric(
-        &metrics_text(router),
-        "lmstack_kv_index_blocks",
-        &[("endpoint", &engine.url())],
-    )
-    .unwrap_or(0.0)
 }
 
 /// Polls an instant query until it returns at least one series.
@@ -368,7 +339,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
     let replay_port = free_port().to_string();
     let kv_a = kv_engine("kv-a", &["--kv-events-replay-port", &replay_port]);
     let kv_b = kv_engine("kv-b", &[]);
-    let tokenizer = format!("{KV_MODEL}={}", tokenizer_dir());
+    let tokenizer = format!("{KV_MODEL}={}", tiny_tokenizer_dir());
     let agent_proc = bed.as_ref().map(|bed| {
         Proc::start(
             &bin("lmstack-agent"),
@@ -551,13 +522,13 @@ fn kv_events(router: &Proc, kv_router: &Proc, kv_a: &Proc, kv_b: &Proc) {
     // anything is lost, else they have no sequence to see a gap in.
     for e in [kv_a, kv_b] {
         for r in [router, kv_router] {
-            wait_until(&format!("{} routed exact", e.url()), || routed(r, e, "exact"));
+            wait_until(&format!("{} routed exact", e.url()), || routing_mode_is(r, e, "exact"));
         }
     }
     for (e, seed) in [(kv_a, 1), (kv_b, 2)] {
         assert_eq!(post(e, "/v1/completions", &kv_completion(seed, 2), &[]).status, 200);
         for r in [router, kv_router] {
-            wait_until("the blocks indexed", || index_blocks(r, e) > 0.0);
+            wait_until("the blocks indexed", || kv_index_blocks(r, e) > 0.0);
         }
         assert_eq!(post(e, "/sim/kv_events", &json!({"skip": 3}), &[]).status, 200);
         for i in 0..4 {

@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
 
-use std::net::TcpListener;
-
 use lmstack_e2e::*;
 use lmstack_kv::key::{RequestExtras, prompt_keys};
 use lmstack_kv::prompt::PromptTokenizer;
@@ -14,38 +12,30 @@ use lmstack_kv::prompt::PromptTokenizer;
 const MODEL: &str = "tiny-llama";
 const BLOCK: usize = 16;
 
-fn tokenizer_dir() -> String {
-    workspace_root()
-        .join("perf/fixtures/tiny-llama")
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// A port free now (for the engines' ZeroMQ publishers, which must be known in advance).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A simulated engine publishing KV events on `kv_port`; `extra` adds flags.
-fn engine(name: &str, kv_port: u16, extra: &[&str]) -> Proc {
-    let kv = kv_port.to_string();
-    let dir = tokenizer_dir();
-    let mut a = vec![
+/// A simulated engine's flags: the tiny model's tokenizer, KV events published on `kv_port`.
+fn kv_flags(kv_port: u16) -> Vec<String> {
+    args(&[
         "--model",
         MODEL,
         "--block-size",
         "16",
         "--tokenizer",
-        &dir,
+        &tiny_tokenizer_dir(),
         "--kv-events-port",
-        &kv,
-    ];
-    a.extend_from_slice(extra);
+        &kv_port.to_string(),
+    ])
+}
+
+/// A simulated engine publishing KV events on `kv_port`; `extra` adds flags.
+fn engine(name: &str, kv_port: u16, extra: &[&str]) -> Proc {
+    let mut a = kv_flags(kv_port);
+    a.extend(args(extra));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
     sim(name, &a)
 }
 
 fn router_over(engines: &[&Proc], extra: &[&str]) -> Proc {
-    let dir = format!("{MODEL}={}", tokenizer_dir());
+    let dir = format!("{MODEL}={}", tiny_tokenizer_dir());
     let mut a = backends(engines);
     a.extend(args(&[
         "--routing-logic",
@@ -64,25 +54,10 @@ fn router_over(engines: &[&Proc], extra: &[&str]) -> Proc {
     r
 }
 
-fn mode(router: &Proc, engine: &Proc, mode: &str) -> bool {
-    metric(
-        &metrics_text(router),
-        "lmstack_routing_mode",
-        &[("endpoint", &engine.url()), ("mode", mode)],
-    ) == Some(1.0)
-}
-
 fn wait_mode(router: &Proc, engine: &Proc, m: &str) {
-    wait_until(&format!("{} routed {m}", engine.url()), || mode(router, engine, m));
-}
-
-fn index_blocks(router: &Proc, engine: &Proc) -> f64 {
-    metric(
-        &metrics_text(router),
-        "lmstack_kv_index_blocks",
-        &[("endpoint", &engine.url())],
-    )
-    .unwrap_or(0.0)
+    wait_until(&format!("{} routed {m}", engine.url()), || {
+        routing_mode_is(router, engine, m)
+    });
 }
 
 /// A long document only `seed` has: many full blocks.
@@ -103,7 +78,7 @@ fn completion(prompt: &str) -> Value {
 
 /// The prompt's full blocks, as vLLM (and the simulator) cut them.
 fn full_blocks(prompt: &str) -> usize {
-    let t = PromptTokenizer::from_dir(std::path::Path::new(&tokenizer_dir())).unwrap();
+    let t = PromptTokenizer::from_dir(std::path::Path::new(&tiny_tokenizer_dir())).unwrap();
     let tokens = t.completion(completion(prompt).to_string().as_bytes()).unwrap();
     let mut keys = Vec::new();
     prompt_keys(&tokens, BLOCK, RequestExtras::default(), &mut keys);
@@ -131,7 +106,7 @@ fn routing_follows_what_engines_report_holding() {
     assert_eq!(post(&b, "/v1/completions", &completion(&doc), &[]).status, 200);
     let blocks = full_blocks(&doc);
     assert!(blocks >= 10, "{blocks}");
-    wait_until("b's blocks indexed", || index_blocks(&r, &b) >= blocks as f64);
+    wait_until("b's blocks indexed", || kv_index_blocks(&r, &b) >= blocks as f64);
     let reply = post(
         &r,
         "/v1/completions",
@@ -163,9 +138,9 @@ fn routing_follows_what_engines_report_holding() {
     assert_eq!(first.status, 200, "{}", first.body);
     let home = first.header("x-sim-engine").unwrap().to_owned();
     let home_engine = if home == "a" { &a } else { &b };
-    let before = index_blocks(&r, home_engine);
+    let before = kv_index_blocks(&r, home_engine);
     wait_until("the first round's blocks indexed", || {
-        index_blocks(&r, home_engine) > before
+        kv_index_blocks(&r, home_engine) > before
     });
     messages.push(json!({"role": "assistant", "content": "Noted."}));
     messages.push(json!({"role": "user", "content": "Summarise section 3."}));
@@ -187,7 +162,7 @@ fn routing_follows_what_engines_report_holding() {
 
     // A cache reset (AllBlocksCleared) empties b's index: nothing stale is matched there.
     assert_eq!(post(&b, "/reset_prefix_cache", &json!({}), &[]).status, 200);
-    wait_until("b's index cleared", || index_blocks(&r, &b) == 0.0);
+    wait_until("b's index cleared", || kv_index_blocks(&r, &b) == 0.0);
     let text = metrics_text(&r);
     assert!(
         metric(
@@ -215,7 +190,7 @@ fn a_gap_in_the_events_drops_the_index_and_a_replay_avoids_it() {
     wait_mode(&r, &b, "exact");
     for (e, doc) in [(&a, 3), (&b, 4)] {
         assert_eq!(post(e, "/v1/completions", &completion(&document(doc)), &[]).status, 200);
-        wait_until("indexed", || index_blocks(&r, e) > 0.0);
+        wait_until("indexed", || kv_index_blocks(&r, e) > 0.0);
     }
     // Three batches lost on the wire at each engine, then one more arrives (each request
     // stores new blocks: one batch each).
@@ -274,35 +249,16 @@ fn a_restarted_engine_is_detected_and_routed_exactly_again() {
     wait_mode(&r, &b, "exact");
     let doc = document(7);
     assert_eq!(post(&b, "/v1/completions", &completion(&doc), &[]).status, 200);
-    wait_until("indexed", || index_blocks(&r, &b) > 0.0);
+    wait_until("indexed", || kv_index_blocks(&r, &b) > 0.0);
 
     // b restarts on the same ports with an empty cache.
     let port = b.addr.port().to_string();
     b.terminate();
-    let kv = kv_port.to_string();
-    let dir = tokenizer_dir();
-    let b = Proc::start(
-        &bin("lmstack-sim"),
-        &args(&[
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--name",
-            "b2",
-            "--model",
-            MODEL,
-            "--block-size",
-            "16",
-            "--tokenizer",
-            &dir,
-            "--kv-events-port",
-            &kv,
-        ]),
-        &[],
-    );
+    let mut flags = args(&["--host", "127.0.0.1", "--port", &port, "--name", "b2"]);
+    flags.extend(kv_flags(kv_port));
+    let b = Proc::start(&bin("lmstack-sim"), &flags, &[]);
     // The router noticed: the index was dropped, and b is exact again once resubscribed.
-    wait_until("b's index dropped", || index_blocks(&r, &b) == 0.0);
+    wait_until("b's index dropped", || kv_index_blocks(&r, &b) == 0.0);
     wait_mode(&r, &b, "exact");
     let text = metrics_text(&r);
     assert!(metric_sum(&text, "lmstack_kv_index_resyncs_total", &[("endpoint", &b.url())]) >= 1.0);
@@ -371,7 +327,7 @@ fn control_follows_the_engines_once_and_every_replica_routes_exactly() {
         ]),
         &[],
     );
-    let dir = format!("{MODEL}={}", tokenizer_dir());
+    let dir = format!("{MODEL}={}", tiny_tokenizer_dir());
     let replica = |_: usize| {
         let r = router_following(
             &c,
@@ -390,7 +346,7 @@ fn control_follows_the_engines_once_and_every_replica_routes_exactly() {
     assert_eq!(post(&b, "/v1/completions", &completion(&doc), &[]).status, 200);
     let blocks = full_blocks(&doc) as f64;
     for r in [&r1, &r2] {
-        wait_until("b's blocks relayed", || index_blocks(r, &b) >= blocks);
+        wait_until("b's blocks relayed", || kv_index_blocks(r, &b) >= blocks);
         let reply = post(r, "/v1/completions", &completion(&format!("{doc} And then?")), &[]);
         assert_eq!(
             reply.header("x-sim-engine"),
@@ -407,11 +363,11 @@ fn control_follows_the_engines_once_and_every_replica_routes_exactly() {
     assert!(metric_sum(&metrics_text(&c), "lmstack_control_kv_event_batches_total", &[]) >= 1.0);
     // A replica that connects later gets the whole index at once.
     let r3 = replica(3);
-    wait_until("the late replica has b's blocks", || index_blocks(&r3, &b) >= blocks);
+    wait_until("the late replica has b's blocks", || kv_index_blocks(&r3, &b) >= blocks);
     // A reset on b reaches every replica.
     assert_eq!(post(&b, "/reset_prefix_cache", &json!({}), &[]).status, 200);
     for r in [&r1, &r2, &r3] {
-        wait_until("b's reset relayed", || index_blocks(r, &b) == 0.0);
+        wait_until("b's reset relayed", || kv_index_blocks(r, &b) == 0.0);
     }
 }
 
@@ -433,7 +389,7 @@ fn a_lora_adapters_blocks_are_its_own() {
     let doc = document(50);
     let lora = |prompt: &str| json!({"model": "sql", "prompt": prompt, "max_tokens": 2});
     assert_eq!(post(&b, "/v1/completions", &lora(&doc), &[]).status, 200);
-    wait_until("indexed", || index_blocks(&r, &b) > 0.0);
+    wait_until("indexed", || kv_index_blocks(&r, &b) > 0.0);
     let reply = post(&r, "/v1/completions", &lora(&format!("{doc} More?")), &[]);
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(
@@ -478,7 +434,7 @@ fn a_router_joining_late_replays_what_it_missed_or_says_it_is_incomplete() {
         let more = format!("{doc} {}", document(61));
         assert_eq!(post(e, "/v1/completions", &completion(&more), &[]).status, 200);
     }
-    wait_until("a replayed", || index_blocks(&r, &a) >= full_blocks(&doc) as f64);
+    wait_until("a replayed", || kv_index_blocks(&r, &a) >= full_blocks(&doc) as f64);
     wait_mode(&r, &a, "exact");
     wait_mode(&r, &b, "degraded");
     let text = metrics_text(&r);

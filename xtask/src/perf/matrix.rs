@@ -407,18 +407,6 @@ fn run_cell(
 /// The pseudo-policy `prefix` with the engines' KV events.
 const EXACT: &str = "prefix_exact";
 
-fn tokenizer_dir() -> String {
-    crate::root()
-        .join("perf/fixtures/tiny-llama")
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// A port free now, for an engine's KV-event publisher.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn engine_args(cell: &Cell, merged: usize, name: &str, extra: &[String]) -> Vec<String> {
     let n = merged as f64;
     let mut a = lmstack_e2e::args(&["--host", "127.0.0.1", "--port", "0", "--name", name]);
@@ -454,10 +442,10 @@ fn run_target(
     let engine_extra = |_: usize| -> anyhow::Result<Vec<String>> {
         let mut a = Vec::new();
         if real_tokenizer {
-            a.extend(["--tokenizer".to_owned(), tokenizer_dir()]);
+            a.extend(["--tokenizer".to_owned(), lmstack_e2e::tiny_tokenizer_dir()]);
         }
         if exact {
-            a.extend(["--kv-events-port".to_owned(), free_port()?.to_string()]);
+            a.extend(["--kv-events-port".to_owned(), lmstack_e2e::free_port().to_string()]);
         }
         Ok(a)
     };
@@ -496,7 +484,10 @@ fn run_target(
         ]);
         flags.extend(router_extra.iter().cloned());
         if exact {
-            flags.extend(["--tokenizer".to_owned(), format!("sim-model={}", tokenizer_dir())]);
+            flags.extend([
+                "--tokenizer".to_owned(),
+                format!("sim-model={}", lmstack_e2e::tiny_tokenizer_dir()),
+            ]);
         } else {
             flags.push("--no-kv-events".to_owned());
         }
