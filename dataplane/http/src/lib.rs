@@ -1,5 +1,6 @@
 //! HTTP/1.1 codec pieces for the lmstack data plane: message heads, chunked framing, the
-//! OpenAI request peek and SSE event counting.
+//! OpenAI request peek, SSE event counting, and OpenAI streams event by event (for resuming
+//! a cut stream on another engine).
 //!
 //! Everything here is synchronous and does no IO, so it can be unit-tested, fuzzed and
 //! benchmarked without a runtime; the proxy binary drives it from its sockets.
@@ -10,6 +11,7 @@ pub mod chunked;
 pub mod head;
 pub mod peek;
 pub mod sse;
+pub mod stream;
 
 pub use chunked::{ChunkedDecoder, ChunkedError, Decoded};
 pub use head::{Framing, HeadError, HeadLimits, HeadScanner, Headers, RequestHead, ResponseHead, Version};

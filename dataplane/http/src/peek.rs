@@ -22,6 +22,8 @@ pub struct Peek<'a> {
     pub prompt: Option<&'a RawValue>,
     /// Chat: `messages`, raw.
     pub messages: Option<&'a RawValue>,
+    /// vLLM's `return_token_ids`, when the client set it to a boolean.
+    pub return_token_ids: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -149,6 +151,12 @@ impl<'de> Visitor<'de> for PeekVisitor<'_> {
                 }
                 "messages" => {
                     peek.messages = Some(map.next_value::<&'de RawValue>()?);
+                    None
+                }
+                "return_token_ids" => {
+                    if let Scalar::Bool(b) = map.next_value::<Scalar<'de>>()? {
+                        peek.return_token_ids = Some(b);
+                    }
                     None
                 }
                 k if Some(k) == self.session_field => {

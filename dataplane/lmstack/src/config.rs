@@ -32,6 +32,8 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub routing: RoutingConfig,
     pub kv_events: KvEventsConfig,
+    pub resume: ResumeConfig,
+    pub outlier: OutlierConfig,
     pub log: LogConfig,
 }
 
@@ -43,6 +45,10 @@ pub struct ListenConfig {
     pub port: u16,
     /// Listen backlog per worker socket.
     pub backlog: u32,
+    /// Share the port with a running lmstack (SO_REUSEPORT, same user) instead of refusing
+    /// it: a zero-downtime upgrade starts the new process with this, then sends SIGTERM to
+    /// the old one, which stops listening at once and drains.
+    pub takeover: bool,
 }
 
 impl Default for ListenConfig {
@@ -51,6 +57,7 @@ impl Default for ListenConfig {
             host: "0.0.0.0".into(),
             port: 8001,
             backlog: 4096,
+            takeover: false,
         }
     }
 }
@@ -110,8 +117,18 @@ pub struct UpstreamConfig {
     /// Time allowed from sending a request until the response head arrives. Non-streaming
     /// requests send nothing until generation ends, so this bounds their whole generation.
     pub first_byte_timeout_ms: u64,
-    /// Longest silence allowed while a response body streams (between tokens).
+    /// Longest silence allowed while a response body arrives (other than an SSE stream's).
     pub idle_timeout_ms: u64,
+    /// Time allowed for the response head of a streaming request. vLLM sends it at once
+    /// (before the first token), so an engine that has not answered by then is hung: the
+    /// request goes to another endpoint (and the engine counts a failure).
+    pub stream_head_timeout_ms: u64,
+    /// Longest silence allowed inside an SSE stream (between events). Past it the engine
+    /// counts as failed and the stream is resumed elsewhere (`resume`).
+    pub stream_idle_timeout_ms: u64,
+    /// Largest single SSE event accepted from an engine (a stream's events are relayed
+    /// whole, so that a cut stream can end cleanly).
+    pub max_event_bytes: usize,
     /// Idle pooled connections older than this are closed. vLLM (uvicorn) closes idle
     /// keep-alive connections after 5 s, so the default stays under that.
     pub pool_idle_timeout_ms: u64,
@@ -137,6 +154,9 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: 3_000,
             first_byte_timeout_ms: 600_000,
             idle_timeout_ms: 300_000,
+            stream_head_timeout_ms: 10_000,
+            stream_idle_timeout_ms: 30_000,
+            max_event_bytes: 4 * 1024 * 1024,
             pool_idle_timeout_ms: 4_000,
             pool_max_idle_per_endpoint: 256,
             max_retries: 2,
@@ -144,6 +164,66 @@ impl Default for UpstreamConfig {
             max_inflight_per_endpoint: 0,
             queue_timeout_ms: 30_000,
             max_queued_per_worker: 4096,
+        }
+    }
+}
+
+/// Mid-stream continuation: a streaming `/v1/completions` or `/v1/chat/completions` request
+/// whose engine fails after the response began goes on on another endpoint, and the client
+/// sees one stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResumeConfig {
+    /// Resume cut streams (off: a cut stream ends with an error event).
+    pub enabled: bool,
+    /// Continuations per stream (each on an endpoint the stream has not used).
+    pub max_attempts: u32,
+    /// Time from a cut until the continuation's response head has come; past it the stream
+    /// ends with an error event.
+    pub deadline_ms: u64,
+    /// What a stream's ledger keeps (the text and token ids sent); a longer stream is not
+    /// resumed.
+    pub max_bytes: usize,
+    /// Ask engines for token ids (vLLM's `return_token_ids`, hidden from clients that did
+    /// not ask), so that completions continue on the exact tokens and every count is exact.
+    pub token_ids: bool,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_attempts: 2,
+            deadline_ms: 30_000,
+            max_bytes: 1024 * 1024,
+            token_ids: true,
+        }
+    }
+}
+
+/// Passive health: an endpoint that fails requests in a row (connect errors, resets, hangs,
+/// cut streams, 5xx) is taken out of rotation for a while, next to active probing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Failures in a row that eject an endpoint; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// First ejection's length; each further ejection without a success in between doubles it.
+    pub base_ejection_ms: u64,
+    /// Longest ejection.
+    pub max_ejection_ms: u64,
+    /// Share of a model's endpoints that may be ejected at once, percent (at least one
+    /// endpoint always stays).
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_ms: 10_000,
+            max_ejection_ms: 300_000,
+            max_ejected_percent: 50,
         }
     }
 }
@@ -575,6 +655,29 @@ pub struct Cli {
     /// (`upstream.max_retries`).
     #[arg(long)]
     pub max_retries: Option<u32>,
+    /// Time for a streaming request's response head, ms; a hung engine's requests go
+    /// elsewhere after it (`upstream.stream_head_timeout_ms`).
+    #[arg(long)]
+    pub stream_head_timeout_ms: Option<u64>,
+    /// Longest silence inside an SSE stream, ms, before the stream is resumed elsewhere
+    /// (`upstream.stream_idle_timeout_ms`).
+    #[arg(long)]
+    pub stream_idle_timeout_ms: Option<u64>,
+    /// Share the listening port with a running lmstack, for a zero-downtime upgrade: start
+    /// the new process with this flag, then SIGTERM the old one (`listen.takeover`).
+    #[arg(long)]
+    pub takeover: bool,
+    /// Do not resume cut streams on another engine: end them with an error event
+    /// (`resume.enabled: false`).
+    #[arg(long)]
+    pub no_resume: bool,
+    /// Failures in a row that eject an endpoint for a while; 0: never
+    /// (`outlier.consecutive_failures`).
+    #[arg(long)]
+    pub outlier_consecutive_failures: Option<u32>,
+    /// First ejection's length, ms (`outlier.base_ejection_ms`).
+    #[arg(long)]
+    pub outlier_base_ejection_ms: Option<u64>,
     /// Time between health probes of each backend, ms (`discovery.health.interval_ms`).
     #[arg(long)]
     pub health_check_interval_ms: Option<u64>,
@@ -727,6 +830,24 @@ impl Config {
         if let Some(v) = cli.max_retries {
             self.upstream.max_retries = v;
         }
+        if let Some(v) = cli.stream_head_timeout_ms {
+            self.upstream.stream_head_timeout_ms = v;
+        }
+        if let Some(v) = cli.stream_idle_timeout_ms {
+            self.upstream.stream_idle_timeout_ms = v;
+        }
+        if cli.takeover {
+            self.listen.takeover = true;
+        }
+        if cli.no_resume {
+            self.resume.enabled = false;
+        }
+        if let Some(v) = cli.outlier_consecutive_failures {
+            self.outlier.consecutive_failures = v;
+        }
+        if let Some(v) = cli.outlier_base_ejection_ms {
+            self.outlier.base_ejection_ms = v;
+        }
         if let Some(v) = cli.health_check_interval_ms {
             self.discovery.health.interval_ms = v;
         }
@@ -748,6 +869,12 @@ impl Config {
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
             ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
+            ("upstream.stream_head_timeout_ms", self.upstream.stream_head_timeout_ms),
+            ("upstream.stream_idle_timeout_ms", self.upstream.stream_idle_timeout_ms),
+            ("upstream.max_event_bytes", self.upstream.max_event_bytes as u64),
+            ("resume.deadline_ms", self.resume.deadline_ms),
+            ("resume.max_bytes", self.resume.max_bytes as u64),
+            ("outlier.base_ejection_ms", self.outlier.base_ejection_ms),
             ("upstream.pool_idle_timeout_ms", self.upstream.pool_idle_timeout_ms),
             (
                 "upstream.max_response_header_bytes",
@@ -777,6 +904,17 @@ impl Config {
             if value == 0 {
                 return Err(invalid(format!("{name} must be greater than 0")));
             }
+        }
+        if self.outlier.max_ejection_ms < self.outlier.base_ejection_ms {
+            return Err(invalid(
+                "outlier.max_ejection_ms must be at least outlier.base_ejection_ms",
+            ));
+        }
+        if self.outlier.max_ejected_percent > 100 {
+            return Err(invalid("outlier.max_ejected_percent must be within 0..=100"));
+        }
+        if self.outlier.max_ejection_ms > u64::from(u32::MAX / 2) {
+            return Err(invalid("outlier.max_ejection_ms must be under 24 days"));
         }
         if self.server.max_headers > MAX_HEADERS_CAP {
             return Err(invalid(format!("server.max_headers must be at most {MAX_HEADERS_CAP}")));

@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::config::{Config, ms};
 use crate::kv::Kv;
 use crate::metrics::{self, LocalMetrics};
-use crate::queue::WaitQueue;
+use crate::queue::{Drain, WaitQueue};
 use crate::state::{LocalRouting, SnapshotCell, StateRef};
 use crate::upstream::Pool;
 
@@ -53,6 +53,10 @@ pub struct Limits {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
+    pub stream_head_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub max_event_bytes: usize,
+    pub resume_deadline: Duration,
     pub max_retries: u32,
     pub max_inflight: u32,
     pub queue_timeout: Duration,
@@ -80,6 +84,10 @@ impl Limits {
             connect_timeout: ms(c.upstream.connect_timeout_ms),
             first_byte_timeout: ms(c.upstream.first_byte_timeout_ms),
             idle_timeout: ms(c.upstream.idle_timeout_ms),
+            stream_head_timeout: ms(c.upstream.stream_head_timeout_ms),
+            stream_idle_timeout: ms(c.upstream.stream_idle_timeout_ms),
+            max_event_bytes: c.upstream.max_event_bytes,
+            resume_deadline: ms(c.resume.deadline_ms),
             max_retries: c.upstream.max_retries,
             max_inflight: c.upstream.max_inflight_per_endpoint,
             queue_timeout: ms(c.upstream.queue_timeout_ms),
@@ -137,6 +145,8 @@ pub struct WorkerCtx {
     pub pool: Pool,
     pub metrics: LocalMetrics,
     pub waiters: WaitQueue,
+    /// Fired once the router drains: idle client connections close.
+    pub drain: Drain,
     ticket: Cell<u64>,
     request_prefix: String,
     request_seq: Cell<u64>,
@@ -161,6 +171,7 @@ impl WorkerCtx {
             ),
             metrics: LocalMetrics::default(),
             waiters: WaitQueue::default(),
+            drain: Drain::default(),
             ticket: Cell::new(id as u64),
             request_prefix: format!("{:012x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) >> 16),
             request_seq: Cell::new(0),

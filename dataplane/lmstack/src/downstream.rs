@@ -22,6 +22,7 @@ use monoio::time::Instant;
 
 use crate::bufio;
 use crate::error::{ErrorKind, ProxyError};
+use crate::queue::Drain;
 
 const READ_CHUNK: usize = 16 * 1024;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -86,11 +87,14 @@ impl Reader {
 
     /// Waits for the next request head: `keepalive` for its first byte, then `header_timeout`
     /// for the rest.
+    /// Reads the next request head. While the connection is idle (no byte of a next
+    /// request yet), `drain` firing closes it.
     pub async fn read_head(
         &mut self,
         limits: &HeadLimits,
         keepalive: Duration,
         header_timeout: Duration,
+        drain: &Drain,
     ) -> Result<RequestHead, NoRequest> {
         let mut deadline = (!self.buf.is_empty()).then(|| Instant::now() + header_timeout);
         loop {
@@ -105,7 +109,19 @@ impl Reader {
             };
             // Decided before reading: a read cut short by the timeout takes the buffer along.
             let idle = deadline.is_none() || self.buf.iter().all(u8::is_ascii_whitespace);
-            match crate::time::timeout(wait, self.fill(READ_CHUNK)).await {
+            if idle && drain.fired() {
+                return Err(NoRequest::Closed);
+            }
+            let read = crate::time::timeout(wait, self.fill(READ_CHUNK));
+            let read = if idle {
+                match select(pin!(read), pin!(drain.wait())).await {
+                    Either::Left((read, _)) => read,
+                    Either::Right(_) => return Err(NoRequest::Closed),
+                }
+            } else {
+                read.await
+            };
+            match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(NoRequest::Closed),
                 Ok(Ok(_)) => {
                     deadline.get_or_insert_with(|| Instant::now() + header_timeout);

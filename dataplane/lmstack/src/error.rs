@@ -59,6 +59,9 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// The engine did not answer, or went silent mid-stream, for longer than allowed.
     UpstreamTimeout,
+    /// The engine answered that it cannot take the request now (502, 503, 504), and no
+    /// other endpoint could either; or the continuation of a stream was refused.
+    UpstreamUnavailable,
 }
 
 impl ErrorKind {
@@ -73,7 +76,7 @@ impl ErrorKind {
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::UnsupportedTransferEncoding => 501,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset | ErrorKind::UpstreamProtocol => 502,
-            ErrorKind::NoHealthyEndpoint | ErrorKind::Overloaded => 503,
+            ErrorKind::NoHealthyEndpoint | ErrorKind::Overloaded | ErrorKind::UpstreamUnavailable => 503,
             ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnectTimeout => 504,
         }
     }
@@ -99,6 +102,7 @@ impl ErrorKind {
             ErrorKind::UpstreamReset => "upstream_reset",
             ErrorKind::UpstreamProtocol => "upstream_protocol",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::UpstreamUnavailable => "upstream_unavailable",
         }
     }
 
@@ -108,7 +112,8 @@ impl ErrorKind {
             | ErrorKind::UpstreamConnectTimeout
             | ErrorKind::UpstreamReset
             | ErrorKind::UpstreamProtocol
-            | ErrorKind::UpstreamTimeout => Side::Upstream,
+            | ErrorKind::UpstreamTimeout
+            | ErrorKind::UpstreamUnavailable => Side::Upstream,
             ErrorKind::NoHealthyEndpoint | ErrorKind::Overloaded => Side::Internal,
             _ => Side::Downstream,
         }

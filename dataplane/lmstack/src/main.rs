@@ -15,6 +15,7 @@ mod downstream;
 mod error;
 mod kv;
 mod metrics;
+mod outlier;
 mod proxy;
 mod queue;
 mod relay;
@@ -99,8 +100,14 @@ fn run(config: Config) -> anyhow::Result<()> {
 
     let workers = config.worker_count();
     let addr = config.listen_addr()?;
-    let listeners = bind_listeners(addr, workers, config.listen.backlog)?;
+    let listeners = bind_listeners(addr, workers, config.listen.backlog, config.listen.takeover)?;
     let bound = listeners[0].local_addr()?;
+    // The main thread's handles on the listening sockets, to stop listening at shutdown.
+    let listening: Vec<Socket> = listeners
+        .iter()
+        .map(|l| l.try_clone().map(Socket::from))
+        .collect::<Result<_, _>>()
+        .context("duplicating the listening sockets")?;
 
     // Signals are taken by this thread only: block them before any other thread starts.
     let mut signals = SigSet::empty();
@@ -139,9 +146,10 @@ fn run(config: Config) -> anyhow::Result<()> {
         kv::spawn(kv, shared.cell.clone())?;
     }
     spawn_upkeep(shared.clone())?;
+    let mut threads = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("lmstack-w{id}"))
             .spawn(move || {
                 if let Err(e) = worker::run(id, workers, listener, shared) {
@@ -150,32 +158,42 @@ fn run(config: Config) -> anyhow::Result<()> {
                 }
             })
             .context("starting a worker")?;
+        threads.push(thread);
     }
     // Tests and scripts read this line for the bound address.
     println!("lmstack listening on http://{bound} ({workers} workers)");
     tracing::info!(%bound, workers, "listening");
 
     let signal = signals.wait().context("waiting for a signal")?;
-    tracing::info!(?signal, "shutting down: draining in-flight requests");
+    tracing::info!(
+        ?signal,
+        "shutting down: no new connections; draining in-flight requests"
+    );
     shared.draining.store(true, Ordering::Relaxed);
+    // Stop listening at once: the port is free for a new process (and another lmstack
+    // sharing it takes the new connections), and each worker's pending accept ends.
+    for socket in &listening {
+        if let Err(e) = socket.shutdown(std::net::Shutdown::Read) {
+            tracing::warn!("cannot stop listening: {e}");
+        }
+    }
+    drop(listening);
+    // Workers end when their last connection does: idle ones close at once, the others
+    // after their response (which says `connection: close`).
     let grace = Duration::from_millis(shared.config.server.shutdown_grace_ms);
     let until = Instant::now() + grace;
-    while Instant::now() < until {
-        let inflight: u32 = shared
-            .cell
-            .load()
-            .endpoints
-            .iter()
-            .map(|e| e.load.inflight.load(Ordering::Relaxed))
-            .sum();
-        if inflight == 0 {
-            break;
-        }
+    while Instant::now() < until && !threads.iter().all(std::thread::JoinHandle::is_finished) {
         #[expect(
             clippy::disallowed_methods,
             reason = "the main thread waiting for the drain, not a worker"
         )]
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !threads.iter().all(std::thread::JoinHandle::is_finished) {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "connections still open after the grace period"
+        );
     }
     tracing::info!("bye");
     Ok(())
@@ -183,11 +201,17 @@ fn run(config: Config) -> anyhow::Result<()> {
 
 /// One SO_REUSEPORT listener per worker, all on the same port (the first one's, when the
 /// configured port is 0).
-fn bind_listeners(addr: SocketAddr, workers: usize, backlog: u32) -> anyhow::Result<Vec<std::net::TcpListener>> {
+fn bind_listeners(
+    addr: SocketAddr,
+    workers: usize,
+    backlog: u32,
+    takeover: bool,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
     // SO_REUSEPORT would let this process share a port another process (another lmstack
     // started by mistake) already listens on, silently splitting its traffic. A plain
-    // socket cannot bind a port in use, so try one first.
-    if addr.port() != 0 {
+    // socket cannot bind a port in use, so try one first, unless sharing is the point (an
+    // upgrade: `listen.takeover`).
+    if addr.port() != 0 && !takeover {
         let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         probe.set_reuse_address(true)?;
         probe
@@ -226,8 +250,12 @@ fn spawn_upkeep(shared: Arc<Shared>) -> anyhow::Result<()> {
                 ::metrics::gauge!(metrics::AFFINITY_CAPACITY).set(a.capacity as f64);
                 ::metrics::gauge!(metrics::AFFINITY_BYTES).set(a.bytes as f64);
                 evictions.absolute(a.evictions);
+                let now_ms = shared.cell.now_ms();
                 for e in &shared.cell.load().endpoints {
                     let url = e.url.to_string();
+                    let out = e.load.outlier.ejected(now_ms);
+                    ::metrics::gauge!(metrics::ENDPOINT_EJECTED, "endpoint" => url.clone())
+                        .set(f64::from(u8::from(out)));
                     ::metrics::gauge!(metrics::ENDPOINT_INFLIGHT, "endpoint" => url.clone())
                         .set(f64::from(e.load.inflight.load(Ordering::Relaxed)));
                     ::metrics::gauge!(metrics::ENDPOINT_PREFILL_BLOCKS, "endpoint" => url)

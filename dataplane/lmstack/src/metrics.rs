@@ -2,7 +2,7 @@
 //!
 //! Every name the binary exports lives here as a const; label keys come from a closed set
 //! (`model`, `endpoint`, `policy`, `reason`, `status`, `error_kind`, `driver`, `version`,
-//! `mode`, `check`).
+//! `mode`, `check`, `outcome`).
 //! Each worker resolves its handles once per routing state and accumulates values in its
 //! own memory, flushing them to the shared exporter every [`FLUSH_INTERVAL`]: the request
 //! path does no registry lookup and touches no cache line another core writes. Not here:
@@ -74,6 +74,9 @@ pub const REQUESTS_QUEUED: &str = "lmstack_requests_queued";
 pub const STREAM_TTFT: &str = "lmstack_stream_ttft_seconds";
 pub const STREAM_TBT: &str = "lmstack_stream_tbt_seconds";
 pub const STREAM_EVENTS_TOTAL: &str = "lmstack_stream_events_total";
+pub const STREAM_RESUMES_TOTAL: &str = "lmstack_stream_resumes_total";
+pub const ENDPOINT_EJECTIONS_TOTAL: &str = "lmstack_endpoint_ejections_total";
+pub const ENDPOINT_EJECTED: &str = "lmstack_endpoint_ejected";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "lmstack_upstream_errors_total";
 pub const UPSTREAM_RETRIES_TOTAL: &str = "lmstack_upstream_retries_total";
 pub const UPSTREAM_CONNECTS_TOTAL: &str = "lmstack_upstream_connects_total";
@@ -162,6 +165,18 @@ fn describe() {
     describe_counter!(
         STREAM_EVENTS_TOTAL,
         "SSE data events relayed (about one per token with vLLM's defaults)."
+    );
+    describe_counter!(
+        STREAM_RESUMES_TOTAL,
+        "Streams cut by their engine after they began, by outcome: resumed (went on on another endpoint and completed), finished (the generation was over; the router ended the stream), or why it ended with an error event instead (exhausted, no_endpoint, disabled, not_openai, choices, logprobs, echo, structured, tools_or_reasoning, unreadable, too_long, request, engine_error)."
+    );
+    describe_counter!(
+        ENDPOINT_EJECTIONS_TOTAL,
+        "Times an endpoint was taken out of rotation after failures in a row (passive health)."
+    );
+    describe_gauge!(
+        ENDPOINT_EJECTED,
+        "1 while an endpoint is out of rotation after failures in a row, else 0."
     );
     describe_counter!(
         UPSTREAM_ERRORS_TOTAL,
@@ -269,6 +284,11 @@ fn describe() {
 }
 
 /// `lmstack_routing_mode`: 1 for `mode`, 0 for the others.
+/// An endpoint was ejected (passive health); rare, so registered on the spot.
+pub fn ejected(endpoint: &str) {
+    counter!(ENDPOINT_EJECTIONS_TOTAL, "endpoint" => endpoint.to_string()).increment(1);
+}
+
 pub fn kv_mode(model: &str, endpoint: &str, mode: &str, all: &[&'static str]) {
     for m in all {
         gauge!(ROUTING_MODE, "model" => model.to_owned(), "endpoint" => endpoint.to_owned(), "mode" => *m)
@@ -492,6 +512,8 @@ pub struct ModelMetrics {
     /// Requests of this model that reached no endpoint (errors, clients that left early).
     pub unrouted: Rc<PairMetrics>,
     decisions: RefCell<Vec<Decision>>,
+    /// Cut streams by outcome: (outcome, count since flush, handle).
+    resumes: RefCell<Vec<(&'static str, u64, Option<Counter>)>>,
     queued: Gauge,
     name: Arc<str>,
 }
@@ -502,6 +524,15 @@ impl ModelMetrics {
         match d.iter_mut().find(|(p, r, _, _)| *p == policy && *r == reason) {
             Some(entry) => entry.2 += 1,
             None => d.push((policy, reason, 1, None)),
+        }
+    }
+
+    /// A stream was cut after it began; `outcome` says what became of it.
+    pub fn resume(&self, outcome: &'static str) {
+        let mut r = self.resumes.borrow_mut();
+        match r.iter_mut().find(|(o, _, _)| *o == outcome) {
+            Some(entry) => entry.1 += 1,
+            None => r.push((outcome, 1, None)),
         }
     }
 
@@ -539,6 +570,16 @@ impl ModelMetrics {
                             "reason" => *reason
                         )
                     })
+                    .increment(*n);
+                *n = 0;
+            }
+        }
+        for (outcome, n, counter) in self.resumes.borrow_mut().iter_mut() {
+            if *n > 0 {
+                counter
+                    .get_or_insert_with(
+                        || counter!(STREAM_RESUMES_TOTAL, "model" => self.name.to_string(), "outcome" => *outcome),
+                    )
                     .increment(*n);
                 *n = 0;
             }
@@ -607,6 +648,7 @@ impl LocalMetrics {
                     match_ratios: RefCell::new(Vec::new()),
                     unrouted: reuse(&model, "").unwrap_or_else(|| Rc::new(PairMetrics::new(model.clone(), "".into()))),
                     decisions: RefCell::new(Vec::new()),
+                    resumes: RefCell::new(Vec::new()),
                     queued: gauge!(REQUESTS_QUEUED, "model" => model.to_string()),
                     name: model,
                 }

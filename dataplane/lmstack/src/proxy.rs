@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use lmstack_http::head::RequestHead;
+use lmstack_http::stream::{Api, Ledger};
 use lmstack_http::{Framing, Version};
 use lmstack_route::blocks::BlockHasher;
 use lmstack_route::{Pick, PrefixInfo, RouteRequest};
@@ -36,8 +37,8 @@ use crate::downstream::Downstream;
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::metrics::{ModelMetrics, PairMetrics};
 use crate::queue::Ticket;
-use crate::relay::{self, FirstByte, OutFraming, RelayError, StreamClock};
-use crate::response::{self, REQUEST_ID};
+use crate::relay::{self, EventFraming, EventRelay, FirstByte, OutFraming, RelayError, StreamClock};
+use crate::response::{self, BodyOut, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
 use crate::upstream;
 
@@ -94,8 +95,16 @@ fn target(method: &str, path: &str) -> Target {
 /// A request on its way to an engine.
 struct Forward<'a> {
     head: &'a RequestHead,
+    /// The body as the client sent it.
     body: &'a Bytes,
+    /// The body sent to the first engine (with token ids asked for, for a stream that may
+    /// be resumed).
+    send_body: Bytes,
     stream: bool,
+    /// A completions or chat stream, which a ledger follows so that it can be resumed.
+    api: Option<Api>,
+    /// The client asked for token ids itself.
+    keep_ids: bool,
     session: Option<&'a str>,
     prefix: Option<&'a PrefixPlan<'a>>,
     request_id: &'a str,
@@ -170,10 +179,28 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     } else {
         None
     };
+    // A stream that may be resumed asks the engine for token ids (hidden from the client
+    // unless it asked), so that a continuation is token-exact.
+    let resume = &ctx.shared.config.resume;
+    let api = match head.path() {
+        "/v1/completions" if peek.stream && resume.enabled => Some(Api::Completions),
+        "/v1/chat/completions" if peek.stream && resume.enabled => Some(Api::Chat),
+        _ => None,
+    };
+    let keep_ids = peek.return_token_ids == Some(true);
+    let send_body = match api {
+        Some(_) if resume.token_ids && !keep_ids => {
+            lmstack_http::stream::ask_token_ids(&body).map_or_else(|| body.clone(), Bytes::from)
+        }
+        _ => body.clone(),
+    };
     let request = Forward {
         head: &head,
         body: &body,
+        send_body,
         stream: peek.stream,
+        api,
+        keep_ids,
         session,
         prefix: prefix.as_ref(),
         request_id: &request_id,
@@ -375,7 +402,8 @@ enum Outcome {
 }
 
 /// Picks an endpoint and exchanges the request with it, retrying failures that happen
-/// before any response byte on other endpoints.
+/// before any response byte on other endpoints; a stream cut after it began goes on
+/// elsewhere (a continuation) when it can, and otherwise ends with an error event.
 async fn forward(
     ctx: &WorkerCtx,
     state: &RoutingState,
@@ -388,16 +416,35 @@ async fn forward(
     // The endpoint whose reused connection just failed: its next attempt connects afresh.
     let mut reconnect: Option<usize> = None;
     let mut last_failure: Option<(ProxyError, Rc<PairMetrics>)> = None;
-    for attempt in 0..=ctx.limits.max_retries {
+    // The stream under way to the client, once its head went out.
+    let mut streaming: Option<Streaming> = None;
+    let mut body = req.send_body.clone();
+    let mut attempt = 0u32;
+    // Continuations tried, and when the stream was last cut (and why).
+    let mut resumes = 0u32;
+    let mut cut: Option<(Instant, ProxyError)> = None;
+    loop {
+        // A cut stream's continuations are bounded in number and time.
+        let spent = cut.as_ref().is_some_and(|(at, _)| {
+            resumes >= ctx.shared.config.resume.max_attempts || at.elapsed() >= ctx.limits.resume_deadline
+        });
+        if spent && let Some((_, error)) = cut.take() {
+            let pm = last_failure.map_or_else(|| mm.unrouted.clone(), |(_, pm)| pm);
+            return end_stream(ctx, mm, req, wr, streaming, pm, &error, "exhausted").await;
+        }
         let pick = match pick(ctx, state, pool, mm, req, &excluded).await {
             Ok(pick) => pick,
             Err(error) => {
+                let pm = last_failure
+                    .as_ref()
+                    .map_or_else(|| mm.unrouted.clone(), |(_, pm)| pm.clone());
+                if streaming.is_some() {
+                    let error = cut.map_or(error, |(_, e)| e);
+                    return end_stream(ctx, mm, req, wr, streaming, pm, &error, "no_endpoint").await;
+                }
                 return match last_failure {
                     Some((error, pm)) => Outcome::Failed { error, pm },
-                    None => Outcome::Failed {
-                        error,
-                        pm: mm.unrouted.clone(),
-                    },
+                    None => Outcome::Failed { error, pm },
                 };
             }
         };
@@ -405,45 +452,16 @@ async fn forward(
         let endpoint = &state.endpoints[index];
         mm.decision(pool.policy.name().as_str(), pick.reason.as_str());
         let pm = mm.pairs[pick.index].clone();
-        if attempt > 0 {
+        if attempt > 0 && streaming.is_none() {
             pm.retry();
         }
+        if streaming.is_some() {
+            resumes += 1;
+        }
+        attempt += 1;
         let now_ms = ctx.shared.cell.now_ms();
         let (blocks, uncached) = match req.prefix {
-            Some(plan) => {
-                let matched = plan.matched().get(pick.index).copied().unwrap_or(0) as usize;
-                if let Some(tag) = pool.tags[pick.index] {
-                    let affinity = &ctx.shared.cell.affinity;
-                    affinity.record(plan.blocks(), tag, now_ms);
-                    if let Some(session) = plan.session_block {
-                        affinity.record(&[session], tag, now_ms);
-                    }
-                }
-                // The other replicas learn the blocks this endpoint did not hold yet, a session
-                // that moved, and the load this request adds.
-                ctx.share_assignment(|| AffinityEntry {
-                    endpoint: endpoint.url.to_string(),
-                    blocks: if matched < plan.blocks().len() {
-                        plan.blocks().to_vec()
-                    } else {
-                        Vec::new()
-                    },
-                    requests: 1,
-                    uncached_blocks: (plan.blocks().len() - matched) as u64,
-                    placed: u32::from(pick.reason.places_conversation()),
-                });
-                if let Some(session) = plan.session_block
-                    && plan.session_home != Some(pick.index)
-                {
-                    ctx.share_assignment(|| AffinityEntry {
-                        endpoint: endpoint.url.to_string(),
-                        blocks: vec![session],
-                        ..AffinityEntry::default()
-                    });
-                }
-                mm.match_ratio(matched as f64 / plan.blocks().len() as f64);
-                (plan.blocks().len() as u64, (plan.blocks().len() - matched) as u64)
-            }
+            Some(plan) => record_prefix(ctx, pool, pick, plan, endpoint, mm, now_ms),
             None => (0, 0),
         };
         let _inflight = Inflight::start(ctx, endpoint, pm.clone(), blocks);
@@ -454,47 +472,239 @@ async fn forward(
             now_ms,
             ctx.shared.config.routing.recent_half_life_ms as f64,
         );
+        let head_timeout = match (&cut, req.stream) {
+            (Some((at, _)), _) => ctx
+                .limits
+                .stream_head_timeout
+                .min(ctx.limits.resume_deadline.saturating_sub(at.elapsed())),
+            (None, true) => ctx.limits.stream_head_timeout.min(ctx.limits.first_byte_timeout),
+            (None, false) => ctx.limits.first_byte_timeout,
+        };
         let try_at = Attempt {
             uncached_blocks: uncached,
             fresh: reconnect.take() == Some(index),
-            route: ctx
-                .shared
-                .config
-                .routing
-                .explain_header
+            route: (ctx.shared.config.routing.explain_header && streaming.is_none())
                 .then(|| explain(pool, pick, req.prefix, &endpoint.url)),
+            body: body.clone(),
+            head_timeout,
+            last_try: attempt > ctx.limits.max_retries,
         };
-        match exchange(ctx, endpoint, req, wr, &pm, &try_at).await {
+        let result = exchange(ctx, endpoint, req, wr, &pm, &try_at, &mut streaming).await;
+        passive_health(ctx, state, pool, index, &result);
+        match result {
             Exchange::Done { status, keep_alive } => {
+                if resumes > 0 {
+                    mm.resume("resumed");
+                }
                 return Outcome::Done { pm, status, keep_alive };
             }
-            Exchange::Aborted { status, error } => {
-                if let Some(e) = &error {
-                    pm.upstream_error(e.kind);
-                    tracing::warn!(request_id = req.request_id, endpoint = %endpoint.url, "response aborted: {e}");
+            Exchange::Aborted { status, error: None } => return Outcome::Aborted { pm, status },
+            Exchange::Aborted {
+                status,
+                error: Some(error),
+            } => {
+                pm.upstream_error(error.kind);
+                tracing::warn!(request_id = req.request_id, endpoint = %endpoint.url, "response cut: {error}");
+                let Some(s) = streaming.as_mut() else {
+                    return Outcome::Aborted { pm, status };
+                };
+                excluded.push(index);
+                let ledger = match s.ledger.as_mut() {
+                    Some(l) if ctx.shared.config.resume.enabled => l,
+                    Some(_) => return end_stream(ctx, mm, req, wr, streaming, pm, &error, "disabled").await,
+                    None => return end_stream(ctx, mm, req, wr, streaming, pm, &error, "not_openai").await,
+                };
+                if ledger.finished() {
+                    // The generation was over: only the usage and the end marker were missing.
+                    let closing = ledger.closing_events(include_usage(req.body));
+                    mm.resume("finished");
+                    return close_stream(ctx, wr, streaming, pm, &closing).await;
                 }
-                return Outcome::Aborted { pm, status };
+                match ledger.continuation(req.body) {
+                    Ok(next) => {
+                        ledger.start_part();
+                        body = Bytes::from(next);
+                        cut = Some((Instant::now(), error));
+                        last_failure = None;
+                        tracing::info!(
+                            request_id = req.request_id,
+                            tokens = ledger.tokens(),
+                            "resuming the stream on another endpoint"
+                        );
+                    }
+                    Err(why) => return end_stream(ctx, mm, req, wr, streaming, pm, &error, why.as_str()).await,
+                }
             }
             Exchange::Failed { error } => {
                 pm.upstream_error(error.kind);
                 tracing::debug!(request_id = req.request_id, endpoint = %endpoint.url, attempt, "{error}");
+                if streaming.is_some() {
+                    // A continuation that did not start: the next one goes elsewhere.
+                    excluded.push(index);
+                    last_failure = Some((error, pm));
+                    continue;
+                }
                 match error.retry {
                     Retry::Never => return Outcome::Failed { error, pm },
                     Retry::Elsewhere => excluded.push(index),
                     // The endpoint is not suspect: it may be picked again.
                     Retry::ReusedOnly => reconnect = Some(index),
                 }
+                if attempt > ctx.limits.max_retries {
+                    return Outcome::Failed { error, pm };
+                }
                 last_failure = Some((error, pm));
             }
         }
     }
-    let (error, pm) = last_failure.unwrap_or_else(|| {
-        (
-            ProxyError::new(ErrorKind::NoHealthyEndpoint, "no attempt was possible"),
-            mm.unrouted.clone(),
-        )
+}
+
+/// Records a prefix-routed request's blocks for the endpoint picked (and shares them with
+/// the other replicas); returns the prompt's blocks and those not held there.
+fn record_prefix(
+    ctx: &WorkerCtx,
+    pool: &ModelPool,
+    pick: Pick,
+    plan: &PrefixPlan<'_>,
+    endpoint: &EndpointState,
+    mm: &ModelMetrics,
+    now_ms: u32,
+) -> (u64, u64) {
+    let matched = plan.matched().get(pick.index).copied().unwrap_or(0) as usize;
+    if let Some(tag) = pool.tags[pick.index] {
+        let affinity = &ctx.shared.cell.affinity;
+        affinity.record(plan.blocks(), tag, now_ms);
+        if let Some(session) = plan.session_block {
+            affinity.record(&[session], tag, now_ms);
+        }
+    }
+    // The other replicas learn the blocks this endpoint did not hold yet, a session that
+    // moved, and the load this request adds.
+    ctx.share_assignment(|| AffinityEntry {
+        endpoint: endpoint.url.to_string(),
+        blocks: if matched < plan.blocks().len() {
+            plan.blocks().to_vec()
+        } else {
+            Vec::new()
+        },
+        requests: 1,
+        uncached_blocks: (plan.blocks().len() - matched) as u64,
+        placed: u32::from(pick.reason.places_conversation()),
     });
-    Outcome::Failed { error, pm }
+    if let Some(session) = plan.session_block
+        && plan.session_home != Some(pick.index)
+    {
+        ctx.share_assignment(|| AffinityEntry {
+            endpoint: endpoint.url.to_string(),
+            blocks: vec![session],
+            ..AffinityEntry::default()
+        });
+    }
+    mm.match_ratio(matched as f64 / plan.blocks().len() as f64);
+    (plan.blocks().len() as u64, (plan.blocks().len() - matched) as u64)
+}
+
+/// Passive health: what an attempt says about its endpoint. Failures in a row eject it for
+/// a while (`outlier`), as long as its pool keeps enough endpoints.
+fn passive_health(ctx: &WorkerCtx, state: &RoutingState, pool: &ModelPool, index: usize, result: &Exchange) {
+    let failed = match result {
+        Exchange::Done { status, .. } => *status >= 500,
+        Exchange::Aborted { error, .. } => error.is_some(),
+        Exchange::Failed { error } => error.kind.side() == Side::Upstream && error.retry != Retry::ReusedOnly,
+    };
+    let outlier = &state.endpoints[index].load.outlier;
+    if !failed {
+        outlier.success();
+        return;
+    }
+    let config = &ctx.shared.config.outlier;
+    let now_ms = ctx.shared.cell.now_ms();
+    let may_eject = || {
+        let out = pool
+            .endpoints
+            .iter()
+            .filter(|&&e| state.endpoints[e].load.outlier.ejected(now_ms))
+            .count();
+        out < crate::outlier::max_ejected(config, pool.endpoints.len())
+    };
+    if let crate::outlier::Failed::Ejected(ms) = outlier.failure(config, now_ms, may_eject) {
+        let url = &state.endpoints[index].url;
+        tracing::warn!(endpoint = %url, ms, "endpoint ejected after failures in a row");
+        crate::metrics::ejected(url);
+    }
+}
+
+/// The client asked for a usage chunk at the end of its stream.
+fn include_usage(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/stream_options/include_usage")
+                .and_then(serde_json::Value::as_bool)
+        })
+        .unwrap_or(false)
+}
+
+/// Ends a stream that cannot go on: an error event (OpenAI's error object, as vLLM sends
+/// one mid-stream), the end marker and the body's end, so that the client sees a failed
+/// stream rather than a cut connection.
+#[allow(clippy::too_many_arguments)]
+async fn end_stream(
+    ctx: &WorkerCtx,
+    mm: &ModelMetrics,
+    req: &Forward<'_>,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    streaming: Option<Streaming>,
+    pm: Rc<PairMetrics>,
+    cause: &ProxyError,
+    reason: &'static str,
+) -> Outcome {
+    mm.resume(reason);
+    let error = ProxyError::new(
+        cause.kind,
+        format!(
+            "the stream was cut and could not be resumed ({reason}): {}",
+            cause.message
+        ),
+    );
+    tracing::warn!(
+        request_id = req.request_id,
+        reason,
+        "ending a cut stream with an error event: {error}"
+    );
+    let mut events = lmstack_http::stream::data_event(&error.body());
+    events.extend_from_slice(lmstack_http::stream::DONE_EVENT);
+    close_stream(ctx, wr, streaming, pm, &events).await
+}
+
+/// Writes the last events of a stream and ends its body.
+async fn close_stream(
+    ctx: &WorkerCtx,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    streaming: Option<Streaming>,
+    pm: Rc<PairMetrics>,
+    events: &[u8],
+) -> Outcome {
+    let Some(s) = streaming else {
+        return Outcome::Aborted { pm, status: 502 };
+    };
+    let timeout = ctx.limits.write_timeout;
+    let mut head = None;
+    let written = match relay::write_events(wr, &mut head, events, s.framing, timeout).await {
+        Ok(()) => relay::end_events(wr, s.framing, timeout).await,
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(()) => Outcome::Done {
+            pm,
+            status: s.status,
+            keep_alive: s.keep_alive,
+        },
+        Err(_) => Outcome::Aborted {
+            pm,
+            status: CLIENT_CLOSED,
+        },
+    }
 }
 
 /// Asks the model's policy for an endpoint; when every untried healthy endpoint is at its
@@ -510,13 +720,15 @@ async fn pick(
     let lim = &ctx.limits;
     let mut queued: Option<Queued<'_>> = None;
     loop {
+        let now_ms = ctx.shared.cell.now_ms();
         let view = PoolSnapshot {
             state,
             pool,
-            now_ms: ctx.shared.cell.now_ms(),
+            now_ms,
             half_life_ms: ctx.shared.config.routing.recent_half_life_ms as f64,
             admit: |e: usize| {
                 !excluded.contains(&e)
+                    && !state.endpoints[e].load.outlier.ejected(now_ms)
                     && (lim.max_inflight == 0
                         || state.endpoints[e].load.inflight.load(Ordering::Relaxed) < lim.max_inflight)
             },
@@ -535,10 +747,10 @@ async fn pick(
         if let Some(pick) = pool.policy.pick(&view, &request) {
             return Ok(pick);
         }
-        let untried = pool
-            .endpoints
-            .iter()
-            .any(|&e| state.endpoints[e].healthy && !excluded.contains(&e));
+        let untried = pool.endpoints.iter().any(|&e| {
+            let endpoint = &state.endpoints[e];
+            endpoint.healthy && !excluded.contains(&e) && !endpoint.load.outlier.ejected(now_ms)
+        });
         if !untried {
             return Err(ProxyError::new(
                 ErrorKind::NoHealthyEndpoint,
@@ -644,12 +856,14 @@ enum Exchange {
         status: u16,
         keep_alive: bool,
     },
-    /// The response head went to the client, the rest did not.
+    /// The response head went to the client, the rest did not (an event stream's may go
+    /// on elsewhere).
     Aborted {
         status: u16,
         error: Option<ProxyError>,
     },
-    /// Nothing went to the client; `error.retry` says whether another attempt is safe.
+    /// Nothing of this attempt went to the client; `error.retry` says whether another
+    /// attempt is safe.
     Failed {
         error: ProxyError,
     },
@@ -663,6 +877,23 @@ struct Attempt {
     fresh: bool,
     /// The `x-lmstack-route` header's value, when routing is explained.
     route: Option<String>,
+    /// The body to send: the client's (with token ids asked for), or a continuation's.
+    body: Bytes,
+    /// Time allowed for the response head.
+    head_timeout: std::time::Duration,
+    /// No retry will follow: relay an engine's 502/503/504 rather than try elsewhere.
+    last_try: bool,
+}
+
+/// An event stream under way to the client (its head went out).
+struct Streaming {
+    /// What an OpenAI completions or chat stream sent, to resume it elsewhere.
+    ledger: Option<Ledger>,
+    framing: EventFraming,
+    status: u16,
+    keep_alive: bool,
+    /// When the client got its last event (a continuation's first is timed from it).
+    last_event: Option<Instant>,
 }
 
 /// Why the request went where it went, for the `x-lmstack-route` response header:
@@ -710,7 +941,8 @@ fn explain(pool: &ModelPool, pick: Pick, prefix: Option<&PrefixPlan<'_>>, endpoi
     out
 }
 
-/// One attempt against one endpoint, on a pooled connection unless `attempt.fresh`.
+/// One attempt against one endpoint, on a pooled connection unless `attempt.fresh`. An
+/// event stream's first attempt starts `streaming`; later ones continue it.
 async fn exchange(
     ctx: &WorkerCtx,
     endpoint: &EndpointState,
@@ -718,6 +950,7 @@ async fn exchange(
     wr: &mut OwnedWriteHalf<TcpStream>,
     pm: &PairMetrics,
     attempt: &Attempt,
+    streaming: &mut Option<Streaming>,
 ) -> Exchange {
     let lim = &ctx.limits;
     let first_byte = FirstByte::start(pm, &endpoint.load, attempt.uncached_blocks);
@@ -740,12 +973,12 @@ async fn exchange(
     let head = response::upstream_request(
         req.head,
         &endpoint.authority,
-        req.body.len(),
+        attempt.body.len(),
         req.send_id.then_some(req.request_id),
         req.client,
     );
-    let answered = crate::time::timeout(lim.first_byte_timeout, async {
-        upstream::send(&mut conn, head, req.body).await?;
+    let answered = crate::time::timeout(attempt.head_timeout, async {
+        upstream::send(&mut conn, head, &attempt.body).await?;
         upstream::read_head(&mut conn, &lim.response_head, false).await
     })
     .await;
@@ -756,9 +989,12 @@ async fn exchange(
                 format!(
                     "the engine at {} did not answer within {} ms",
                     endpoint.url,
-                    lim.first_byte_timeout.as_millis()
+                    attempt.head_timeout.as_millis()
                 ),
             );
+            // vLLM answers a stream's head at once: an engine that has not is hung, and
+            // another may take the request. A non-streaming request may still be running.
+            let error = if req.stream { error.retry_elsewhere() } else { error };
             return Exchange::Failed { error };
         }
         Ok(Err(error)) if reused => {
@@ -773,9 +1009,26 @@ async fn exchange(
         .headers
         .get_str("content-type")
         .is_some_and(|t| t.starts_with("text/event-stream"));
-    if !(req.stream && sse) {
-        first_byte.mark();
+    let refused = streaming.is_some() && (up.status != 200 || !sse);
+    if refused || (matches!(up.status, 502..=504) && !attempt.last_try) {
+        // An engine that cannot take the request now (or a continuation) is not relayed
+        // while another may take it.
+        let what = if refused {
+            "the stream's continuation"
+        } else {
+            "the request"
+        };
+        let error = ProxyError::new(
+            ErrorKind::UpstreamUnavailable,
+            format!("the engine at {} answered {} to {what}", endpoint.url, up.status),
+        )
+        .retry_elsewhere();
+        return Exchange::Failed { error };
     }
+    if req.stream && sse {
+        return exchange_events(ctx, endpoint, req, wr, pm, attempt, conn, &up, &first_byte, streaming).await;
+    }
+    first_byte.mark();
 
     // The response head: from here on, failures can only cut the response short.
     let dechunk = up.framing == Framing::Chunked && req.head.version == Version::Http10;
@@ -783,7 +1036,7 @@ async fn exchange(
     let keep_alive = req.head.keep_alive && delimited && !ctx.draining();
     let head_out = response::downstream_response(
         &up,
-        dechunk,
+        if dechunk { BodyOut::Unframed } else { BodyOut::AsIs },
         keep_alive,
         req.head.version,
         Some(req.request_id),
@@ -822,6 +1075,114 @@ async fn exchange(
         },
         Err(RelayError::Upstream(e)) => Exchange::Aborted {
             status: up.status,
+            error: Some(e),
+        },
+    }
+}
+
+/// The event stream of a streaming request: the client's stream begins (its head) on the
+/// first attempt and goes on with each continuation; it is ended here when the engine ends
+/// it, and left open when the engine fails (the caller resumes or ends it).
+#[allow(clippy::too_many_arguments)]
+async fn exchange_events(
+    ctx: &WorkerCtx,
+    endpoint: &EndpointState,
+    req: &Forward<'_>,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    pm: &PairMetrics,
+    attempt: &Attempt,
+    mut conn: upstream::UpstreamConn,
+    up: &lmstack_http::ResponseHead,
+    first_byte: &FirstByte<'_>,
+    streaming: &mut Option<Streaming>,
+) -> Exchange {
+    let lim = &ctx.limits;
+    let resume = &ctx.shared.config.resume;
+    let mut head = None;
+    let s = match streaming {
+        Some(s) => s,
+        None => {
+            let framing = if req.head.version == Version::Http10 {
+                EventFraming::Raw
+            } else {
+                EventFraming::Chunked
+            };
+            let keep_alive = req.head.keep_alive && framing == EventFraming::Chunked && !ctx.draining();
+            let body_out = match framing {
+                EventFraming::Chunked => BodyOut::Chunked,
+                EventFraming::Raw => BodyOut::Unframed,
+            };
+            head = Some(response::downstream_response(
+                up,
+                body_out,
+                keep_alive,
+                req.head.version,
+                Some(req.request_id),
+                attempt.route.as_deref(),
+            ));
+            streaming.insert(Streaming {
+                ledger: req
+                    .api
+                    .filter(|_| up.status == 200)
+                    .map(|api| Ledger::new(api, req.keep_ids, resume.max_bytes)),
+                framing,
+                status: up.status,
+                keep_alive,
+                last_event: None,
+            })
+        }
+    };
+    let mut clock = match s.last_event {
+        Some(last) => StreamClock::resumed(last, pm, first_byte),
+        None => StreamClock::new(req.started, pm, first_byte),
+    };
+    let mut relay_state = EventRelay {
+        head,
+        framing: s.framing,
+        ledger: s.ledger.as_mut(),
+        clock: &mut clock,
+        idle_timeout: lim.stream_idle_timeout,
+        write_timeout: lim.write_timeout,
+        max_event_bytes: lim.max_event_bytes,
+    };
+    let relayed = relay::relay_events(&mut conn, wr, up.framing, &mut relay_state).await;
+    let head_unsent = relay_state.head.is_some();
+    s.last_event = clock.last_event().or(s.last_event);
+    if head_unsent {
+        // Nothing reached the client: as if the stream had not begun.
+        *streaming = None;
+        return match relayed {
+            Err(RelayError::Upstream(error)) => Exchange::Failed {
+                error: error.retry_elsewhere(),
+            },
+            _ => Exchange::Aborted {
+                status: CLIENT_CLOSED,
+                error: None,
+            },
+        };
+    }
+    match relayed {
+        Ok(r) => {
+            if r.reusable && up.keep_alive {
+                ctx.pool.put(endpoint.addr, conn);
+            }
+            match relay::end_events(wr, s.framing, lim.write_timeout).await {
+                Ok(()) => Exchange::Done {
+                    status: s.status,
+                    keep_alive: s.keep_alive,
+                },
+                Err(_) => Exchange::Aborted {
+                    status: CLIENT_CLOSED,
+                    error: None,
+                },
+            }
+        }
+        Err(RelayError::Downstream) => Exchange::Aborted {
+            status: CLIENT_CLOSED,
+            error: None,
+        },
+        Err(RelayError::Upstream(e)) => Exchange::Aborted {
+            status: s.status,
             error: Some(e),
         },
     }

@@ -5,13 +5,16 @@
 //! Each waiter holds one place in the queue for its whole wait, and places of waiters that
 //! left are dropped as they are met, or swept when they outnumber the live ones: the queue
 //! stays bounded by the number of waiters. Not here: the limits (the pipeline applies them).
+//!
+//! Also the worker's drain signal ([`Drain`]): fired once at shutdown, it wakes the
+//! connections waiting idle for a next request, so that they close at once.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::pin::pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::future::select;
@@ -134,5 +137,57 @@ mod tests {
                     q.places.borrow().len()
                 );
             });
+    }
+}
+
+/// A worker's drain signal: fired once, at shutdown; idle connections wait on it.
+#[derive(Default)]
+pub struct Drain {
+    fired: Cell<bool>,
+    waiters: RefCell<HashMap<u64, Waker>>,
+    next: Cell<u64>,
+}
+
+impl Drain {
+    pub fn fire(&self) {
+        if !self.fired.replace(true) {
+            for (_, w) in self.waiters.take() {
+                w.wake();
+            }
+        }
+    }
+
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Completes when the signal fires; dropping it leaves nothing behind.
+    pub fn wait(&self) -> DrainWait<'_> {
+        let key = self.next.get();
+        self.next.set(key.wrapping_add(1));
+        DrainWait { drain: self, key }
+    }
+}
+
+pub struct DrainWait<'a> {
+    drain: &'a Drain,
+    key: u64,
+}
+
+impl Future for DrainWait<'_> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.drain.fired.get() {
+            return Poll::Ready(());
+        }
+        self.drain.waiters.borrow_mut().insert(self.key, cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for DrainWait<'_> {
+    fn drop(&mut self) {
+        self.drain.waiters.borrow_mut().remove(&self.key);
     }
 }

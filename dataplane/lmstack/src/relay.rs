@@ -1,16 +1,21 @@
 //! Relaying a response body from an engine to the client as it arrives.
 //!
-//! Bytes are written out as they were read (chunked framing and SSE untouched), while the
-//! framing is tracked to know where the response ends (so the engine connection can be
-//! reused) and SSE data events are counted and timed. The one rewrite: an HTTP/1.0 client
-//! cannot take chunked encoding, so for it the payload is de-chunked and the connection
-//! closed at the end. Not here: the response head, retries, metrics names.
+//! Two ways. A body that is not an event stream ([`relay`]) is written out as it was read
+//! (chunked framing untouched), while the framing is tracked to know where the response ends
+//! (so the engine connection can be reused); an HTTP/1.0 client cannot take chunked
+//! encoding, so for it the payload is de-chunked and the connection closed at the end. An
+//! SSE stream ([`relay_events`]) is relayed whole event by event in the router's own
+//! chunked framing, so that however the engine fails, the client's stream can go on (a
+//! continuation from another engine) or end cleanly with an error event; its data events
+//! are counted and timed, and an OpenAI stream's ledger sees (and may rewrite) each one.
+//! Not here: the response head, retries and resumption, metrics names.
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use lmstack_http::stream::{EventSplitter, Ledger, Verdict, event_data};
 use lmstack_http::{ChunkedDecoder, Framing, SseCounter};
 use monoio::io::AsyncWriteRentExt;
 use monoio::io::OwnedWriteHalf;
@@ -49,16 +54,30 @@ impl<'a> StreamClock<'a> {
         }
     }
 
+    /// The clock of a stream's continuation: its first event is timed as a gap from the
+    /// client's last event (`last`), not as a first token.
+    pub fn resumed(last: Instant, metrics: &'a PairMetrics, first_byte: &'a FirstByte<'a>) -> Self {
+        Self {
+            start: last,
+            last: Some(last),
+            metrics,
+            first_byte,
+        }
+    }
+
+    /// When the client got its last event.
+    pub fn last_event(&self) -> Option<Instant> {
+        self.last
+    }
+
     fn on_events(&mut self, n: u32, now: Instant) {
         if n == 0 {
             return;
         }
         self.metrics.events(u64::from(n));
+        self.first_byte.mark();
         match self.last {
-            None => {
-                self.first_byte.mark();
-                self.metrics.ttft(now.duration_since(self.start).as_secs_f64());
-            }
+            None => self.metrics.ttft(now.duration_since(self.start).as_secs_f64()),
             Some(last) => self.metrics.tbt(now.duration_since(last).as_secs_f64()),
         }
         self.last = Some(now);
@@ -264,5 +283,180 @@ pub async fn write(wr: &mut OwnedWriteHalf<TcpStream>, bytes: Bytes, timeout: Du
     match crate::time::timeout(timeout, wr.write_all(bytes)).await {
         Ok((Ok(_), _)) => Ok(()),
         _ => Err(RelayError::Downstream),
+    }
+}
+
+/// How the client's side of an event stream is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventFraming {
+    /// Chunked (HTTP/1.1): each write is one chunk; the stream ends with [`end_events`].
+    Chunked,
+    /// Raw (HTTP/1.0): the stream ends when the connection closes.
+    Raw,
+}
+
+/// Writes `events` (whole SSE events) to the client, framed, after `head` if it is still to
+/// be sent (it is taken).
+pub async fn write_events(
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    head: &mut Option<Vec<u8>>,
+    events: &[u8],
+    framing: EventFraming,
+    timeout: Duration,
+) -> Result<(), RelayError> {
+    let mut out = head.take().unwrap_or_default();
+    if !events.is_empty() {
+        match framing {
+            EventFraming::Chunked => {
+                out.extend_from_slice(format!("{:x}\r\n", events.len()).as_bytes());
+                out.extend_from_slice(events);
+                out.extend_from_slice(b"\r\n");
+            }
+            EventFraming::Raw => out.extend_from_slice(events),
+        }
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    write(wr, Bytes::from(out), timeout).await
+}
+
+/// Ends an event stream's body (the last chunk; nothing for a raw body).
+pub async fn end_events(
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    framing: EventFraming,
+    timeout: Duration,
+) -> Result<(), RelayError> {
+    match framing {
+        EventFraming::Chunked => write(wr, Bytes::from_static(b"0\r\n\r\n"), timeout).await,
+        EventFraming::Raw => Ok(()),
+    }
+}
+
+/// What an event stream relay needs besides the connections.
+pub struct EventRelay<'l, 'c> {
+    /// The response head, until it is written (at once when no event is waiting, else
+    /// with the first events).
+    pub head: Option<Vec<u8>>,
+    pub framing: EventFraming,
+    /// The OpenAI stream's ledger, when the stream may be resumed.
+    pub ledger: Option<&'l mut Ledger>,
+    pub clock: &'l mut StreamClock<'c>,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_event_bytes: usize,
+}
+
+/// Relays an SSE body (`framing` as the engine sent it) whole event by event, until the
+/// engine ends it. The client's stream is not ended here: a continuation may follow, or
+/// an error event ([`end_events`] ends it).
+pub async fn relay_events(
+    up: &mut UpstreamConn,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    framing: Framing,
+    r: &mut EventRelay<'_, '_>,
+) -> Result<Relayed, RelayError> {
+    let mut chunked = ChunkedDecoder::new();
+    let mut splitter = EventSplitter::new(r.max_event_bytes);
+    let mut remaining = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    if up.buf.is_empty() || framing == Framing::Empty {
+        write_events(wr, &mut r.head, &[], r.framing, r.write_timeout).await?;
+    }
+    let mut out = BytesMut::new();
+    let too_large = |e: lmstack_http::stream::EventTooLarge| {
+        RelayError::Upstream(ProxyError::new(
+            ErrorKind::UpstreamProtocol,
+            format!("the engine sent {e} in its event stream"),
+        ))
+    };
+    loop {
+        let mut done = framing == Framing::Empty;
+        let mut clean = true;
+        if !up.buf.is_empty() {
+            let data = up.buf.split().freeze();
+            match framing {
+                Framing::Length(_) => {
+                    let take = (data.len() as u64).min(remaining) as usize;
+                    remaining -= take as u64;
+                    splitter.push(&data[..take]).map_err(too_large)?;
+                    done = remaining == 0;
+                    clean = take == data.len();
+                }
+                Framing::UntilClose => splitter.push(&data).map_err(too_large)?,
+                Framing::Chunked => {
+                    let mut pushed = Ok(());
+                    let decoded = chunked
+                        .decode(&data, |payload| {
+                            if pushed.is_ok() {
+                                pushed = splitter.push(payload);
+                            }
+                        })
+                        .map_err(|e| {
+                            RelayError::Upstream(ProxyError::new(
+                                ErrorKind::UpstreamProtocol,
+                                format!("the engine sent a malformed chunked body: {e}"),
+                            ))
+                        })?;
+                    pushed.map_err(too_large)?;
+                    done = decoded.done;
+                    clean = decoded.consumed == data.len();
+                }
+                Framing::Empty => {}
+            }
+            let now = Instant::now();
+            let mut events = 0;
+            while let Some(event) = splitter.next_event() {
+                if event_data(&event).is_some_and(|d| d.as_ref() != b"[DONE]") {
+                    events += 1;
+                }
+                match r.ledger.as_deref_mut().map(|l| l.observe(&event)) {
+                    None | Some(Verdict::Forward) => out.extend_from_slice(&event),
+                    Some(Verdict::Rewrite(e)) => out.extend_from_slice(&e),
+                    Some(Verdict::Drop) => {}
+                }
+            }
+            r.clock.on_events(events, now);
+            if done && splitter.pending() > 0 {
+                // The body ended inside an event: pass on what there is, as it came.
+                let rest = splitter.next_rest();
+                out.extend_from_slice(&rest);
+            }
+            if !out.is_empty() || r.head.is_some() {
+                let batch = out.split();
+                write_events(wr, &mut r.head, &batch, r.framing, r.write_timeout).await?;
+            }
+        }
+        if done {
+            return Ok(Relayed { reusable: clean });
+        }
+        match crate::time::timeout(r.idle_timeout, up.fill()).await {
+            Err(_) => {
+                return Err(RelayError::Upstream(ProxyError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!("the engine's stream was silent for {} ms", r.idle_timeout.as_millis()),
+                )));
+            }
+            Ok(Ok(0)) if framing == Framing::UntilClose => {
+                let rest = splitter.next_rest();
+                write_events(wr, &mut r.head, &rest, r.framing, r.write_timeout).await?;
+                return Ok(Relayed { reusable: false });
+            }
+            Ok(Ok(0)) => {
+                return Err(RelayError::Upstream(ProxyError::new(
+                    ErrorKind::UpstreamReset,
+                    "the engine closed the connection in the middle of the stream",
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(RelayError::Upstream(
+                    ProxyError::new(ErrorKind::UpstreamReset, format!("reading from the engine failed: {e}"))
+                        .with_source(e),
+                ));
+            }
+            Ok(Ok(_)) => {}
+        }
     }
 }

@@ -81,10 +81,21 @@ pub fn upstream_request(
     out
 }
 
+/// How the relayed body goes to the client, for the head's framing headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyOut {
+    /// As the engine framed it.
+    AsIs,
+    /// Without framing, ended by closing the connection (HTTP/1.0 clients).
+    Unframed,
+    /// In the router's own chunks (event streams).
+    Chunked,
+}
+
 /// The response head relayed to the client.
 pub fn downstream_response(
     up: &ResponseHead,
-    dechunk: bool,
+    body: BodyOut,
     keep_alive: bool,
     client_version: Version,
     request_id: Option<&str>,
@@ -95,10 +106,12 @@ pub fn downstream_response(
     for (name, value) in forwardable(&up.headers) {
         header(&mut out, name, value);
     }
-    match up.framing {
-        Framing::Length(n) => header(&mut out, b"content-length", n.to_string().as_bytes()),
-        Framing::Chunked if !dechunk => header(&mut out, b"transfer-encoding", b"chunked"),
-        Framing::Empty if up.status >= 200 && up.status != 204 && up.status != 304 => {
+    match (body, up.framing) {
+        (BodyOut::Unframed, _) => {}
+        (BodyOut::Chunked, _) => header(&mut out, b"transfer-encoding", b"chunked"),
+        (BodyOut::AsIs, Framing::Length(n)) => header(&mut out, b"content-length", n.to_string().as_bytes()),
+        (BodyOut::AsIs, Framing::Chunked) => header(&mut out, b"transfer-encoding", b"chunked"),
+        (BodyOut::AsIs, Framing::Empty) if up.status >= 200 && up.status != 204 && up.status != 304 => {
             header(&mut out, b"content-length", b"0");
         }
         _ => {}
@@ -243,14 +256,22 @@ X-User-Id: u\r\n\r\n",
         let up = parse_response(&mut buf, &mut HeadScanner::default(), &LIMITS, false)
             .unwrap()
             .unwrap();
-        let text = String::from_utf8(downstream_response(&up, false, true, Version::Http11, Some("r"), None)).unwrap();
+        let text = String::from_utf8(downstream_response(
+            &up,
+            BodyOut::AsIs,
+            true,
+            Version::Http11,
+            Some("r"),
+            None,
+        ))
+        .unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-request-id: r\r\n\r\n"
         );
         let text = String::from_utf8(downstream_response(
             &up,
-            true,
+            BodyOut::Unframed,
             false,
             Version::Http10,
             None,

@@ -22,6 +22,7 @@ use lmstack_snapshot::{Snapshot, SnapshotError};
 
 use crate::config::RoutingConfig;
 use crate::metrics::{self, Labelled, PoolLabels};
+use crate::outlier::Outlier;
 
 /// Live load of one endpoint, shared by every worker (each on its own cache line, so that
 /// endpoints do not contend with one another).
@@ -41,6 +42,8 @@ pub struct EndpointLoad {
     pub placed: Decayed,
     /// Requests dispatched and still awaiting their first byte.
     pub pending: AtomicU32,
+    /// Failures in a row and ejection (passive health).
+    pub outlier: Outlier,
 }
 
 impl EndpointLoad {

@@ -37,7 +37,14 @@ pub fn run(id: usize, workers: usize, listener: std::net::TcpListener, shared: A
         let listener = TcpListener::from_std(listener)?;
         let ctx = Rc::new(WorkerCtx::new(id, workers, shared));
         monoio::spawn(housekeeping(ctx.clone()));
-        accept_loop(listener, ctx).await
+        accept_loop(listener, &ctx).await;
+        // Draining: the listener is closed; the worker ends when its last connection does
+        // (idle ones close at once, the others after their response).
+        while ctx.connections.get() > 0 {
+            crate::time::sleep(Duration::from_millis(10)).await;
+        }
+        ctx.metrics.flush();
+        Ok(())
     })
 }
 
@@ -71,10 +78,15 @@ fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>) -> std::io::Result<()> {
+/// Accepts connections until the router drains: the main thread then shuts the listening
+/// socket down, which ends the pending accept (and frees the port at once).
+async fn accept_loop(listener: TcpListener, ctx: &Rc<WorkerCtx>) {
     let accepted = ::metrics::counter!(metrics::HTTP_CONNECTIONS_TOTAL);
     let open = ::metrics::gauge!(metrics::HTTP_CONNECTIONS);
     loop {
+        if ctx.draining() {
+            return;
+        }
         if ctx.connections.get() >= ctx.limits.max_connections {
             // At the connection limit: leave new connections in the kernel's backlog.
             crate::time::sleep(Duration::from_millis(5)).await;
@@ -93,6 +105,7 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>) -> std::io::Resu
                     open.decrement(1.0);
                 });
             }
+            Err(_) if ctx.draining() => return,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(worker = ctx.id, "accept failed: {e}");
@@ -110,7 +123,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx) 
     loop {
         let after = match down
             .reader
-            .read_head(&lim.head, lim.keepalive, lim.header_timeout)
+            .read_head(&lim.head, lim.keepalive, lim.header_timeout, &ctx.drain)
             .await
         {
             Ok(head) => proxy::handle(ctx, &mut down, head).await,
@@ -145,14 +158,17 @@ async fn linger_close(down: &mut Downstream) {
     }
 }
 
-/// Periodic per-worker chores: hand metrics to the exporter; about once a second, close
-/// expired idle engine connections.
+/// Periodic per-worker chores: hand metrics to the exporter; fire the drain signal once the
+/// router drains; about once a second, close expired idle engine connections.
 async fn housekeeping(ctx: Rc<WorkerCtx>) {
     let mut ticks = 0u32;
     loop {
         crate::time::sleep(metrics::FLUSH_INTERVAL).await;
         ctx.metrics.flush();
         ctx.flush_assignments();
+        if ctx.draining() {
+            ctx.drain.fire();
+        }
         ticks = ticks.wrapping_add(1);
         if ticks.is_multiple_of(10) {
             let state = ctx.routing_state();
