@@ -223,21 +223,26 @@ fn silent_upstreams_are_504() {
 }
 
 #[test]
-fn a_stream_that_stalls_is_cut_after_the_idle_timeout() {
+fn a_stream_that_stalls_ends_with_an_error_event_after_the_idle_timeout() {
     let fake = FakeEngine::start(Misbehave::StallMidStream);
-    let r = router_over(&fake, &["--idle-timeout-ms", "300"]);
+    let r = router_over(&fake, &["--stream-idle-timeout-ms", "300"]);
     let (resp, _) = one(
         &r,
         &raw_post("/v1/completions", r#"{"model":"m","prompt":"x","stream":true}"#, ""),
     );
     assert_eq!(resp.status, 200);
-    assert!(!resp.complete, "the client must see the stream end abnormally");
-    assert!(resp.text().contains("data: {\"a\":1}"));
-    metrics_when(&r, "the idle timeout counted", |m| {
+    // No other engine to resume on: the stream ends, well-formed, with an error event.
+    assert!(resp.complete, "the stream must end properly, not be cut");
+    let text = resp.text();
+    assert!(text.starts_with("data: {\"a\":1}\n\n"), "{text}");
+    assert!(text.contains(r#""code":"upstream_timeout""#), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    metrics_when(&r, "the idle timeout and the stream's end counted", |m| {
         metric_sum(
             m,
             "lmstack_upstream_errors_total",
             &[("error_kind", "upstream_timeout")],
         ) >= 1.0
+            && metric_sum(m, "lmstack_stream_resumes_total", &[("outcome", "no_endpoint")]) >= 1.0
     });
 }
