@@ -1,7 +1,8 @@
 //! The simulator's OpenAI surface: vLLM's routes, request checks, response bodies and SSE
-//! chunk shapes, and vLLM's KV-event routes (`/kv_event_sources`, `/reset_prefix_cache`) with
-//! the simulator's own fault injection (`/sim/kv_events`). Costs come from the engine
-//! (engine.rs); this file only shapes answers.
+//! chunk shapes (with `return_token_ids`), and vLLM's KV-event routes (`/kv_event_sources`,
+//! `/reset_prefix_cache`) with the simulator's own fault injection (`/sim/kv_events`). Costs
+//! come from the engine (engine.rs), the answers' tokens from the greedy decoder (greedy.rs);
+//! this file only shapes answers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,10 +21,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::engine::{AdmitError, Engine};
+use super::greedy::{self, Greedy};
 use super::kv::BlockExtras;
 use super::kv_events::{Fault, Publisher, RequestKv};
 use super::metrics::FinishReason;
-use super::tokens::{self, Tokenizer, output_piece};
+use super::tokens::{self, Tokenizer};
 use super::{ReportMode, SimArgs};
 
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -300,12 +302,12 @@ async fn post(sim: &Arc<Sim>, path: &str, body: &[u8], req: Value, arrived: Inst
         }
         "/detokenize" => match req.get("tokens").and_then(Value::as_array) {
             Some(ids) => {
-                let text: String = ids
+                // Output ids as their pieces, prompt ids as `<id>`.
+                let ids: Vec<u32> = ids
                     .iter()
-                    .filter_map(Value::as_u64)
-                    .map(|id| format!("<{id}>"))
+                    .filter_map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
                     .collect();
-                json_response(StatusCode::OK, &json!({"prompt": text}), name)
+                json_response(StatusCode::OK, &json!({"prompt": greedy::text(&ids)}), name)
             }
             None => bad_request("`tokens` is required", name),
         },
@@ -337,6 +339,11 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
+/// `"return_token_ids": true` fields, as vLLM 0.32 writes them.
+fn ids_json(ids: &[u32]) -> String {
+    serde_json::to_string(ids).unwrap_or_default()
+}
+
 async fn generate(
     sim: &Arc<Sim>,
     kind: Kind,
@@ -358,11 +365,15 @@ async fn generate(
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let return_token_ids = req.get("return_token_ids").and_then(Value::as_bool) == Some(true);
+    let role = Value::String(tokens::answer_role(req).to_owned());
     let kv = sim.request_kv(&model, req);
     let (lease, admitted) = match sim.engine.admit(&prompt, max_tokens, arrived, &kv).await {
         Ok(a) => a,
         Err(e) => return admit_error(e, &name),
     };
+    // The answer is a function of the prompt (greedy.rs); the id only names the request.
+    let mut decoder = Greedy::after(&prompt);
     let seed = sim.next_id();
     let id = match kind {
         Kind::Completion => format!("cmpl-{seed:016x}"),
@@ -381,22 +392,23 @@ async fn generate(
         metrics
             .prefill_time
             .record(admitted.first_token_at.duration_since(arrived).as_secs_f64() - admitted.queued.as_secs_f64());
-        let mut text = String::new();
+        let mut ids = Vec::with_capacity(max_tokens);
         let mut at = first;
         for i in 0..max_tokens {
             if i > 0 {
                 at += engine.decode_delay();
                 tokio::time::sleep_until(at).await;
             }
-            text.push_str(&output_piece(seed, i));
+            ids.extend(decoder.next());
         }
+        let text = greedy::text(&ids);
         metrics.generation_tokens.increment(max_tokens as u64);
         metrics.decode_time.record(at.duration_since(first).as_secs_f64());
         metrics.e2e.record(arrived.elapsed().as_secs_f64());
         metrics.finished(FinishReason::Length);
         drop(lease);
         let u = usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens);
-        let body = match kind {
+        let mut body = match kind {
             Kind::Completion => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length",
@@ -405,7 +417,7 @@ async fn generate(
             }),
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "choices": [{"index": 0, "message": {"role": role, "content": text, "tool_calls": []},
                              "logprobs": null, "finish_reason": "length", "stop_reason": null}],
                 "usage": u, "prompt_logprobs": null, "system_fingerprint": FINGERPRINT,
             }),
@@ -421,6 +433,17 @@ async fn generate(
                           "output_tokens_details": {"reasoning_tokens": 0}},
             }),
         };
+        // vLLM: the output ids on the choice; the prompt's on the choice of a completion, at
+        // the top of a chat completion.
+        if return_token_ids && kind != Kind::Responses {
+            body["choices"][0]["token_ids"] = json!(ids);
+            let prompt_at = if kind == Kind::Chat {
+                &mut body
+            } else {
+                &mut body["choices"][0]
+            };
+            prompt_at["prompt_token_ids"] = json!(prompt);
+        }
         return json_response(StatusCode::OK, &body, &name);
     }
 
@@ -446,8 +469,14 @@ async fn generate(
         let first = Instant::now();
         metrics.ttft.record(first.duration_since(arrived).as_secs_f64());
         if kind == Kind::Chat {
+            // As vLLM: the prompt's ids ride on the role chunk, at the top.
+            let prompt_ids = if return_token_ids {
+                format!(r#","prompt_token_ids":{},"prompt_text":null"#, ids_json(&prompt))
+            } else {
+                String::new()
+            };
             let role = format!(
-                r#"{{{head},"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}]}}"#
+                r#"{{{head},"choices":[{{"index":0,"delta":{{"role":{role},"content":""}},"logprobs":null,"finish_reason":null}}]{prompt_ids}}}"#
             );
             if !send(role).await {
                 metrics.finished(FinishReason::Abort);
@@ -456,6 +485,7 @@ async fn generate(
         }
         let mut at = first;
         let mut last_sent = first;
+        let mut piece = String::with_capacity(greedy::PIECE_LEN);
         for i in 0..max_tokens {
             if i > 0 {
                 at += engine.decode_delay();
@@ -465,7 +495,9 @@ async fn generate(
                     return;
                 }
             }
-            let piece = output_piece(seed, i);
+            let token = decoder.next().unwrap_or_default();
+            piece.clear();
+            greedy::push_piece(&mut piece, token);
             let last = i + 1 == max_tokens;
             // As vLLM: the last token carries the finish reason (and, for chat, the stop
             // reason) and the chunk the system fingerprint.
@@ -474,12 +506,20 @@ async fn generate(
             } else {
                 ("null", "", "")
             };
+            // `return_token_ids`: every choice carries its token; a completion's first one the
+            // prompt's ids too (later ones a null).
+            let ids = match (return_token_ids, kind, i) {
+                (false, _, _) => String::new(),
+                (true, Kind::Chat, _) => format!(r#","token_ids":[{token}]"#),
+                (true, _, 0) => format!(r#","prompt_token_ids":{},"token_ids":[{token}]"#, ids_json(&prompt)),
+                (true, _, _) => format!(r#","prompt_token_ids":null,"token_ids":[{token}]"#),
+            };
             let event = match kind {
                 Kind::Chat => format!(
-                    r#"{{{head},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"logprobs":null,"finish_reason":{finish}{stop}}}]{fingerprint}}}"#
+                    r#"{{{head},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"logprobs":null,"finish_reason":{finish}{stop}{ids}}}]{fingerprint}}}"#
                 ),
                 _ => format!(
-                    r#"{{{head},"choices":[{{"index":0,"text":"{piece}","logprobs":null,"finish_reason":{finish},"stop_reason":null}}]{fingerprint}}}"#
+                    r#"{{{head},"choices":[{{"index":0,"text":"{piece}","logprobs":null,"finish_reason":{finish},"stop_reason":null{ids}}}]{fingerprint}}}"#
                 ),
             };
             if !send(event).await {

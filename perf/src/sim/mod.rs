@@ -11,9 +11,15 @@
 //! (`--tokenizer`) and publish vLLM's KV events over ZeroMQ (`--kv-events-port`,
 //! `kv_events.rs`), so that what it announces is what a vLLM engine would for the same
 //! requests.
+//!
+//! For mid-stream failover, its output is greedy and deterministic, a function of the context
+//! (`greedy.rs`): a request whose prompt is extended by the first tokens of an answer (token
+//! ids, text, or a chat's final assistant message with `continue_final_message`) is answered
+//! with the rest of that answer.
 
 pub mod api;
 pub mod engine;
+pub mod greedy;
 pub mod kv;
 pub mod kv_events;
 pub mod metrics;
