@@ -1,8 +1,8 @@
 //! The simulator's OpenAI surface: vLLM's routes, request checks, response bodies and SSE
 //! chunk shapes (with `return_token_ids`), and vLLM's KV-event routes (`/kv_event_sources`,
-//! `/reset_prefix_cache`) with the simulator's own fault injection (`/sim/kv_events`). Costs
-//! come from the engine (engine.rs), the answers' tokens from the greedy decoder (greedy.rs);
-//! this file only shapes answers.
+//! `/reset_prefix_cache`), with the simulator's own fault injection: `/sim/kv_events` for KV
+//! events, `/sim/fault` for requests (fault.rs). Costs come from the engine (engine.rs), the
+//! answers' tokens from the greedy decoder (greedy.rs); this file only shapes answers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::engine::{AdmitError, Engine};
+use super::fault::{FaultKind, FaultSpec, Faults, Fire, Stage, Tap};
 use super::greedy::{self, Greedy};
 use super::kv::BlockExtras;
 use super::kv_events::{Fault, Publisher, RequestKv};
@@ -37,6 +38,7 @@ pub struct Sim {
     prometheus: PrometheusHandle,
     tokenizer: Tokenizer,
     publisher: Option<Publisher>,
+    faults: Faults,
     created: u64,
     seq: AtomicU64,
 }
@@ -50,6 +52,10 @@ impl Sim {
         tokenizer: Tokenizer,
         publisher: Option<Publisher>,
     ) -> Self {
+        let faults = Faults::default();
+        if let Some(spec) = &args.fault {
+            faults.arm(spec.clone());
+        }
         Self {
             name: args.name.clone().unwrap_or_else(|| bound.to_string()),
             args,
@@ -57,6 +63,7 @@ impl Sim {
             prometheus,
             tokenizer,
             publisher,
+            faults,
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             seq: AtomicU64::new(1),
         }
@@ -133,7 +140,24 @@ fn bad_request(message: impl Into<String>, engine: &str) -> Response<Body> {
     error(StatusCode::BAD_REQUEST, "BadRequestError", message, None, engine)
 }
 
-pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// The routes a router forwards (those `/sim/fault`'s before-head faults match).
+const MODEL_ROUTES: &[&str] = &[
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/pooling",
+    "/v1/rerank",
+    "/rerank",
+    "/v2/rerank",
+    "/v1/score",
+    "/score",
+    "/tokenize",
+    "/detokenize",
+];
+
+/// Serves one request of the connection `tap` belongs to.
+pub async fn handle(sim: Arc<Sim>, tap: Arc<Tap>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     // Prefill is timed from here (the head has arrived), not from after the body is parsed and
     // tokenised, so that TTFT seen on the wire matches the configured delays closely.
     let arrived = Instant::now();
@@ -151,6 +175,7 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
             &name,
         ),
         (Method::GET, "/v1/models") => json_response(StatusCode::OK, &models(&sim), &name),
+        (Method::GET, "/sim/fault") => json_response(StatusCode::OK, &sim.faults.report(), &name),
         (Method::GET, "/kv_event_sources") => match &sim.publisher {
             Some(p) => json_response(StatusCode::OK, p.sources(), &name),
             None => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
@@ -169,12 +194,17 @@ pub async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Result<Response<Bo
                     ));
                 }
             };
+            if MODEL_ROUTES.contains(&path.as_str())
+                && let Some(fire) = sim.faults.take(Stage::Request)
+            {
+                return Ok(before_head(&sim, &tap, fire));
+            }
             let request: Value = match serde_json::from_slice(&bytes) {
                 Ok(v @ Value::Object(_)) => v,
                 Ok(_) => return Ok(bad_request("the body must be a JSON object", &name)),
                 Err(e) => return Ok(bad_request(format!("invalid JSON: {e}"), &name)),
             };
-            post(&sim, &path, &bytes, request, arrived).await
+            post(&sim, &tap, &path, &bytes, request, arrived).await
         }
         _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
     };
@@ -244,10 +274,58 @@ fn inject_fault(sim: &Sim, req: Value) -> Response<Body> {
     }
 }
 
-async fn post(sim: &Arc<Sim>, path: &str, body: &[u8], req: Value, arrived: Instant) -> Response<Body> {
+/// The answer to a request a before-head fault matched: `status`'s error, or a response the
+/// connection never writes (its socket carries the fault out instead).
+fn before_head(sim: &Sim, tap: &Tap, fire: Fire) -> Response<Body> {
+    if fire.kind != FaultKind::Status {
+        tap.arm(fire);
+        return full(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "", &sim.name);
+    }
+    fire.fired();
+    let status = StatusCode::from_u16(fire.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    // vLLM's error types by status (`create_error_response`).
+    let kind = match status.as_u16() {
+        400 => "BadRequestError",
+        404 => "NotFoundError",
+        422 => "UnprocessableEntityError",
+        501 => "NotImplementedError",
+        503 => "ServiceUnavailableError",
+        500..=599 => "InternalServerError",
+        _ => status.canonical_reason().unwrap_or("Error"),
+    };
+    error(
+        status,
+        kind,
+        format!("simulated fault: status {status}"),
+        None,
+        &sim.name,
+    )
+}
+
+/// `POST /sim/fault`: arms a fault (fault.rs), `{"kind": "none"}` clears it; answers with
+/// what `GET /sim/fault` shows.
+fn arm_fault(sim: &Sim, req: Value) -> Response<Body> {
+    let spec = serde_json::from_value::<FaultSpec>(req)
+        .map_err(|e| e.to_string())
+        .and_then(|spec| spec.validate().map(|()| spec));
+    match spec {
+        Ok(spec) => {
+            sim.faults.arm(spec);
+            json_response(StatusCode::OK, &sim.faults.report(), &sim.name)
+        }
+        Err(e) => bad_request(
+            format!(r#"expected {{"kind": K, "after_events": N, "count": C, "status": S}}: {e}"#),
+            &sim.name,
+        ),
+    }
+}
+
+async fn post(sim: &Arc<Sim>, tap: &Tap, path: &str, body: &[u8], req: Value, arrived: Instant) -> Response<Body> {
     let name = &sim.name;
-    if path == "/sim/kv_events" {
-        return inject_fault(sim, req);
+    match path {
+        "/sim/kv_events" => return inject_fault(sim, req),
+        "/sim/fault" => return arm_fault(sim, req),
+        _ => {}
     }
     let model = match req.get("model") {
         Some(Value::String(m)) => m.clone(),
@@ -266,11 +344,11 @@ async fn post(sim: &Arc<Sim>, path: &str, body: &[u8], req: Value, arrived: Inst
     let tokenizer = &sim.tokenizer;
     match path {
         "/v1/completions" => match tokenizer.completion(body, &req) {
-            Ok(t) => generate(sim, Kind::Completion, model, t, &req, arrived).await,
+            Ok(t) => generate(sim, tap, Kind::Completion, model, t, &req, arrived).await,
             Err(e) => bad_request(e, name),
         },
         "/v1/chat/completions" => match tokenizer.chat(body, &req) {
-            Ok(t) => generate(sim, Kind::Chat, model, t, &req, arrived).await,
+            Ok(t) => generate(sim, tap, Kind::Chat, model, t, &req, arrived).await,
             Err(e) => bad_request(e, name),
         },
         "/v1/responses" => {
@@ -278,7 +356,7 @@ async fn post(sim: &Arc<Sim>, path: &str, body: &[u8], req: Value, arrived: Inst
                 return bad_request("the simulator does not stream /v1/responses", name);
             }
             match tokenizer.responses(&req) {
-                Ok(t) => generate(sim, Kind::Responses, model, t, &req, arrived).await,
+                Ok(t) => generate(sim, tap, Kind::Responses, model, t, &req, arrived).await,
                 Err(e) => bad_request(e, name),
             }
         }
@@ -346,6 +424,7 @@ fn ids_json(ids: &[u32]) -> String {
 
 async fn generate(
     sim: &Arc<Sim>,
+    tap: &Tap,
     kind: Kind,
     model: String,
     prompt: Vec<u32>,
@@ -448,6 +527,9 @@ async fn generate(
     }
 
     // Streaming: one SSE event per token, sent as chunked frames as the engine makes them.
+    if let Some(fire) = sim.faults.take(Stage::Stream) {
+        tap.arm(fire);
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let model_json = Value::String(model).to_string();
     tokio::spawn(async move {

@@ -15,10 +15,12 @@
 //! For mid-stream failover, its output is greedy and deterministic, a function of the context
 //! (`greedy.rs`): a request whose prompt is extended by the first tokens of an answer (token
 //! ids, text, or a chat's final assistant message with `continue_final_message`) is answered
-//! with the rest of that answer.
+//! with the rest of that answer. And it fails on demand as a dying engine does, on the real
+//! socket (`POST /sim/fault`, `--fault`, `fault.rs`).
 
 pub mod api;
 pub mod engine;
+pub mod fault;
 pub mod greedy;
 pub mod kv;
 pub mod kv_events;
@@ -37,6 +39,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use self::engine::{Engine, EngineConfig};
+use self::fault::{FaultSpec, FaultyStream, Tap};
 use self::kv_events::{KvEventsConfig, Publisher};
 use self::tokens::Tokenizer;
 
@@ -137,6 +140,12 @@ pub struct SimArgs {
     /// request in `full` mode).
     #[arg(long, value_enum, default_value_t = ReportMode::Incremental)]
     pub kv_cache_report_mode: ReportMode,
+    /// Arm a fault at start, for every matching request until `POST /sim/fault` changes it:
+    /// KIND[:N], N the events before a mid-stream fault, or the status of `status` (see
+    /// `fault.rs`: reset_before_head, close_before_head, hang_before_head, status, garbage,
+    /// reset_mid_stream, cut_mid_stream, stall_mid_stream, exit_mid_stream).
+    #[arg(long, value_name = "KIND[:N]")]
+    pub fault: Option<FaultSpec>,
 }
 
 /// `--kv-events-encoding`.
@@ -256,7 +265,9 @@ async fn serve(args: SimArgs) -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         let sim = sim.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| api::handle(sim.clone(), req));
+            let tap = Arc::new(Tap::default());
+            let stream = FaultyStream::new(stream, tap.clone());
+            let service = hyper::service::service_fn(move |req| api::handle(sim.clone(), tap.clone(), req));
             if let Err(e) = http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
