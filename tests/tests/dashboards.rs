@@ -410,6 +410,47 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         &[],
     );
     assert_eq!(reset.status, 502, "{}", reset.body);
+    // Failures the Failures row shows: a router over the resetting engine and a healthy one
+    // ejects the first after one failure (the request goes on to the other); a router over an
+    // engine that stalls mid-stream, with no other to resume on, ends the stream with an
+    // error event.
+    let ejecting_router = lmstack_e2e::router(&args(&[
+        "--static-backends",
+        &format!("{},{}", resetting.url(), engine_b.url()),
+        "--static-models",
+        &format!("{MODEL},{MODEL}"),
+        "--outlier-consecutive-failures",
+        "1",
+    ]));
+    wait_healthy(&ejecting_router);
+    for _ in 0..4 {
+        let ok = lmstack_e2e::post(
+            &ejecting_router,
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}),
+            &[],
+        );
+        assert_eq!(ok.status, 200, "{}", ok.body);
+    }
+    let stalling = FakeEngine::start(Misbehave::StallMidStream);
+    let stalled_router = lmstack_e2e::router(&args(&[
+        "--static-backends",
+        &stalling.url(),
+        "--static-models",
+        MODEL,
+        "--health-check-interval-ms",
+        "60000",
+        "--stream-idle-timeout-ms",
+        "200",
+    ]));
+    wait_healthy(&stalled_router);
+    let stalled = lmstack_e2e::post(
+        &stalled_router,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "x", "stream": true}),
+        &[],
+    );
+    assert!(stalled.body.contains("\"error\""), "{}", stalled.body);
     let garbage = garbage_control();
     let lost_router = lmstack_e2e::router(&args(&[
         "--service-discovery",
@@ -423,6 +464,8 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         ("router", static_router.addr.to_string(), false),
         ("router", lost_router.addr.to_string(), false),
         ("router", kv_router.addr.to_string(), false),
+        ("router", ejecting_router.addr.to_string(), false),
+        ("router", stalled_router.addr.to_string(), false),
         ("control", control_proc.addr.to_string(), false),
         ("engines", engine_a.addr.to_string(), false),
         ("engines", engine_b.addr.to_string(), false),
@@ -508,7 +551,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
     }
 
     pictures(&prom);
-    drop((static_router, lost_router, kv_router));
+    drop((static_router, lost_router, kv_router, ejecting_router, stalled_router));
     drop(router);
     drop(bed);
 }
