@@ -6,7 +6,8 @@
 //! No IO and no policy: the proxy decides when a stream is cut, where the continuation goes
 //! and how many tries it gets. Not a request model either: bodies are handled as JSON values
 //! only on the (rare) resume path; on the stream's normal path each event is read once with
-//! borrowed fields, and rewritten only when the router itself asked the engine for token ids.
+//! borrowed fields, and rewritten (the ids nulled in place) only when the router itself asked
+//! the engine for token ids.
 
 use std::borrow::Cow;
 
@@ -375,6 +376,7 @@ impl Ledger {
             self.created = chunk.created;
         }
         self.usage_seen |= chunk.usage.is_some();
+        // The ids the client did not ask for become `null`, as vLLM writes them unasked.
         let mut strip: Vec<&RawValue> = Vec::new();
         if let Some(p) = chunk.prompt_token_ids {
             self.record_prompt(p);
@@ -407,7 +409,7 @@ impl Ledger {
         if empty_delta && chunk.choices.len() == 1 && chunk.usage.is_none() {
             return Verdict::Drop;
         }
-        match remove_members(text, &strip) {
+        match null_values(text, &strip) {
             Some(rewritten) => Verdict::Rewrite(data_event(rewritten.as_bytes())),
             // Not laid out as expected: rewrite through a value (rare).
             None => self.rewrite_value(text, true),
@@ -509,17 +511,22 @@ impl Ledger {
                 chunk.insert("created".into(), created.into());
             }
         }
+        let unask = |map: &mut Map<String, Value>, key: &str| {
+            if let Some(v) = map.get_mut(key) {
+                *v = Value::Null;
+            }
+        };
         if !self.keep_ids || !first {
-            chunk.remove("prompt_token_ids");
+            unask(&mut chunk, "prompt_token_ids");
         }
         let mut empty = false;
         if let Some(Value::Array(choices)) = chunk.get_mut("choices") {
             for choice in choices.iter_mut().filter_map(Value::as_object_mut) {
                 if !self.keep_ids || !first {
-                    choice.remove("prompt_token_ids");
+                    unask(choice, "prompt_token_ids");
                 }
                 if !self.keep_ids {
-                    choice.remove("token_ids");
+                    unask(choice, "token_ids");
                 }
                 if !first && let Some(Value::Object(delta)) = choice.get_mut("delta") {
                     delta.remove("role");
@@ -531,7 +538,7 @@ impl Ledger {
                     && choice.get("delta").and_then(Value::as_object).is_none_or(Map::is_empty)
                     && choice.get("finish_reason").is_none_or(Value::is_null)
                     && choice.get("logprobs").is_none_or(Value::is_null)
-                    && choice.get("token_ids").is_none();
+                    && choice.get("token_ids").is_none_or(Value::is_null);
             }
             if empty && choices.len() == 1 && chunk.get("usage").is_none_or(Value::is_null) {
                 return Verdict::Drop;
@@ -711,66 +718,29 @@ fn check_request(api: Api, req: &Map<String, Value>) -> Result<(), Unsafe> {
     Ok(())
 }
 
-/// `text` (a JSON object) without the members whose values are `values` (slices of `text`):
-/// each member's key and one adjacent comma removed. `None` when a value is not laid out as
-/// `"key": value` inside `text`.
-fn remove_members(text: &str, values: &[&RawValue]) -> Option<String> {
-    let bytes = text.as_bytes();
+/// `text` with each of `values` (slices of `text`) replaced by `null`: what vLLM sends in
+/// those fields when the ids are not asked for. `None` when a value is not inside `text`.
+fn null_values(text: &str, values: &[&RawValue]) -> Option<String> {
     let base = text.as_ptr() as usize;
-    let mut cuts: Vec<(usize, usize)> = Vec::with_capacity(values.len());
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(values.len());
     for v in values {
         let start = (v.get().as_ptr() as usize).checked_sub(base)?;
         let end = start + v.get().len();
-        if end > bytes.len() {
+        if end > text.len() {
             return None;
         }
-        // Back over `"key"` and the colon.
-        let mut i = start;
-        while i > 0 && bytes[i - 1].is_ascii_whitespace() {
-            i -= 1;
-        }
-        if i == 0 || bytes[i - 1] != b':' {
-            return None;
-        }
-        i -= 1;
-        while i > 0 && bytes[i - 1].is_ascii_whitespace() {
-            i -= 1;
-        }
-        if i == 0 || bytes[i - 1] != b'"' {
-            return None;
-        }
-        i -= 1;
-        // The key has no escapes (the ledger's keys are plain words).
-        let key_open = bytes[..i].iter().rposition(|&b| b == b'"')?;
-        let mut from = key_open;
-        let mut to = end;
-        // A comma before the member, else one after it.
-        let mut j = from;
-        while j > 0 && bytes[j - 1].is_ascii_whitespace() {
-            j -= 1;
-        }
-        if j > 0 && bytes[j - 1] == b',' {
-            from = j - 1;
-        } else {
-            let mut k = to;
-            while k < bytes.len() && bytes[k].is_ascii_whitespace() {
-                k += 1;
-            }
-            if k < bytes.len() && bytes[k] == b',' {
-                to = k + 1;
-            }
-        }
-        cuts.push((from, to));
+        spans.push((start, end));
     }
-    cuts.sort_unstable();
+    spans.sort_unstable();
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
-    for (from, to) in cuts {
-        if from < at {
+    for (start, end) in spans {
+        if start < at {
             return None;
         }
-        out.push_str(&text[at..from]);
-        at = to;
+        out.push_str(&text[at..start]);
+        out.push_str("null");
+        at = end;
     }
     out.push_str(&text[at..]);
     Some(out)
@@ -850,7 +820,7 @@ mod tests {
     }
 
     #[test]
-    fn ids_the_client_did_not_ask_for_are_removed() {
+    fn ids_the_client_did_not_ask_for_become_null() {
         let mut l = Ledger::new(Api::Chat, false, 1 << 20);
         let Verdict::Rewrite(role) = l.observe(&ev(CHAT_ROLE)) else {
             panic!("the role chunk loses its prompt ids")
@@ -858,7 +828,7 @@ mod tests {
         assert_eq!(
             role,
             ev(
-                r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#
+                r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null}"#
             )
         );
         let Verdict::Rewrite(piece) = l.observe(&ev(&chat_piece(" hi", 9))) else {
@@ -866,7 +836,7 @@ mod tests {
         };
         assert_eq!(
             String::from_utf8(piece).unwrap(),
-            String::from_utf8(ev(r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":" hi"},"logprobs":null,"finish_reason":null}]}"#)).unwrap()
+            String::from_utf8(ev(r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":" hi"},"logprobs":null,"finish_reason":null,"token_ids":null}]}"#)).unwrap()
         );
         // An ids-only chunk (no text) is not shown at all.
         let empty = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":null,"token_ids":[4]}]}"#;
@@ -885,7 +855,8 @@ mod tests {
         let Verdict::Rewrite(out) = l.observe(&ev(first)) else {
             panic!()
         };
-        assert!(!String::from_utf8(out).unwrap().contains("token_ids"));
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains(r#""prompt_token_ids":null,"token_ids":null"#), "{out}");
         let second = r#"{"id":"cmpl-1","object":"text_completion","created":5,"model":"m","choices":[{"index":0,"text":" b","logprobs":null,"finish_reason":null,"stop_reason":null,"token_ids":[21]}]}"#;
         l.observe(&ev(second));
         let body = br#"{"model":"m","prompt":"hello","max_tokens":10,"seed":3,"stream":true,"temperature":0.5}"#;
@@ -910,8 +881,8 @@ mod tests {
         let v: Value = serde_json::from_slice(event_data(&out).unwrap().as_ref()).unwrap();
         assert_eq!(v["id"], "cmpl-1");
         assert_eq!(v["created"], 5);
-        assert!(v["choices"][0].get("token_ids").is_none());
-        assert!(v["choices"][0].get("prompt_token_ids").is_none());
+        assert!(v["choices"][0]["token_ids"].is_null());
+        assert!(v["choices"][0]["prompt_token_ids"].is_null());
         let usage = r#"{"id":"cmpl-2","object":"text_completion","created":9,"model":"m","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#;
         let Verdict::Rewrite(out) = l.observe(&ev(usage)) else {
             panic!()
@@ -974,11 +945,11 @@ mod tests {
     }
 
     #[test]
-    fn members_are_removed_with_their_comma() {
+    fn values_become_null_in_place() {
         let text = r#"{"a":1,"token_ids":[1, 2],"b":{"token_ids":[3]}}"#;
         let v: Chunkish = serde_json::from_str(text).unwrap();
-        let out = remove_members(text, &[v.token_ids, v.b.token_ids]).unwrap();
-        assert_eq!(out, r#"{"a":1,"b":{}}"#);
+        let out = null_values(text, &[v.b.token_ids, v.token_ids]).unwrap();
+        assert_eq!(out, r#"{"a":1,"token_ids":null,"b":{"token_ids":null}}"#);
     }
 
     #[derive(Deserialize)]
