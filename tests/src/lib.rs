@@ -418,7 +418,12 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(p: &Proc) -> Raw {
-        let stream = TcpStream::connect(p.addr).unwrap();
+        Raw::connect_addr(p.addr)
+    }
+
+    /// Connects to `addr` (from another thread than the one holding the `Proc`).
+    pub fn connect_addr(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         stream.set_nodelay(true).unwrap();
         Raw {

@@ -165,11 +165,13 @@ pub async fn read_head(
             Ok(Some(head)) if head.is_interim() => continue,
             Ok(Some(head)) => return Ok(head),
             Ok(None) => {}
+            // A broken engine: nothing reached the client, another endpoint may take it.
             Err(e) => {
                 return Err(ProxyError::new(
                     ErrorKind::UpstreamProtocol,
                     format!("the engine sent an invalid response: {e}"),
-                ));
+                )
+                .retry_elsewhere());
             }
         }
         match conn.fill().await {
