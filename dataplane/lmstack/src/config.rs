@@ -89,6 +89,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Time to let in-flight requests finish after SIGTERM/SIGINT.
     pub shutdown_grace_ms: u64,
+    /// While draining, how long an idle client connection may still bring a request
+    /// (answered, with `connection: close`) before it is closed: a busy client's next
+    /// request is not met by a closing connection.
+    pub drain_idle_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +108,7 @@ impl Default for ServerConfig {
             client_watch_delay_ms: 50,
             max_connections: 65_536,
             shutdown_grace_ms: 10_000,
+            drain_idle_ms: 1_000,
         }
     }
 }
@@ -862,6 +867,7 @@ impl Config {
             ("server.header_timeout_ms", self.server.header_timeout_ms),
             ("server.body_timeout_ms", self.server.body_timeout_ms),
             ("server.keepalive_timeout_ms", self.server.keepalive_timeout_ms),
+            ("server.drain_idle_ms", self.server.drain_idle_ms),
             ("server.write_timeout_ms", self.server.write_timeout_ms),
             ("server.max_connections", self.server.max_connections as u64),
             ("routing.recent_half_life_ms", self.routing.recent_half_life_ms),

@@ -88,12 +88,11 @@ impl Reader {
     /// Waits for the next request head: `keepalive` for its first byte, then `header_timeout`
     /// for the rest.
     /// Reads the next request head. While the connection is idle (no byte of a next
-    /// request yet), `drain` firing closes it.
+    /// request yet) and the router drains (`drain`), it waits `drain_idle` at most.
     pub async fn read_head(
         &mut self,
         limits: &HeadLimits,
-        keepalive: Duration,
-        header_timeout: Duration,
+        (keepalive, header_timeout, drain_idle): (Duration, Duration, Duration),
         drain: &Drain,
     ) -> Result<RequestHead, NoRequest> {
         let mut deadline = (!self.buf.is_empty()).then(|| Instant::now() + header_timeout);
@@ -103,20 +102,25 @@ impl Reader {
                 Ok(None) => {}
                 Err(e) => return Err(NoRequest::Bad(e.into())),
             }
-            let wait = match deadline {
+            let mut wait = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => keepalive,
             };
             // Decided before reading: a read cut short by the timeout takes the buffer along.
             let idle = deadline.is_none() || self.buf.iter().all(u8::is_ascii_whitespace);
             if idle && drain.fired() {
-                return Err(NoRequest::Closed);
+                wait = wait.min(drain_idle);
             }
-            let read = crate::time::timeout(wait, self.fill(READ_CHUNK));
-            let read = if idle {
-                match select(pin!(read), pin!(drain.wait())).await {
+            let mut read = pin!(crate::time::timeout(wait, self.fill(READ_CHUNK)));
+            let read = if idle && !drain.fired() {
+                // The read goes on when the drain begins (a request may be on its way), for
+                // `drain_idle` more at most.
+                match select(read.as_mut(), pin!(drain.wait())).await {
                     Either::Left((read, _)) => read,
-                    Either::Right(_) => return Err(NoRequest::Closed),
+                    Either::Right(_) => match crate::time::timeout(drain_idle, read).await {
+                        Ok(read) => read,
+                        Err(_) => return Err(NoRequest::Closed),
+                    },
                 }
             } else {
                 read.await

@@ -123,7 +123,11 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx) 
     loop {
         let after = match down
             .reader
-            .read_head(&lim.head, lim.keepalive, lim.header_timeout, &ctx.drain)
+            .read_head(
+                &lim.head,
+                (lim.keepalive, lim.header_timeout, lim.drain_idle),
+                &ctx.drain,
+            )
             .await
         {
             Ok(head) => proxy::handle(ctx, &mut down, head).await,
