@@ -423,13 +423,17 @@ impl Raw {
 
     /// Connects to `addr` (from another thread than the one holding the `Proc`).
     pub fn connect_addr(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        Raw {
+        Raw::try_connect(addr).unwrap()
+    }
+
+    pub fn try_connect(addr: SocketAddr) -> std::io::Result<Raw> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(DEADLINE))?;
+        stream.set_nodelay(true)?;
+        Ok(Raw {
             stream,
             buf: Vec::new(),
-        }
+        })
     }
 
     pub fn send(&mut self, bytes: &[u8]) -> &mut Self {

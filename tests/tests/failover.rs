@@ -534,3 +534,199 @@ fn a_client_that_leaves_is_not_resumed() {
     let h = get(&r, "/health");
     assert_eq!(h.status, 200);
 }
+
+/// One of two router replicas killed mid-stream: its clients lose their connections (the
+/// process is gone: nothing can be said to them), the other replica's streams are whole and
+/// exact, the engines stop generating for the dead replica's streams, and new requests to
+/// the surviving replica succeed.
+#[test]
+fn one_of_two_router_replicas_killed_leaves_the_other_whole() {
+    let a = engine("a");
+    let b = engine("b");
+    let r1 = router_over(&[&a, &b], &[]);
+    let r2 = router_over(&[&a, &b], &[]);
+    let body = |i: usize| chat(700 + i, 80);
+    let references: Vec<String> = (0..16)
+        .map(|i| reference(&a, "/v1/chat/completions", &body(i)))
+        .collect();
+    let start_streams = |addr: std::net::SocketAddr, from: usize| {
+        (from..from + 8)
+            .map(|i| {
+                let body = body(i);
+                thread::spawn(move || {
+                    let mut c = Raw::connect_addr(addr);
+                    c.send(&raw_post("/v1/chat/completions", &body.to_string(), ""));
+                    c.read_response().map(read_stream)
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let on_r1 = start_streams(r1.addr, 0);
+    let on_r2 = start_streams(r2.addr, 8);
+    thread::sleep(Duration::from_millis(120));
+    // SAFETY: kill(2) on a child process's PID has no memory-safety preconditions.
+    unsafe {
+        libc::kill(r1.pid() as i32, libc::SIGKILL);
+    }
+    for c in on_r1 {
+        let cut = c.join().unwrap();
+        assert!(
+            cut.is_none_or(|s| !s.complete),
+            "a stream through the killed replica completed"
+        );
+    }
+    for (k, c) in on_r2.into_iter().enumerate() {
+        let s = c.join().unwrap().expect("a response");
+        assert_exact(&s, &references[8 + k], &body(8 + k), true);
+    }
+    // The engines cancelled what the dead replica had asked for: nothing runs on.
+    for e in [&a, &b] {
+        wait_until("the engines idle", || {
+            metric_sum(&metrics_text(e), "vllm:num_requests_running", &[]) == 0.0
+        });
+    }
+    assert!(stream(&r2, "/v1/chat/completions", &body(99)).whole());
+}
+
+/// A zero-downtime upgrade under load: a new router takes the port over (`--takeover`),
+/// the old one gets SIGTERM and drains; clients see no failed request. The clients behave
+/// as HTTP clients do: a `connection: close` response makes them reconnect, and a request
+/// whose reused connection closed before any response byte is sent again on a new one
+/// (counted, and reported).
+#[test]
+fn an_upgrade_under_load_fails_no_request() {
+    let a = engine("a");
+    let b = engine("b");
+    let port = lmstack_e2e::free_port().to_string();
+    let flags = |takeover: bool| {
+        let mut f = vec!["--port", port.as_str()];
+        if takeover {
+            f.push("--takeover");
+        }
+        f
+    };
+    // Connections still queued in the old router's listeners when it stops listening move
+    // to the new one's with this sysctl (as root); without it they would be reset.
+    let _migrate = MigrateQueued::enable();
+    let old = router_over(&[&a, &b], &flags(false));
+    let addr = old.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|k| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let (mut ok, mut failed, mut resent) = (0, Vec::new(), 0);
+                let mut conn: Option<Raw> = None;
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let (path, body) = if (i + k) % 2 == 0 {
+                        ("/v1/completions", completion(k * 100_000 + i, 6))
+                    } else {
+                        let mut c = completion(k * 100_000 + i, 6);
+                        c["stream"] = json!(false);
+                        c.as_object_mut().unwrap().remove("stream_options");
+                        ("/v1/completions", c)
+                    };
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        let reused = conn.is_some();
+                        let c = match conn.as_mut() {
+                            Some(c) => c,
+                            None => match Raw::try_connect(addr) {
+                                Ok(c) => conn.insert(c),
+                                Err(e) => {
+                                    failed.push(format!("connect: {e}"));
+                                    break;
+                                }
+                            },
+                        };
+                        c.send(&raw_post(path, &body.to_string(), ""));
+                        match c.read_response() {
+                            Some(resp) => {
+                                let close = resp
+                                    .header("connection")
+                                    .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                                let good = resp.status == 200
+                                    && resp.complete
+                                    && (body["stream"] == false || read_stream(resp).whole());
+                                if good {
+                                    ok += 1;
+                                } else {
+                                    failed.push(format!("request {i} failed"));
+                                }
+                                if close {
+                                    conn = None;
+                                }
+                                break;
+                            }
+                            // Closed before any response byte on a reused connection: send
+                            // it again on a new one, once.
+                            None if reused && tries == 1 => {
+                                conn = None;
+                                resent += 1;
+                            }
+                            None => {
+                                failed.push(format!("request {i}: no response"));
+                                conn = None;
+                                break;
+                            }
+                        }
+                    }
+                }
+                (ok, failed, resent)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(800));
+    let new = router_over(&[&a, &b], &flags(true));
+    assert_eq!(new.addr, addr);
+    thread::sleep(Duration::from_millis(300));
+    let status = old.terminate();
+    assert!(status.success(), "{status:?}");
+    thread::sleep(Duration::from_millis(800));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed, mut resent) = (0, Vec::new(), 0);
+    for c in clients {
+        let (o, f, r) = c.join().unwrap();
+        ok += o;
+        failed.extend(f);
+        resent += r;
+    }
+    eprintln!(
+        "upgrade under load: {ok} requests answered, {} failed, {resent} sent again",
+        failed.len()
+    );
+    assert!(ok > 100, "too little load to say anything: {ok}");
+    assert!(failed.is_empty(), "{failed:?}");
+    // The new router served after the old one left.
+    assert!(metric_sum(&metrics_text(&new), "lmstack_requests_total", &[("status", "200")]) > 0.0);
+}
+
+/// `net.ipv4.tcp_migrate_req` set to 1 for a test (where it can be written: as root), then
+/// put back.
+struct MigrateQueued(Option<String>);
+
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+impl MigrateQueued {
+    fn enable() -> Self {
+        let old = std::fs::read_to_string(MIGRATE_REQ).ok();
+        match std::fs::write(MIGRATE_REQ, "1") {
+            Ok(()) => MigrateQueued(old),
+            Err(e) => {
+                eprintln!("tcp_migrate_req not set ({e}): queued connections may be reset");
+                MigrateQueued(None)
+            }
+        }
+    }
+}
+
+impl Drop for MigrateQueued {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = std::fs::write(MIGRATE_REQ, old.trim());
+        }
+    }
+}
