@@ -257,6 +257,11 @@ fn framing_headers(headers: &[httparse::Header<'_>]) -> Result<FramingHeaders, H
     let mut transfer_encoding = false;
     for h in headers {
         if h.name.eq_ignore_ascii_case("content-length") {
+            // An empty value (or commas alone) is an invalid length, not an absent one
+            // (RFC 9112 6.3): read as absent, it would let `Transfer-Encoding` through beside it.
+            if tokens(h.value).next().is_none() {
+                return Err(HeadError::Malformed("invalid content-length"));
+            }
             for token in tokens(h.value) {
                 let n = parse_decimal(token).ok_or(HeadError::Malformed("invalid content-length"))?;
                 match out.content_length {
@@ -551,6 +556,23 @@ mod tests {
             req(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n"),
             Err(HeadError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn an_empty_content_length_is_invalid_not_absent() {
+        // Found by fuzzing (fuzz/fuzz_targets/request_head.rs): an empty value beside
+        // `Transfer-Encoding: chunked` was read as no length, and the request as chunked.
+        for value in ["", " ", ",", " , "] {
+            let head = format!("POST / HTTP/1.1\r\nContent-Length:{value}\r\nTransfer-Encoding: chunked\r\n\r\n");
+            assert_eq!(
+                req(head.as_bytes()).unwrap_err(),
+                HeadError::Malformed("invalid content-length"),
+                "{value:?}"
+            );
+        }
+        assert!(req(b"POST / HTTP/1.1\r\nContent-Length:\r\n\r\n").is_err());
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n"[..]);
+        assert!(parse_response(&mut buf, &mut HeadScanner::default(), &LIMITS, false).is_err());
     }
 
     #[test]
