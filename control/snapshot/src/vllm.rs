@@ -23,20 +23,28 @@ pub fn engine_stats(text: &str) -> Option<EngineStats> {
             continue;
         }
         match name {
-            "vllm:num_requests_running" => stats.running += value,
-            "vllm:num_requests_waiting" => stats.waiting += value,
+            "vllm:num_requests_running" => add(&mut stats.running, value),
+            "vllm:num_requests_waiting" => add(&mut stats.waiting, value),
             "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
                 stats.kv_cache_usage = stats.kv_cache_usage.max(value.clamp(0.0, 1.0));
             }
             "vllm:prefix_cache_queries_total" | "vllm:gpu_prefix_cache_queries_total" => {
-                stats.prefix_cache_queries += value;
+                add(&mut stats.prefix_cache_queries, value);
             }
-            "vllm:prefix_cache_hits_total" | "vllm:gpu_prefix_cache_hits_total" => stats.prefix_cache_hits += value,
+            "vllm:prefix_cache_hits_total" | "vllm:gpu_prefix_cache_hits_total" => {
+                add(&mut stats.prefix_cache_hits, value);
+            }
             _ => continue,
         }
         found = true;
     }
     found.then_some(stats)
+}
+
+/// Adds a finite `value` to a sum, held within the finite range: JSON has no infinity, and a
+/// snapshot carrying one is written with `null` there, which no router reads.
+fn add(sum: &mut f64, value: f64) {
+    *sum = (*sum + value).clamp(-f64::MAX, f64::MAX);
 }
 
 /// A sample line's metric name and value (labels and timestamp skipped).
@@ -86,5 +94,19 @@ vllm:gpu_prefix_cache_hits_total{model_name=\"m\"} 40\n";
         assert_eq!(s.kv_cache_usage, 0.5);
         assert_eq!((s.prefix_cache_queries, s.prefix_cache_hits), (100.0, 40.0));
         assert_eq!(engine_stats("process_cpu_seconds_total 5\n"), None);
+    }
+
+    #[test]
+    fn sums_stay_finite_so_that_snapshots_stay_json() {
+        // Caught by the engine_metrics fuzz target: two finite series summed to infinity, which
+        // serde_json writes as `null`, and a router rejected every snapshot carrying it.
+        let text = "vllm:num_requests_running{engine=\"0\"} 1.5e308\n\
+vllm:num_requests_running{engine=\"1\"} 1.5e308\n\
+vllm:prefix_cache_hits_total{engine=\"0\"} -1.5e308\n\
+vllm:prefix_cache_hits_total{engine=\"1\"} -1.5e308\n";
+        let s = engine_stats(text).unwrap();
+        assert_eq!((s.running, s.prefix_cache_hits), (f64::MAX, -f64::MAX));
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<crate::EngineStats>(&json).unwrap(), s);
     }
 }
