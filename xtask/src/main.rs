@@ -6,9 +6,11 @@
 //! - `real-vllm`: an opt-in compatibility check against real vLLM engines on CPU.
 //! - `real-kv`: exact KV routing against real vLLM engines (agreement, hit rates, restarts).
 //! - `ebpf`: installs the BPF tool chain and builds lmstack-agent with its probes.
+//! - `fuzz`: the fuzz targets in fuzz/ under libFuzzer (installs nightly and cargo-fuzz).
 
 mod demo;
 mod ebpf;
+mod fuzz;
 mod perf;
 mod real_kv;
 mod real_vllm;
@@ -42,6 +44,9 @@ enum Task {
     RealKv(real_kv::RealKvArgs),
     /// Install the eBPF tool chain (LLVM 22, rust-src, bpf-linker) and build lmstack-agent.
     Ebpf(ebpf::EbpfArgs),
+    /// Run the fuzz targets in fuzz/ with libFuzzer (nightly and cargo-fuzz installed when
+    /// missing); a failing input makes it exit non-zero and names its file.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Task::RealVllm(a) => real_vllm::run(&a),
         Task::RealKv(a) => real_kv::run(&a),
         Task::Ebpf(a) => ebpf::run(&a),
+        Task::Fuzz(a) => fuzz::run(&a),
     }
 }
 

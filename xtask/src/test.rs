@@ -1,4 +1,5 @@
-//! `cargo xtask test`: formatting, lints, and every test of the workspace: what CI runs.
+//! `cargo xtask test`: formatting, lints, every test of the workspace, and a brief run of every
+//! fuzz target (a few seconds each, `xtask fuzz`): what CI runs.
 //! The end-to-end tests start their own engines and install the OpenAI SDK into a venv
 //! under target/; this makes sure the machine can make venvs, and installs the chart and
 //! dashboard checkers under target/tools (helm-python-sdk, kubernetes-validate, typescript,
@@ -15,6 +16,9 @@ pub struct TestArgs {
     /// Skip `cargo fmt --check` and `cargo clippy`.
     #[arg(long)]
     no_lint: bool,
+    /// Skip the brief fuzz run (nightly and cargo-fuzz are installed for it when missing).
+    #[arg(long)]
+    no_fuzz: bool,
     /// Passed to `cargo test` after `--` (e.g. a test name filter).
     #[arg(last = true)]
     rest: Vec<String>,
@@ -45,6 +49,9 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
             .args(&args.rest)
             .env("PATH", crate::ebpf::path_with_cargo_bin()),
     )?;
+    if !args.no_fuzz {
+        crate::fuzz::smoke()?;
+    }
     Ok(())
 }
 
