@@ -8,7 +8,7 @@
 //!   counts once, and it is the `[DONE]` sentinel when its last data value is exactly
 //!   `[DONE]` (after one optional space).
 //!
-//! Not covered here: splitting events for the stream stitching (its own target, with it).
+//! Not covered here: splitting events for the stream stitching (the `stream` target).
 
 #![no_main]
 

@@ -70,14 +70,16 @@ impl EventSplitter {
     /// Where the first event ends: after a line end followed by an empty line.
     fn find_end(&mut self) -> Option<usize> {
         let b = &self.buf[..];
-        // An empty line at the very start is an event of its own (nothing in it).
-        if self.scanned == 0 {
-            if b.starts_with(b"\n") {
-                return Some(1);
-            }
-            if b.starts_with(b"\r\n") {
-                return Some(2);
-            }
+        // An empty line at the very start is an event of its own (nothing in it); a lone CR
+        // may yet become one.
+        if b.starts_with(b"\n") {
+            return Some(1);
+        }
+        if b.starts_with(b"\r\n") {
+            return Some(2);
+        }
+        if b == b"\r" {
+            return None;
         }
         let mut from = self.scanned;
         while let Some(i) = memchr::memchr(b'\n', &b[from..]).map(|i| from + i) {
@@ -118,12 +120,15 @@ pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     out
 }
 
-/// An SSE event carrying `payload` as its data.
+/// An SSE event carrying `payload` as its data (one `data:` line per line of it).
 pub fn data_event(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 8);
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(payload);
-    out.extend_from_slice(b"\n\n");
+    for line in payload.split(|&b| b == b'\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
     out
 }
 
@@ -789,6 +794,21 @@ mod tests {
     }
 
     #[test]
+    fn a_blank_line_between_events_is_one_event_however_it_arrives() {
+        // Found by the stream fuzz target: a CR alone at the end of a read, then its LF.
+        let body = b"data: a\r\n\r\n\r\ndata: b\r\n\r\n";
+        for cut in 0..body.len() {
+            let mut s = EventSplitter::new(1 << 20);
+            s.push(&body[..cut]).unwrap();
+            let mut got = events(&mut s);
+            s.push(&body[cut..]).unwrap();
+            got.extend(events(&mut s));
+            let got: Vec<&[u8]> = got.iter().map(|e| &e[..]).collect();
+            assert_eq!(got, [&b"data: a\r\n\r\n"[..], b"\r\n", b"data: b\r\n\r\n"], "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn an_event_past_the_bound_is_an_error() {
         let mut s = EventSplitter::new(16);
         assert!(s.push(b"data: 0123456789").is_ok());
@@ -802,6 +822,10 @@ mod tests {
 
     #[test]
     fn data_of_an_event() {
+        // Found by the stream fuzz target: JSON over two data lines, written back as two.
+        let payload = b"{\"a\":\n1}";
+        assert_eq!(data_event(payload), b"data: {\"a\":\ndata: 1}\n\n");
+        assert_eq!(event_data(&data_event(payload)).as_deref(), Some(&payload[..]));
         assert_eq!(event_data(b"data: x\n\n").as_deref(), Some(&b"x"[..]));
         assert_eq!(event_data(b"data:x\r\ndata: y\r\n\r\n").as_deref(), Some(&b"x\ny"[..]));
         assert_eq!(event_data(b": ping\n\n"), None);
