@@ -24,8 +24,8 @@ fn relay(c: &mut Criterion, name: &str, api: Api, keep_ids: bool, event: &str) {
         let mut ledger = Ledger::new(api, keep_ids, usize::MAX);
         let mut splitter = EventSplitter::new(1 << 20);
         b.iter(|| {
-            splitter.push(black_box(event.as_bytes())).unwrap();
-            let e = splitter.next_event().unwrap();
+            splitter.push(black_box(event.as_bytes())).expect("within the bound");
+            let e = splitter.next_event().expect("a whole event");
             black_box(ledger.observe(&e));
         });
     });
