@@ -44,11 +44,18 @@ fuzz_target!(|data: &[u8]| {
     };
     let (whole, rest) = split(&[stream]);
     let (pieces, rest_pieces) = split(&lmstack_fuzz::pieces(stream, &at));
-    assert_eq!((&whole, &rest), (&pieces, &rest_pieces), "cut at {at:?}, the events differ");
+    assert_eq!(
+        (&whole, &rest),
+        (&pieces, &rest_pieces),
+        "cut at {at:?}, the events differ"
+    );
     let joined: Vec<u8> = whole.iter().flatten().chain(rest.iter()).copied().collect();
     assert_eq!(joined, stream, "the events are not the input");
     for e in &whole {
-        assert!(e.ends_with(b"\n\n") || e.ends_with(b"\n\r\n") || e == b"\n" || e == b"\r\n", "{e:?}");
+        assert!(
+            e.ends_with(b"\n\n") || e.ends_with(b"\n\r\n") || e == b"\n" || e == b"\r\n",
+            "{e:?}"
+        );
     }
     for (api, body) in [(Api::Completions, COMPLETION), (Api::Chat, CHAT)] {
         for keep_ids in [false, true] {
@@ -70,7 +77,10 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(next) = ledger.continuation(body) {
                     let v: Value = serde_json::from_slice(&next).expect("JSON");
                     assert_eq!(v["return_token_ids"], true);
-                    assert!(v["max_tokens"].as_u64().is_some_and(|m| m < 50 || ledger.tokens() == 0), "{v}");
+                    assert!(
+                        v["max_tokens"].as_u64().is_some_and(|m| m < 50 || ledger.tokens() == 0),
+                        "{v}"
+                    );
                 }
                 assert!(ledger.closing_events(true).ends_with(b"data: [DONE]\n\n") || ledger.done());
             }

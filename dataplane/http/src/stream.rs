@@ -804,7 +804,11 @@ mod tests {
             s.push(&body[cut..]).unwrap();
             got.extend(events(&mut s));
             let got: Vec<&[u8]> = got.iter().map(|e| &e[..]).collect();
-            assert_eq!(got, [&b"data: a\r\n\r\n"[..], b"\r\n", b"data: b\r\n\r\n"], "cut at {cut}");
+            assert_eq!(
+                got,
+                [&b"data: a\r\n\r\n"[..], b"\r\n", b"data: b\r\n\r\n"],
+                "cut at {cut}"
+            );
         }
     }
 
