@@ -6,6 +6,7 @@
 //! It is not where properties live (fuzz/fuzz_targets/, one file per parser) nor a corpus
 //! manager: seeds are checked in under fuzz/corpus/<target>/ and only read; what a run adds
 //! goes to target/fuzz/corpus/<target>/, crashes to fuzz/artifacts/<target>/ (both ignored).
+//! The build is kept outside the checkout ([`target_dir`]), shared by every clone.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,10 @@ pub struct FuzzArgs {
     /// executions a second (what `cargo xtask test` uses for its few seconds a target).
     #[arg(long)]
     dev: bool,
+    /// Start from the seeds alone (in target/fuzz/smoke/, emptied first), not from the corpus
+    /// earlier runs grew in target/fuzz/corpus/ (what `cargo xtask test` does).
+    #[arg(long)]
+    seeds_only: bool,
     /// Write the results (per target: executions, seconds, executions per second, corpus
     /// size, coverage, crashes) to this JSON file.
     #[arg(long)]
@@ -78,6 +83,19 @@ enum Budget {
     Runs(u64),
 }
 
+/// How the targets are built and run.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    budget: Budget,
+    jobs: u32,
+    sanitizer: Sanitizer,
+    dev: bool,
+    /// Start from the seeds alone, in a corpus emptied first (target/fuzz/smoke/<target>),
+    /// rather than the one runs grow (target/fuzz/corpus/<target>): a brief run stays brief
+    /// however far earlier runs grew it.
+    seeds_only: bool,
+}
+
 pub fn run(args: &FuzzArgs) -> anyhow::Result<()> {
     let all = targets()?;
     let chosen = if args.targets.is_empty() {
@@ -93,20 +111,38 @@ pub fn run(args: &FuzzArgs) -> anyhow::Result<()> {
         (s, None) => Budget::Seconds(s.unwrap_or(60)),
     };
     anyhow::ensure!(args.jobs >= 1, "--jobs must be at least 1");
-    let results = fuzz(&chosen, budget, args.jobs, args.sanitizer, args.dev)?;
+    let plan = Plan {
+        budget,
+        jobs: args.jobs,
+        sanitizer: args.sanitizer,
+        dev: args.dev,
+        seeds_only: args.seeds_only,
+    };
+    let results = fuzz(&chosen, plan)?;
     if let Some(out) = &args.out {
         let report = report(&results, budget, args)?;
         std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", out.display()))?;
-        eprintln!("results written to {}", out.display());
+        let svg = out.with_extension("svg");
+        let (title, columns, panels) = figure(&report);
+        crate::perf::plot::figure(&svg, &title, columns, &panels)?;
+        eprintln!("results written to {} and {}", out.display(), svg.display());
     }
     fail_on_crashes(&results)
 }
 
-/// Every target for a few seconds, without sanitizer and unoptimised (the build is most of
-/// the time this takes): what `cargo xtask test` runs.
+/// Every target for a few seconds from its seeds, without sanitizer and unoptimised (the
+/// build is most of the time this takes): what `cargo xtask test` runs, as
+/// `cargo xtask fuzz --dev --seeds-only --seconds 5` would.
 pub fn smoke() -> anyhow::Result<()> {
-    let results = fuzz(&targets()?, Budget::Seconds(SMOKE_SECONDS), 1, Sanitizer::None, true)?;
+    let plan = Plan {
+        budget: Budget::Seconds(SMOKE_SECONDS),
+        jobs: 1,
+        sanitizer: Sanitizer::None,
+        dev: true,
+        seeds_only: true,
+    };
+    let results = fuzz(&targets()?, plan)?;
     fail_on_crashes(&results)
 }
 
@@ -139,21 +175,15 @@ struct Outcome {
     log: PathBuf,
 }
 
-fn fuzz(
-    targets: &[String],
-    budget: Budget,
-    jobs: u32,
-    sanitizer: Sanitizer,
-    dev: bool,
-) -> anyhow::Result<Vec<Outcome>> {
+fn fuzz(targets: &[String], plan: Plan) -> anyhow::Result<Vec<Outcome>> {
     let started = Instant::now();
     ensure_nightly()?;
     ensure_cargo_fuzz()?;
-    let bins = build(sanitizer, dev)?;
+    let bins = build(plan.sanitizer, plan.dev)?;
     eprintln!("fuzz targets built in {:.0} s", started.elapsed().as_secs_f64());
     let mut results = Vec::new();
     for name in targets {
-        let outcome = fuzz_one(&bins, name, budget, jobs)?;
+        let outcome = fuzz_one(&bins, name, plan)?;
         eprintln!(
             "fuzz {name}: {} executions in {:.0} s ({:.0}/s), corpus {} files, {} crash(es)",
             outcome.executions,
@@ -210,10 +240,18 @@ fn nightly(program: &str) -> Command {
     cmd
 }
 
-/// One build directory per sanitizer under the workspace's target directory, shared by every
-/// target and every run (`cargo xtask test` and `cargo xtask fuzz` alike).
+/// The build directory, one per sanitizer, shared by every target, every run (`cargo xtask
+/// test` and `cargo xtask fuzz` alike) and every checkout on the machine, so that the
+/// dependencies (tokenizers, minijinja, libFuzzer itself: minutes on two cores) are built once
+/// per machine rather than per clone, as CI's fresh clone would: `$LMSTACK_FUZZ_TARGET_DIR`,
+/// else `~/.cache/lmstack/fuzz-target` (`$XDG_CACHE_HOME` if set), else target/fuzz.
 fn target_dir(sanitizer: Sanitizer) -> PathBuf {
-    crate::target_dir().join("fuzz").join(sanitizer.name())
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = env("LMSTACK_FUZZ_TARGET_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("lmstack/fuzz-target")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/lmstack/fuzz-target")))
+        .unwrap_or_else(|| crate::target_dir().join("fuzz"));
+    base.join(sanitizer.name())
 }
 
 /// Builds every target (one cargo invocation) and returns the directory of the binaries.
@@ -238,9 +276,14 @@ fn host_triple() -> anyhow::Result<String> {
         .context("rustc -vV names no host")
 }
 
-fn fuzz_one(bins: &Path, name: &str, budget: Budget, jobs: u32) -> anyhow::Result<Outcome> {
+fn fuzz_one(bins: &Path, name: &str, plan: Plan) -> anyhow::Result<Outcome> {
     let seeds = root().join("fuzz/corpus").join(name);
-    let grown = crate::target_dir().join("fuzz/corpus").join(name);
+    let grown = crate::target_dir()
+        .join(if plan.seeds_only { "fuzz/smoke" } else { "fuzz/corpus" })
+        .join(name);
+    if plan.seeds_only && grown.exists() {
+        std::fs::remove_dir_all(&grown).with_context(|| format!("emptying {}", grown.display()))?;
+    }
     let artifacts = root().join("fuzz/artifacts").join(name);
     let logs = crate::target_dir().join("fuzz/logs");
     for dir in [&seeds, &grown, &artifacts, &logs] {
@@ -248,12 +291,12 @@ fn fuzz_one(bins: &Path, name: &str, budget: Budget, jobs: u32) -> anyhow::Resul
     }
     let log = logs.join(format!("{name}.log"));
     let mut cmd = Command::new(bins.join(name));
-    match budget {
+    match plan.budget {
         Budget::Seconds(s) => cmd.arg(format!("-max_total_time={s}")),
         Budget::Runs(n) => cmd.arg(format!("-runs={n}")),
     };
-    if jobs > 1 {
-        cmd.arg(format!("-fork={jobs}"));
+    if plan.jobs > 1 {
+        cmd.arg(format!("-fork={}", plan.jobs));
     }
     // New inputs go to the first corpus directory: the grown one, never the seeds.
     cmd.arg(format!("-timeout={INPUT_TIMEOUT_S}"))
@@ -386,6 +429,42 @@ fn report(results: &[Outcome], budget: Budget, args: &FuzzArgs) -> anyhow::Resul
         "total_executions": results.iter().map(|o| o.executions).sum::<u64>(),
         "targets": targets,
     }))
+}
+
+/// The figure of a results file (`cargo xtask perf --replot` draws it too): executions and
+/// speed per target.
+pub fn figure(report: &Value) -> (String, usize, Vec<crate::perf::plot::Panel>) {
+    use crate::perf::plot::{Panel, Series};
+    let targets = report["targets"].as_array().cloned().unwrap_or_default();
+    let names: Vec<String> = targets
+        .iter()
+        .map(|t| t["name"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    let per_target = |key: &str, scale: f64| targets.iter().map(|t| t[key].as_f64().unwrap_or(0.0) / scale).collect();
+    let panels = vec![
+        Panel::Bars {
+            title: "executions per target".into(),
+            y_label: "millions".into(),
+            categories: names.clone(),
+            series: vec![Series::new("executions", per_target("executions", 1e6))],
+        },
+        Panel::Bars {
+            title: "speed".into(),
+            y_label: "thousand executions / s".into(),
+            categories: names,
+            series: vec![Series::new("exec/s", per_target("exec_per_s", 1e3))],
+        },
+    ];
+    let crashes: usize = targets
+        .iter()
+        .map(|t| t["crashes"].as_array().map_or(0, Vec::len))
+        .sum();
+    let title = format!(
+        "fuzzing: {:.1} million executions, {crashes} failing input(s) (sanitizer {})",
+        report["total_executions"].as_f64().unwrap_or(0.0) / 1e6,
+        report["sanitizer"].as_str().unwrap_or("?")
+    );
+    (title, 2, panels)
 }
 
 #[cfg(test)]

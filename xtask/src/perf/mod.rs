@@ -145,6 +145,8 @@ fn plot_report(report: &Value, svg: &Path) -> anyhow::Result<bool> {
         memory::figure(report)
     } else if report.get("agreement").is_some() {
         crate::real_kv::figure(report)
+    } else if report.get("total_executions").is_some() {
+        crate::fuzz::figure(report)
     } else {
         return Ok(false);
     };
@@ -206,7 +208,9 @@ mod tests {
             let svg = temp_svg(&path.file_stem().unwrap().to_string_lossy());
             assert!(plot_report(&report, &svg).unwrap(), "{} has no figure", path.display());
             let texts = svg_texts(&svg);
-            let expected = if report.get("agreement").is_some() {
+            let expected = if report.get("total_executions").is_some() {
+                "request_head"
+            } else if report.get("agreement").is_some() {
                 "prefix (exact)"
             } else if report.get("throughput").is_some() {
                 "lmstack-2-engines"
