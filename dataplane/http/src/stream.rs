@@ -210,6 +210,10 @@ pub struct Ledger {
     tokens: u64,
     /// Tokens sent before the current part began (what its usage leaves out).
     tokens_before_part: u64,
+    /// The last output tokens whose text the client has not seen: events with their ids
+    /// and no text (vLLM holds back a character not yet complete). A continuation leaves
+    /// them out, and the next engine makes them again.
+    held: u64,
     /// Every event with text carried its token ids.
     ids_complete: bool,
     finished: bool,
@@ -305,6 +309,7 @@ impl Ledger {
             text: String::new(),
             tokens: 0,
             tokens_before_part: 0,
+            held: 0,
             ids_complete: true,
             finished: false,
             done: false,
@@ -452,6 +457,11 @@ impl Ledger {
             Some(ids) => {
                 self.tokens += ids.len() as u64;
                 self.output_ids.extend_from_slice(&ids);
+                if piece.is_empty() {
+                    self.held += ids.len() as u64;
+                } else {
+                    self.held = 0;
+                }
             }
             None if !piece.is_empty() => {
                 // No ids: one token per event is the best guess (vLLM's default interval).
@@ -594,7 +604,10 @@ impl Ledger {
             return Err(Unsafe::Request);
         };
         check_request(self.api, &req)?;
-        let sent = self.tokens;
+        // Tokens whose text the client has seen: the held ones are made again.
+        let held = self.held.min(self.output_ids.len() as u64);
+        let sent = self.tokens - held;
+        let output = &self.output_ids[..self.output_ids.len() - held as usize];
         for key in ["max_tokens", "max_completion_tokens"] {
             if let Some(max) = req.get(key).and_then(Value::as_u64) {
                 if max <= sent {
@@ -613,7 +626,7 @@ impl Ledger {
                 });
                 match (&self.prompt_ids, req.get("prompt")) {
                     (Some(prompt), _) if self.ids_complete && !stops => {
-                        let all: Vec<Value> = prompt.iter().chain(&self.output_ids).map(|&t| t.into()).collect();
+                        let all: Vec<Value> = prompt.iter().chain(output).map(|&t| t.into()).collect();
                         req.insert("prompt".into(), Value::Array(all));
                     }
                     (_, Some(Value::String(p))) => {
@@ -650,6 +663,10 @@ impl Ledger {
 
     /// A continuation is under way: what follows is its stream.
     pub fn start_part(&mut self) {
+        let held = self.held.min(self.output_ids.len() as u64);
+        self.tokens -= held;
+        self.output_ids.truncate(self.output_ids.len() - held as usize);
+        self.held = 0;
         self.part += 1;
         self.tokens_before_part = self.tokens;
     }
@@ -922,6 +939,34 @@ mod tests {
         );
         assert_eq!(l.tokens(), 3);
         assert!(l.finished());
+    }
+
+    #[test]
+    fn tokens_whose_text_was_held_back_are_made_again() {
+        // Found against real vLLM: a cut right after a token whose text vLLM held back (a
+        // character not yet complete); continued on its id, vLLM repeated prompt and text.
+        let mut l = Ledger::new(Api::Completions, false, 1 << 20);
+        let piece = |text: &str, id: u32, prompt: &str| {
+            format!(
+                r#"{{"id":"cmpl-1","choices":[{{"index":0,"text":"{text}","finish_reason":null,"prompt_token_ids":{prompt},"token_ids":[{id}]}}]}}"#
+            )
+        };
+        l.observe(&ev(&piece(" a", 20, "[10,11]")));
+        l.observe(&ev(&piece("", 21, "null")));
+        let body = br#"{"model":"m","prompt":"hello","max_tokens":10,"stream":true}"#;
+        let next: Value = serde_json::from_slice(&l.continuation(body).unwrap()).unwrap();
+        assert_eq!(next["prompt"], serde_json::json!([10, 11, 20]));
+        assert_eq!(next["max_tokens"], 9);
+        l.start_part();
+        assert_eq!(l.tokens(), 1);
+        // Text that came after held tokens covers them.
+        let mut l = Ledger::new(Api::Completions, false, 1 << 20);
+        l.observe(&ev(&piece(" a", 20, "[10,11]")));
+        l.observe(&ev(&piece("", 21, "null")));
+        l.observe(&ev(&piece("é", 22, "null")));
+        let next: Value = serde_json::from_slice(&l.continuation(body).unwrap()).unwrap();
+        assert_eq!(next["prompt"], serde_json::json!([10, 11, 20, 21, 22]));
+        assert_eq!(next["max_tokens"], 7);
     }
 
     #[test]
