@@ -5,6 +5,8 @@
 //! - `perf`: the latency and throughput benchmark against nginx, results under perf/results.
 //! - `real-vllm`: an opt-in compatibility check against real vLLM engines on CPU.
 //! - `real-kv`: exact KV routing against real vLLM engines (agreement, hit rates, restarts).
+//! - `real-failover`: an engine killed mid-stream under real vLLM engines, continuations
+//!   checked stream by stream.
 //! - `ebpf`: installs the BPF tool chain and builds lmstack-agent with its probes.
 //! - `fuzz`: the fuzz targets in fuzz/ under libFuzzer (installs nightly and cargo-fuzz).
 
@@ -12,6 +14,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod perf;
+mod real_failover;
 mod real_kv;
 mod real_vllm;
 mod test;
@@ -42,6 +45,9 @@ enum Task {
     /// Exact KV routing against real vLLM engines with KV events: agreement with what the
     /// engines report storing, engine-side hit rates per policy, restart detection (opt-in).
     RealKv(real_kv::RealKvArgs),
+    /// An engine killed mid-stream under two real vLLM engines: lmstack's continuations
+    /// checked stream by stream against the engines' own answers (opt-in, minutes).
+    RealFailover(real_failover::RealFailoverArgs),
     /// Install the eBPF tool chain (LLVM 22, rust-src, bpf-linker) and build lmstack-agent.
     Ebpf(ebpf::EbpfArgs),
     /// Run the fuzz targets in fuzz/ with libFuzzer (nightly and cargo-fuzz installed when
@@ -56,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Task::Perf(a) => perf::run(&a),
         Task::RealVllm(a) => real_vllm::run(&a),
         Task::RealKv(a) => real_kv::run(&a),
+        Task::RealFailover(a) => real_failover::run(&a),
         Task::Ebpf(a) => ebpf::run(&a),
         Task::Fuzz(a) => fuzz::run(&a),
     }

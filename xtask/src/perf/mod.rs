@@ -147,6 +147,8 @@ fn plot_report(report: &Value, svg: &Path) -> anyhow::Result<bool> {
         crate::real_kv::figure(report)
     } else if report.get("total_executions").is_some() {
         crate::fuzz::figure(report)
+    } else if report["scenario"] == "real-failover" {
+        crate::real_failover::figure(report)
     } else {
         return Ok(false);
     };
@@ -210,6 +212,8 @@ mod tests {
             let texts = svg_texts(&svg);
             let expected = if report.get("total_executions").is_some() {
                 "request_head"
+            } else if report["scenario"] == "real-failover" {
+                "completions, affected"
             } else if report.get("agreement").is_some() {
                 "prefix (exact)"
             } else if report.get("throughput").is_some() {
