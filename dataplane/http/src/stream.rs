@@ -395,7 +395,9 @@ impl Ledger {
         let mut empty_delta = false;
         for choice in &chunk.choices {
             if choice.index != 0 {
+                // Not followed (not resumable), but its ids are not the client's either.
                 self.mark_unsafe(Unsafe::Choices);
+                strip.extend(choice.prompt_token_ids.into_iter().chain(choice.token_ids));
                 continue;
             }
             if let Some(p) = choice.prompt_token_ids {

@@ -86,9 +86,8 @@ impl Reader {
     }
 
     /// Waits for the next request head: `keepalive` for its first byte, then `header_timeout`
-    /// for the rest.
-    /// Reads the next request head. While the connection is idle (no byte of a next
-    /// request yet) and the router drains (`drain`), it waits `drain_idle` at most.
+    /// for the rest. While the connection is idle (no byte of a next request yet) and the
+    /// router drains (`drain`), it waits `drain_idle` at most.
     pub async fn read_head(
         &mut self,
         limits: &HeadLimits,

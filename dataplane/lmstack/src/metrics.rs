@@ -283,12 +283,12 @@ fn describe() {
     describe_gauge!(WORKERS, "Worker threads, by IO driver (io_uring or epoll).");
 }
 
-/// `lmstack_routing_mode`: 1 for `mode`, 0 for the others.
 /// An endpoint was ejected (passive health); rare, so registered on the spot.
 pub fn ejected(endpoint: &str) {
     counter!(ENDPOINT_EJECTIONS_TOTAL, "endpoint" => endpoint.to_string()).increment(1);
 }
 
+/// `lmstack_routing_mode`: 1 for `mode`, 0 for the others.
 pub fn kv_mode(model: &str, endpoint: &str, mode: &str, all: &[&'static str]) {
     for m in all {
         gauge!(ROUTING_MODE, "model" => model.to_owned(), "endpoint" => endpoint.to_owned(), "mode" => *m)

@@ -35,10 +35,21 @@ pub enum Failed {
 }
 
 impl Outlier {
-    /// Whether the endpoint is out of rotation at `now_ms`.
+    /// Whether the endpoint is out of rotation at `now_ms`. An ejection seen over is
+    /// cleared, so that the wrapping clock cannot bring it back weeks later (the upkeep
+    /// thread looks every second).
     pub fn ejected(&self, now_ms: u32) -> bool {
         let until = self.until_ms.load(Ordering::Relaxed);
-        until != 0 && (until.wrapping_sub(now_ms) as i32) > 0
+        if until == 0 {
+            return false;
+        }
+        if (until.wrapping_sub(now_ms) as i32) > 0 {
+            return true;
+        }
+        let _ = self
+            .until_ms
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
     }
 
     /// A request to the endpoint succeeded.
@@ -66,13 +77,21 @@ impl Outlier {
         if !may_eject() {
             return Failed::Spared;
         }
-        let n = self.ejections.fetch_add(1, Ordering::Relaxed);
+        let n = self.ejections.load(Ordering::Relaxed);
         let ms = config
             .base_ejection_ms
             .saturating_mul(1u64 << n.min(20))
             .min(config.max_ejection_ms);
         let until = now_ms.wrapping_add(ms as u32).max(1);
-        self.until_ms.store(until, Ordering::Relaxed);
+        // One worker ejects; another failing at the same moment only counts.
+        if self
+            .until_ms
+            .compare_exchange(0, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return Failed::Counted;
+        }
+        self.ejections.fetch_add(1, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
         Failed::Ejected(ms)
     }
@@ -142,6 +161,8 @@ mod tests {
             o.failure(&c, u32::MAX - 10, || true);
         }
         assert!(o.ejected(u32::MAX) && o.ejected(50) && !o.ejected(100));
+        // Seen over, it stays over when the clock comes round again.
+        assert!(!o.ejected(u32::MAX - 5));
     }
 
     #[test]

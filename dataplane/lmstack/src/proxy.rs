@@ -6,14 +6,18 @@
 //! 4. Find the model's pool in the worker's current routing state; a policy picks an
 //!    endpoint (waiting in the router's queue if every endpoint is at its in-flight limit).
 //! 5. Send the request on a pooled (or new) engine connection; a failure before any
-//!    response byte is retried on another endpoint, within the retry budget.
+//!    response byte is retried on another endpoint, within the retry budget. Each attempt's
+//!    outcome feeds the endpoint's passive health (ejection after failures in a row).
 //! 6. Relay the response as it arrives, timing SSE events; meanwhile watch the client, and
-//!    drop the engine connection (cancelling the request there) if it leaves.
+//!    drop the engine connection (cancelling the request there) if it leaves. A completions
+//!    or chat stream its engine cuts goes on on another endpoint (a continuation), or ends
+//!    with an error event (`end_stream`).
 //! 7. Return the engine connection to the pool, record metrics, keep or close the client
 //!    connection.
 //!
 //! Errors are turned into responses by `response::error`, called only from `fail` below
-//! (the worker calls `fail` too, for a request head it could not accept).
+//! (the worker calls `fail` too, for a request head it could not accept); once a stream's
+//! head went out, into error events by `end_stream` only.
 
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -188,8 +192,10 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         _ => None,
     };
     let keep_ids = peek.return_token_ids == Some(true);
+    // The first event carries the prompt's ids: asked for only when they fit in an event.
+    let ids_fit = body.len() <= ctx.limits.max_event_bytes / 4;
     let send_body = match api {
-        Some(_) if resume.token_ids && !keep_ids => {
+        Some(_) if resume.token_ids && !keep_ids && ids_fit => {
             lmstack_http::stream::ask_token_ids(&body).map_or_else(|| body.clone(), Bytes::from)
         }
         _ => body.clone(),
@@ -509,11 +515,22 @@ async fn forward(
                     return Outcome::Aborted { pm, status };
                 };
                 excluded.push(index);
-                let ledger = match s.ledger.as_mut() {
-                    Some(l) if ctx.shared.config.resume.enabled => l,
-                    Some(_) => return end_stream(ctx, mm, req, wr, streaming, pm, &error, "disabled").await,
-                    None => return end_stream(ctx, mm, req, wr, streaming, pm, &error, "not_openai").await,
+                let Some(ledger) = s.ledger.as_mut() else {
+                    let why = if ctx.shared.config.resume.enabled {
+                        "not_openai"
+                    } else {
+                        "disabled"
+                    };
+                    return end_stream(ctx, mm, req, wr, streaming, pm, &error, why).await;
                 };
+                if ledger.done() {
+                    // The end marker went out: only the body's end is missing.
+                    mm.resume("finished");
+                    return close_stream(ctx, wr, streaming, pm, &[]).await;
+                }
+                if let Err(why) = ledger.resumable() {
+                    return end_stream(ctx, mm, req, wr, streaming, pm, &error, why.as_str()).await;
+                }
                 if ledger.finished() {
                     // The generation was over: only the usage and the end marker were missing.
                     let closing = ledger.closing_events(include_usage(req.body));
@@ -610,7 +627,9 @@ fn passive_health(ctx: &WorkerCtx, state: &RoutingState, pool: &ModelPool, index
     let failed = match result {
         Exchange::Done { status, .. } => *status >= 500,
         Exchange::Aborted { error, .. } => error.is_some(),
-        Exchange::Failed { error } => error.kind.side() == Side::Upstream && error.retry != Retry::ReusedOnly,
+        // A pooled connection the engine had closed says nothing either way.
+        Exchange::Failed { error } if error.retry == Retry::ReusedOnly => return,
+        Exchange::Failed { error } => error.kind.side() == Side::Upstream,
     };
     let outlier = &state.endpoints[index].load.outlier;
     if !failed {
@@ -721,6 +740,13 @@ async fn pick(
     let mut queued: Option<Queued<'_>> = None;
     loop {
         let now_ms = ctx.shared.cell.now_ms();
+        // Ejection never leaves a model without an endpoint: when every healthy endpoint
+        // left to try is ejected, ejection is ignored (two workers may eject at once).
+        let ejected = |e: usize| state.endpoints[e].load.outlier.ejected(now_ms);
+        let ignore_ejection = !pool
+            .endpoints
+            .iter()
+            .any(|&e| state.endpoints[e].healthy && !excluded.contains(&e) && !ejected(e));
         let view = PoolSnapshot {
             state,
             pool,
@@ -728,7 +754,7 @@ async fn pick(
             half_life_ms: ctx.shared.config.routing.recent_half_life_ms as f64,
             admit: |e: usize| {
                 !excluded.contains(&e)
-                    && !state.endpoints[e].load.outlier.ejected(now_ms)
+                    && (ignore_ejection || !ejected(e))
                     && (lim.max_inflight == 0
                         || state.endpoints[e].load.inflight.load(Ordering::Relaxed) < lim.max_inflight)
             },
@@ -747,10 +773,10 @@ async fn pick(
         if let Some(pick) = pool.policy.pick(&view, &request) {
             return Ok(pick);
         }
-        let untried = pool.endpoints.iter().any(|&e| {
-            let endpoint = &state.endpoints[e];
-            endpoint.healthy && !excluded.contains(&e) && !endpoint.load.outlier.ejected(now_ms)
-        });
+        let untried = pool
+            .endpoints
+            .iter()
+            .any(|&e| state.endpoints[e].healthy && !excluded.contains(&e));
         if !untried {
             return Err(ProxyError::new(
                 ErrorKind::NoHealthyEndpoint,
@@ -1010,7 +1036,8 @@ async fn exchange(
         .get_str("content-type")
         .is_some_and(|t| t.starts_with("text/event-stream"));
     let refused = streaming.is_some() && (up.status != 200 || !sse);
-    if refused || (matches!(up.status, 502..=504) && !attempt.last_try) {
+    // (A 504 may come from a gateway whose engine went on generating: not retried.)
+    if refused || (matches!(up.status, 502 | 503) && !attempt.last_try) {
         // An engine that cannot take the request now (or a continuation) is not relayed
         // while another may take it.
         let what = if refused {
@@ -1141,6 +1168,7 @@ async fn exchange_events(
         framing: s.framing,
         ledger: s.ledger.as_mut(),
         clock: &mut clock,
+        first_event_timeout: lim.first_byte_timeout,
         idle_timeout: lim.stream_idle_timeout,
         write_timeout: lim.write_timeout,
         max_event_bytes: lim.max_event_bytes,
@@ -1161,6 +1189,13 @@ async fn exchange_events(
             },
         };
     }
+    // An OpenAI stream the engine ended before its end (no finish, no `[DONE]`) was cut.
+    let relayed = match relayed {
+        Ok(_) if s.ledger.as_ref().is_some_and(|l| !l.done() && !l.finished()) => Err(RelayError::Upstream(
+            ProxyError::new(ErrorKind::UpstreamReset, "the engine ended the stream before its end"),
+        )),
+        other => other,
+    };
     match relayed {
         Ok(r) => {
             if r.reusable && up.keep_alive {

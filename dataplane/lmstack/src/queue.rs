@@ -97,49 +97,6 @@ impl Drop for Ticket<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn waking_skips_waiters_that_left() {
-        let q = WaitQueue::default();
-        let a = q.enter();
-        let b = q.enter();
-        for t in [&a, &b] {
-            t.place.queued.set(true);
-            q.places.borrow_mut().push_back(t.place.clone());
-        }
-        drop(a);
-        assert_eq!(q.len(), 1);
-        q.wake_one();
-        assert!(b.place.woken.get());
-        assert!(q.places.borrow().is_empty());
-    }
-
-    #[test]
-    fn places_stay_bounded_while_nobody_wakes() {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let q = WaitQueue::default();
-                let live = q.enter();
-                for _ in 0..200 {
-                    let t = q.enter();
-                    t.wait(Duration::from_millis(0)).await;
-                    live.wait(Duration::from_millis(0)).await;
-                }
-                assert!(
-                    q.places.borrow().len() <= 2 * q.len() + 17,
-                    "{}",
-                    q.places.borrow().len()
-                );
-            });
-    }
-}
-
 /// A worker's drain signal: fired once, at shutdown; idle connections wait on it.
 #[derive(Default)]
 pub struct Drain {
@@ -189,5 +146,48 @@ impl Future for DrainWait<'_> {
 impl Drop for DrainWait<'_> {
     fn drop(&mut self) {
         self.drain.waiters.borrow_mut().remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waking_skips_waiters_that_left() {
+        let q = WaitQueue::default();
+        let a = q.enter();
+        let b = q.enter();
+        for t in [&a, &b] {
+            t.place.queued.set(true);
+            q.places.borrow_mut().push_back(t.place.clone());
+        }
+        drop(a);
+        assert_eq!(q.len(), 1);
+        q.wake_one();
+        assert!(b.place.woken.get());
+        assert!(q.places.borrow().is_empty());
+    }
+
+    #[test]
+    fn places_stay_bounded_while_nobody_wakes() {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let q = WaitQueue::default();
+                let live = q.enter();
+                for _ in 0..200 {
+                    let t = q.enter();
+                    t.wait(Duration::from_millis(0)).await;
+                    live.wait(Duration::from_millis(0)).await;
+                }
+                assert!(
+                    q.places.borrow().len() <= 2 * q.len() + 17,
+                    "{}",
+                    q.places.borrow().len()
+                );
+            });
     }
 }

@@ -342,6 +342,9 @@ pub struct EventRelay<'l, 'c> {
     /// The OpenAI stream's ledger, when the stream may be resumed.
     pub ledger: Option<&'l mut Ledger>,
     pub clock: &'l mut StreamClock<'c>,
+    /// Silence allowed before the first data event (the engine may queue and prefill).
+    pub first_event_timeout: Duration,
+    /// Silence allowed between events after it.
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
     pub max_event_bytes: usize,
@@ -366,6 +369,7 @@ pub async fn relay_events(
         write_events(wr, &mut r.head, &[], r.framing, r.write_timeout).await?;
     }
     let mut out = BytesMut::new();
+    let mut seen_event = false;
     let too_large = |e: lmstack_http::stream::EventTooLarge| {
         RelayError::Upstream(ProxyError::new(
             ErrorKind::UpstreamProtocol,
@@ -419,6 +423,7 @@ pub async fn relay_events(
                 }
             }
             r.clock.on_events(events, now);
+            seen_event |= events > 0;
             if done && splitter.pending() > 0 {
                 // The body ended inside an event: pass on what there is, as it came.
                 let rest = splitter.next_rest();
@@ -432,11 +437,16 @@ pub async fn relay_events(
         if done {
             return Ok(Relayed { reusable: clean });
         }
-        match crate::time::timeout(r.idle_timeout, up.fill()).await {
+        let wait = if seen_event {
+            r.idle_timeout
+        } else {
+            r.first_event_timeout
+        };
+        match crate::time::timeout(wait, up.fill()).await {
             Err(_) => {
                 return Err(RelayError::Upstream(ProxyError::new(
                     ErrorKind::UpstreamTimeout,
-                    format!("the engine's stream was silent for {} ms", r.idle_timeout.as_millis()),
+                    format!("the engine's stream was silent for {} ms", wait.as_millis()),
                 )));
             }
             Ok(Ok(0)) if framing == Framing::UntilClose => {
