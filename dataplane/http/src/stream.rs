@@ -219,6 +219,8 @@ pub struct Ledger {
     finished: bool,
     done: bool,
     usage_seen: bool,
+    /// A chat role went to the client (a continuation's is then not sent again).
+    role_sent: bool,
     unsafe_: Option<Unsafe>,
     max_bytes: usize,
     /// 0: the first engine; n: the n-th continuation.
@@ -314,6 +316,7 @@ impl Ledger {
             finished: false,
             done: false,
             usage_seen: false,
+            role_sent: false,
             unsafe_: None,
             max_bytes,
             part: 0,
@@ -424,7 +427,7 @@ impl Ledger {
         match null_values(text, &strip) {
             Some(rewritten) => Verdict::Rewrite(data_event(rewritten.as_bytes())),
             // Not laid out as expected: rewrite through a value (rare).
-            None => self.rewrite_value(text, true),
+            None => self.rewrite_value(text, true, false),
         }
     }
 
@@ -444,6 +447,7 @@ impl Ledger {
         let piece = match (self.api, &choice.delta) {
             (Api::Completions, _) => choice.text.as_deref().unwrap_or(""),
             (Api::Chat, Some(delta)) => {
+                self.role_sent |= delta.role.is_some();
                 if delta.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
                     || delta.reasoning.as_deref().is_some_and(|r| !r.is_empty())
                     || delta.reasoning_content.as_deref().is_some_and(|r| !r.is_empty())
@@ -490,7 +494,8 @@ impl Ledger {
             self.mark_unsafe(Unsafe::Unreadable);
             return Verdict::Forward;
         };
-        // Record first (borrowed), then rewrite.
+        // Record first (borrowed), then rewrite; a role goes out once.
+        let role_sent = self.role_sent;
         match serde_json::from_str::<Chunk<'_>>(text) {
             Ok(chunk) => {
                 if chunk.error.is_some() {
@@ -511,12 +516,12 @@ impl Ledger {
                 return Verdict::Forward;
             }
         }
-        self.rewrite_value(text, false)
+        self.rewrite_value(text, false, role_sent)
     }
 
     /// Rewrites a chunk through a JSON value: ids the client did not ask for removed; for a
     /// continuation also the first part's identity, no role, prompt ids removed, usage summed.
-    fn rewrite_value(&self, text: &str, first: bool) -> Verdict {
+    fn rewrite_value(&self, text: &str, first: bool, drop_role: bool) -> Verdict {
         let Ok(Value::Object(mut chunk)) = serde_json::from_str::<Value>(text) else {
             return Verdict::Forward;
         };
@@ -545,7 +550,7 @@ impl Ledger {
                 if !self.keep_ids {
                     unask(choice, "token_ids");
                 }
-                if !first && let Some(Value::Object(delta)) = choice.get_mut("delta") {
+                if drop_role && let Some(Value::Object(delta)) = choice.get_mut("delta") {
                     delta.remove("role");
                     if delta.get("content").is_some_and(|c| c.as_str() == Some("")) {
                         delta.remove("content");
@@ -996,6 +1001,19 @@ mod tests {
         let v: Value = serde_json::from_slice(event_data(&out).unwrap().as_ref()).unwrap();
         assert_eq!(v["id"], "chatcmpl-1");
         assert_eq!(v["choices"][0]["delta"], serde_json::json!({"content": "!"}));
+    }
+
+    #[test]
+    fn a_role_the_client_never_got_comes_from_the_continuation() {
+        // Found by the failover test: the engine died after the head, before its role chunk.
+        let mut l = Ledger::new(Api::Chat, false, 1 << 20);
+        l.start_part();
+        let Verdict::Rewrite(out) = l.observe(&ev(CHAT_ROLE)) else {
+            panic!("the role chunk is kept")
+        };
+        let v: Value = serde_json::from_slice(event_data(&out).unwrap().as_ref()).unwrap();
+        assert_eq!(v["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(l.observe(&ev(CHAT_ROLE)), Verdict::Drop, "but only once");
     }
 
     #[test]
