@@ -5,6 +5,9 @@
 //! Each of `--concurrency` keep-alive connections sends one request after another for
 //! `--duration-s`; requests that finish during the `--warmup-s` are not counted. The
 //! summary is printed as one JSON object (for scripts) or a short table.
+//!
+//! `mixed` (`mixed.rs`) sends checked traffic of several kinds instead (completions,
+//! streams, chats, clients that leave mid-stream), for soaks and upgrades.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +23,8 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::multiround::{self, MultiRoundArgs};
+
+pub mod mixed;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -169,6 +174,9 @@ enum Cli {
     Bench(LoadArgs),
     /// The multi-round QA workload: chats that re-send their history every round.
     MultiRound(MultiRoundArgs),
+    /// Checked traffic of several kinds (completions, streams, chats, clients that leave
+    /// mid-stream), errors counted by kind, a per-second timeline.
+    Mixed(mixed::MixedArgs),
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -179,6 +187,14 @@ pub fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
                 print_table(&[summary]);
+            }
+        }
+        Cli::Mixed(args) => {
+            let s = mixed::run_blocking(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                mixed::print(&s);
             }
         }
         Cli::MultiRound(args) => {

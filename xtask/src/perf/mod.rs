@@ -9,6 +9,14 @@
 //!   often they agree on where a conversation lives, against one router alone.
 //! - `routing-matrix`: the policies against the limit (one engine with the pool's cache and
 //!   compute) on a matrix of workloads, one set of defaults (`--cells` to pick some).
+//! - `soak`: 10^6 mixed requests (completions, streams, chats, clients that leave) through
+//!   the router, its RSS and open fds sampled every second; fails when they grow.
+//! - `streams-10k`: 10,000 streams open at once through one router worker: bytes per stream.
+//! - `upgrade`: the router replaced under load by a new process on the same port
+//!   (`--takeover`, SIGTERM to the old one); fails on any failed request.
+//!
+//! `soak`, `streams-10k` and `upgrade` write their results even when their checks fail, then
+//! exit non-zero.
 //!
 //! Each shows its steps on stderr (a bar on a terminal, plain lines otherwise, see
 //! `progress`), prints its tables, and writes JSON under target/perf/ (or `--out`) with an
@@ -19,9 +27,14 @@ mod matrix;
 mod memory;
 mod multiround;
 pub mod plot;
+mod procstat;
 pub mod progress;
 mod proxy;
 mod replicas;
+mod soak;
+mod streams;
+mod timeline;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +54,10 @@ pub enum Scenario {
     AffinityMemory,
     Replicas,
     RoutingMatrix,
+    Soak,
+    #[value(name = "streams-10k")]
+    Streams10k,
+    Upgrade,
     /// proxy, affinity-memory and multi-round.
     All,
 }
@@ -66,6 +83,13 @@ pub struct PerfArgs {
     replicas: replicas::ReplicasArgs,
     #[command(flatten)]
     matrix: matrix::MatrixArgs,
+    // Boxed too, for the same reason.
+    #[command(flatten)]
+    soak: Box<soak::SoakArgs>,
+    #[command(flatten)]
+    streams: Box<streams::StreamsArgs>,
+    #[command(flatten)]
+    upgrade: Box<upgrade::UpgradeArgs>,
 }
 
 pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
@@ -112,6 +136,21 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
     {
         save("routing-matrix", report)?;
     }
+    // Scenarios with checks: the results are written, then a failed check fails the run.
+    let checked = match args.scenario {
+        Scenario::Soak => Some(("soak", soak::run(&bins, &args.soak)?)),
+        Scenario::Streams10k => Some(("streams-10k", streams::run(&bins, &args.streams)?)),
+        Scenario::Upgrade => Some(("upgrade", upgrade::run(&bins, &args.upgrade)?)),
+        _ => None,
+    };
+    if let Some((name, report)) = checked {
+        let failures = report["failures"].clone();
+        let passed = report["passed"] == true;
+        save(name, report)?;
+        if !passed {
+            bail!("{name}: {failures}");
+        }
+    }
     Ok(())
 }
 
@@ -133,7 +172,13 @@ fn replot(file: &Path, out: &Path) -> anyhow::Result<()> {
 /// Draws the figure of a scenario's report to `svg`, telling the scenario by the report's
 /// shape; false for a report of none of them.
 fn plot_report(report: &Value, svg: &Path) -> anyhow::Result<bool> {
-    let (title, columns, panels) = if report.get("cells").is_some() {
+    let (title, columns, panels) = if report["scenario"] == "soak" {
+        soak::figure(report)
+    } else if report["scenario"] == "streams-10k" {
+        streams::figure(report)
+    } else if report["scenario"] == "upgrade" {
+        upgrade::figure(report)
+    } else if report.get("cells").is_some() {
         matrix::figure(report)
     } else if report.get("throughput").is_some() {
         proxy::figure(report)
@@ -210,7 +255,13 @@ mod tests {
             let svg = temp_svg(&path.file_stem().unwrap().to_string_lossy());
             assert!(plot_report(&report, &svg).unwrap(), "{} has no figure", path.display());
             let texts = svg_texts(&svg);
-            let expected = if report.get("total_executions").is_some() {
+            let expected = if report["scenario"] == "soak" {
+                "left on purpose"
+            } else if report["scenario"] == "streams-10k" {
+                "streams running"
+            } else if report["scenario"] == "upgrade" {
+                "errors"
+            } else if report.get("total_executions").is_some() {
                 "request_head"
             } else if report["scenario"] == "real-failover" {
                 "completions, affected"
