@@ -89,6 +89,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Time to let in-flight requests finish after SIGTERM/SIGINT.
     pub shutdown_grace_ms: u64,
+    /// At start, how long to wait for the first routing snapshot before accepting
+    /// connections (they wait in the listen backlog meanwhile, rather than being told no
+    /// model exists: a router taking over a port starts serving ready); past it, the
+    /// router accepts anyway.
+    pub ready_timeout_ms: u64,
     /// While draining, how long an idle client connection may still bring a request
     /// (answered, with `connection: close`) before it is closed: a busy client's next
     /// request is not met by a closing connection.
@@ -109,6 +114,7 @@ impl Default for ServerConfig {
             max_connections: 65_536,
             shutdown_grace_ms: 10_000,
             drain_idle_ms: 1_000,
+            ready_timeout_ms: 10_000,
         }
     }
 }
@@ -868,6 +874,7 @@ impl Config {
             ("server.body_timeout_ms", self.server.body_timeout_ms),
             ("server.keepalive_timeout_ms", self.server.keepalive_timeout_ms),
             ("server.drain_idle_ms", self.server.drain_idle_ms),
+            ("server.ready_timeout_ms", self.server.ready_timeout_ms),
             ("server.write_timeout_ms", self.server.write_timeout_ms),
             ("server.max_connections", self.server.max_connections as u64),
             ("routing.recent_half_life_ms", self.routing.recent_half_life_ms),

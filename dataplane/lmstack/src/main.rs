@@ -146,6 +146,19 @@ fn run(config: Config) -> anyhow::Result<()> {
         kv::spawn(kv, shared.cell.clone())?;
     }
     spawn_upkeep(shared.clone())?;
+    // Serve ready: no worker accepts before the first routing snapshot (or the deadline);
+    // connections wait in the listen backlog meanwhile.
+    let ready_by = Instant::now() + Duration::from_millis(shared.config.server.ready_timeout_ms);
+    while shared.cell.generation() == 0 && Instant::now() < ready_by {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the main thread waiting for the first snapshot, before any worker runs"
+        )]
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if shared.cell.generation() == 0 {
+        tracing::warn!("no routing snapshot yet: accepting anyway");
+    }
     let mut threads = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
