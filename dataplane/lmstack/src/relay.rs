@@ -253,28 +253,30 @@ pub async fn relay(
                 });
             }
         }
-        match crate::time::timeout(idle_timeout, up.fill()).await {
-            Err(_) => {
-                return Err(RelayError::Upstream(ProxyError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!("the engine sent nothing for {} ms", idle_timeout.as_millis()),
-                )));
-            }
-            Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(Relayed { reusable: false }),
-            Ok(Ok(0)) => {
-                return Err(RelayError::Upstream(ProxyError::new(
-                    ErrorKind::UpstreamReset,
-                    "the engine closed the connection before the end of the response",
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(RelayError::Upstream(
-                    ProxyError::new(ErrorKind::UpstreamReset, format!("reading from the engine failed: {e}"))
-                        .with_source(e),
-                ));
-            }
-            Ok(Ok(_)) => {}
+        if !read_more(up, idle_timeout, framing).await? {
+            return Ok(Relayed { reusable: false });
         }
+    }
+}
+
+/// Reads more of a response body within `wait`. False: the engine closed a body that ends
+/// with the connection (its end); a close before the end, silence or a read error is the
+/// engine failing.
+async fn read_more(up: &mut UpstreamConn, wait: Duration, framing: Framing) -> Result<bool, RelayError> {
+    match crate::time::timeout(wait, up.fill()).await {
+        Err(_) => Err(RelayError::Upstream(ProxyError::new(
+            ErrorKind::UpstreamTimeout,
+            format!("the engine sent nothing for {} ms", wait.as_millis()),
+        ))),
+        Ok(Ok(0)) if framing == Framing::UntilClose => Ok(false),
+        Ok(Ok(0)) => Err(RelayError::Upstream(ProxyError::new(
+            ErrorKind::UpstreamReset,
+            "the engine closed the connection before the end of the response",
+        ))),
+        Ok(Err(e)) => Err(RelayError::Upstream(
+            ProxyError::new(ErrorKind::UpstreamReset, format!("reading from the engine failed: {e}")).with_source(e),
+        )),
+        Ok(Ok(_)) => Ok(true),
     }
 }
 
@@ -442,31 +444,10 @@ pub async fn relay_events(
         } else {
             r.first_event_timeout
         };
-        match crate::time::timeout(wait, up.fill()).await {
-            Err(_) => {
-                return Err(RelayError::Upstream(ProxyError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!("the engine's stream was silent for {} ms", wait.as_millis()),
-                )));
-            }
-            Ok(Ok(0)) if framing == Framing::UntilClose => {
-                let rest = splitter.next_rest();
-                write_events(wr, &mut r.head, &rest, r.framing, r.write_timeout).await?;
-                return Ok(Relayed { reusable: false });
-            }
-            Ok(Ok(0)) => {
-                return Err(RelayError::Upstream(ProxyError::new(
-                    ErrorKind::UpstreamReset,
-                    "the engine closed the connection in the middle of the stream",
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(RelayError::Upstream(
-                    ProxyError::new(ErrorKind::UpstreamReset, format!("reading from the engine failed: {e}"))
-                        .with_source(e),
-                ));
-            }
-            Ok(Ok(_)) => {}
+        if !read_more(up, wait, framing).await? {
+            let rest = splitter.next_rest();
+            write_events(wr, &mut r.head, &rest, r.framing, r.write_timeout).await?;
+            return Ok(Relayed { reusable: false });
         }
     }
 }
