@@ -735,6 +735,32 @@ pub fn router_over(fake: &FakeEngine, extra: &[&str]) -> Proc {
     r
 }
 
+/// An API keys file for `--api-keys`: `tenants` is YAML (the `tenants:` list), where
+/// `{sha256:KEY}` stands for the SHA-256 of `KEY`, as the file keeps keys.
+pub fn keys_file(name: &str, tenants: &str) -> PathBuf {
+    let path = workspace_root().join(format!("target/e2e-logs/{name}-keys.yaml"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    write_keys(&path, tenants);
+    path
+}
+
+/// Writes a keys file (see [`keys_file`]) in one step (a rename), as a Secret update does.
+pub fn write_keys(path: &std::path::Path, tenants: &str) {
+    let mut text = String::new();
+    let mut rest = tenants;
+    while let Some(at) = rest.find("{sha256:") {
+        text.push_str(&rest[..at]);
+        let end = rest[at..].find('}').unwrap() + at;
+        let key = &rest[at + 8..end];
+        text.push_str(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes())));
+        rest = &rest[end + 1..];
+    }
+    text.push_str(rest);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// A Python venv with the official `openai` SDK, made once under target/.
 pub fn python_with_openai() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();

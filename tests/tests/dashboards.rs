@@ -451,6 +451,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         &[],
     );
     assert!(stalled.body.contains("\"error\""), "{}", stalled.body);
+    let tenant_router = tenants(&engine_b);
     let garbage = garbage_control();
     let lost_router = lmstack_e2e::router(&args(&[
         "--service-discovery",
@@ -466,6 +467,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
         ("router", kv_router.addr.to_string(), false),
         ("router", ejecting_router.addr.to_string(), false),
         ("router", stalled_router.addr.to_string(), false),
+        ("router", tenant_router.addr.to_string(), false),
         ("control", control_proc.addr.to_string(), false),
         ("engines", engine_a.addr.to_string(), false),
         ("engines", engine_b.addr.to_string(), false),
@@ -551,9 +553,54 @@ fn every_panel_returns_data_from_a_real_prometheus() {
     }
 
     pictures(&prom);
-    drop((static_router, lost_router, kv_router, ejecting_router, stalled_router));
+    drop((
+        static_router,
+        lost_router,
+        kv_router,
+        ejecting_router,
+        stalled_router,
+        tenant_router,
+    ));
     drop(router);
     drop(bed);
+}
+
+/// What the Tenants row shows, made to happen: a router with API keys admits and throttles
+/// a tenant, refuses requests without a key and with a wrong one, and takes a changed keys
+/// file, then rejects a broken one.
+fn tenants(engine: &Proc) -> Proc {
+    let one = "tenants:\n- name: team-a\n  requests_per_second: 2\n  keys:\n  - sha256: {sha256:sk-a}\n";
+    let keys = lmstack_e2e::keys_file("dashboards", one);
+    let config = workspace_root().join("target/e2e-logs/dashboards-tenancy.yaml");
+    std::fs::write(&config, "tenancy:\n  reload_interval_ms: 100\n").unwrap();
+    let mut a = backends(&[engine]);
+    a.extend(args(&[
+        "--api-keys",
+        keys.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    let r = lmstack_e2e::router(&a);
+    wait_healthy(&r);
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 2});
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| lmstack_e2e::post(&r, "/v1/completions", &body, &[("authorization", "Bearer sk-a")]).status)
+        .collect();
+    assert!(statuses.contains(&200) && statuses.contains(&429), "{statuses:?}");
+    assert_eq!(lmstack_e2e::post(&r, "/v1/completions", &body, &[]).status, 401);
+    assert_eq!(
+        lmstack_e2e::post(&r, "/v1/completions", &body, &[("x-api-key", "sk-b")]).status,
+        401
+    );
+    let reloads = |outcome: &str| {
+        let m = get(&r, "/metrics").body;
+        metric(&m, "lmstack_tenancy_reloads_total", &[("outcome", outcome)]) == Some(1.0)
+    };
+    lmstack_e2e::write_keys(&keys, &format!("{one}  - sha256: {{sha256:sk-b}}\n"));
+    wait_until("the changed keys file to be applied", || reloads("applied"));
+    lmstack_e2e::write_keys(&keys, "tenants: [ broken");
+    wait_until("the broken keys file to be rejected", || reloads("rejected"));
+    r
 }
 
 /// What the Exact KV routing panels show, made to happen on the KV engines: a few blocks

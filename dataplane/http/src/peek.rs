@@ -24,6 +24,13 @@ pub struct Peek<'a> {
     pub messages: Option<&'a RawValue>,
     /// vLLM's `return_token_ids`, when the client set it to a boolean.
     pub return_token_ids: Option<bool>,
+    /// The most output tokens asked for: `max_tokens`, `max_completion_tokens` or
+    /// `max_output_tokens` (Responses), when an integer.
+    pub max_tokens: Option<u64>,
+    /// `stream_options`, raw.
+    pub stream_options: Option<&'a RawValue>,
+    /// vLLM's `cache_salt` is present.
+    pub cache_salt: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -151,6 +158,21 @@ impl<'de> Visitor<'de> for PeekVisitor<'_> {
                 }
                 "messages" => {
                     peek.messages = Some(map.next_value::<&'de RawValue>()?);
+                    None
+                }
+                "max_tokens" | "max_completion_tokens" | "max_output_tokens" => {
+                    if let Scalar::Integer(n) = map.next_value::<Scalar<'de>>()? {
+                        peek.max_tokens = n.parse().ok().max(peek.max_tokens);
+                    }
+                    None
+                }
+                "stream_options" => {
+                    peek.stream_options = Some(map.next_value::<&'de RawValue>()?);
+                    None
+                }
+                "cache_salt" => {
+                    map.next_value::<IgnoredAny>()?;
+                    peek.cache_salt = true;
                     None
                 }
                 "return_token_ids" => {
@@ -398,6 +420,18 @@ impl<'de> de::Deserialize<'de> for Message<'de> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn what_budgets_read_is_peeked() {
+        let body =
+            br#"{"model":"m","max_completion_tokens":12,"stream_options":{"include_usage":false},"cache_salt":"x"}"#;
+        let p = peek(body, None).unwrap();
+        assert_eq!(p.max_tokens, Some(12));
+        assert_eq!(p.stream_options.map(|o| o.get()), Some(r#"{"include_usage":false}"#));
+        assert!(p.cache_salt);
+        let p = peek(br#"{"model":"m","max_tokens":null}"#, None).unwrap();
+        assert_eq!((p.max_tokens, p.cache_salt), (None, false));
+    }
 
     #[test]
     fn finds_routing_fields_and_keeps_the_prompt_raw() {

@@ -223,8 +223,21 @@ pub struct Ledger {
     role_sent: bool,
     unsafe_: Option<Unsafe>,
     max_bytes: usize,
-    /// 0: the first engine; n: the n-th continuation.
+    /// 0: the first engine's; n: the n-th continuation.
     part: u32,
+    /// The router asked for usage the client did not: the usage chunk is not sent.
+    hide_usage: bool,
+    /// The stream's usage as the client sees it (summed over continuations), once it came.
+    usage: Option<Usage>,
+}
+
+/// Tokens a stream's usage chunk reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
 }
 
 #[derive(Deserialize)]
@@ -241,8 +254,8 @@ struct Chunk<'a> {
     choices: Vec<Choice<'a>>,
     #[serde(borrow, default)]
     prompt_token_ids: Option<&'a RawValue>,
-    #[serde(default)]
-    usage: Option<IgnoredAny>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
     #[serde(default)]
     error: Option<IgnoredAny>,
 }
@@ -320,7 +333,29 @@ impl Ledger {
             unsafe_: None,
             max_bytes,
             part: 0,
+            hide_usage: false,
+            usage: None,
         }
+    }
+
+    /// The router asked for the usage chunk, the client did not: it is read, not sent.
+    pub fn hide_usage(&mut self) {
+        self.hide_usage = true;
+    }
+
+    /// The stream's usage as the client would see it (over every part), when it came.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// The prompt's tokens, when the engine told them (token ids asked for).
+    pub fn prompt_tokens(&self) -> Option<u64> {
+        self.prompt_tokens
+    }
+
+    /// A usage-only chunk the client did not ask for.
+    fn hidden(&self, chunk: &Chunk<'_>) -> bool {
+        self.hide_usage && chunk.choices.is_empty() && chunk.usage.is_some()
     }
 
     /// Completion tokens the client was sent.
@@ -389,6 +424,12 @@ impl Ledger {
             self.created = chunk.created;
         }
         self.usage_seen |= chunk.usage.is_some();
+        if let Some(usage) = chunk.usage.and_then(|u| serde_json::from_str::<Usage>(u.get()).ok()) {
+            self.usage = Some(usage);
+        }
+        if self.hidden(&chunk) {
+            return Verdict::Drop;
+        }
         // The ids the client did not ask for become `null`, as vLLM writes them unasked.
         let mut strip: Vec<&RawValue> = Vec::new();
         if let Some(p) = chunk.prompt_token_ids {
@@ -503,6 +544,12 @@ impl Ledger {
                     return Verdict::Forward;
                 }
                 self.usage_seen |= chunk.usage.is_some();
+                if let Some(usage) = chunk.usage.and_then(|u| serde_json::from_str::<Usage>(u.get()).ok()) {
+                    self.usage = Some(self.whole_usage(usage));
+                }
+                if self.hidden(&chunk) {
+                    return Verdict::Drop;
+                }
                 for choice in &chunk.choices {
                     if choice.index != 0 {
                         self.mark_unsafe(Unsafe::Choices);
@@ -576,16 +623,25 @@ impl Ledger {
     }
 
     /// A continuation's usage over the whole stream: the original prompt, every token sent.
+    fn whole_usage(&self, part: Usage) -> Usage {
+        Usage {
+            prompt_tokens: self
+                .prompt_tokens
+                .unwrap_or_else(|| part.prompt_tokens.saturating_sub(self.tokens_before_part)),
+            completion_tokens: part.completion_tokens + self.tokens_before_part,
+        }
+    }
+
+    /// A continuation's usage chunk rewritten over the whole stream.
     fn sum_usage(&self, usage: &mut Map<String, Value>) {
-        let completion = usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0) + self.tokens_before_part;
-        let prompt = match self.prompt_tokens {
-            Some(p) => p,
-            None => usage
-                .get("prompt_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-                .saturating_sub(self.tokens_before_part),
+        let part = Usage {
+            prompt_tokens: usage.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
+            completion_tokens: usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
         };
+        let Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        } = self.whole_usage(part);
         usage.insert("prompt_tokens".into(), prompt.into());
         usage.insert("completion_tokens".into(), completion.into());
         usage.insert("total_tokens".into(), (prompt + completion).into());
@@ -775,21 +831,67 @@ fn null_values(text: &str, values: &[&RawValue]) -> Option<String> {
     Some(out)
 }
 
+/// The last bytes of a JSON response body, where OpenAI-style servers put `usage`: enough
+/// to read it when the body ends, without keeping the body.
+#[derive(Debug, Default)]
+pub struct BodyTail {
+    buf: Vec<u8>,
+}
+
+impl BodyTail {
+    /// Bytes kept: vLLM's usage object and what follows it fit many times over.
+    const KEEP: usize = 2048;
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        if bytes.len() >= Self::KEEP {
+            self.buf.clear();
+            self.buf.extend_from_slice(&bytes[bytes.len() - Self::KEEP..]);
+            return;
+        }
+        let over = (self.buf.len() + bytes.len()).saturating_sub(Self::KEEP);
+        self.buf.drain(..over);
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The body's last `"usage": {...}` object, when one is there whole.
+    pub fn usage(&self) -> Option<Usage> {
+        let at = memchr::memmem::rfind(&self.buf, b"\"usage\"")?;
+        let rest = &self.buf[at + 7..];
+        let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        if rest[colon] != b':' {
+            return None;
+        }
+        let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Usage>();
+        values.next()?.ok()
+    }
+}
+
 /// `body` (a JSON object) with `"return_token_ids": true` as its last member, so it wins over
 /// any the client sent (vLLM reads JSON objects last-wins). `None` when `body` does not end
 /// with `}`.
 pub fn ask_token_ids(body: &[u8]) -> Option<Vec<u8>> {
+    append_member(body, "return_token_ids", b"true")
+}
+
+/// `body` (a JSON object) with `"name": value` (`value` is JSON) as its last member, so it
+/// wins over any member of that name the client sent (vLLM reads JSON objects last-wins).
+/// `None` when `body` does not end with `}`.
+pub fn append_member(body: &[u8], name: &str, value: &[u8]) -> Option<Vec<u8>> {
     let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
     if body[end] != b'}' {
         return None;
     }
     let before = body[..end].iter().rposition(|b| !b.is_ascii_whitespace())?;
-    let mut out = Vec::with_capacity(body.len() + 26);
+    let mut out = Vec::with_capacity(body.len() + name.len() + value.len() + 4);
     out.extend_from_slice(&body[..end]);
     if body[before] != b'{' {
         out.push(b',');
     }
-    out.extend_from_slice(b"\"return_token_ids\":true}");
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(value);
+    out.push(b'}');
     Some(out)
 }
 
@@ -799,6 +901,31 @@ mod tests {
 
     fn events(splitter: &mut EventSplitter) -> Vec<Bytes> {
         std::iter::from_fn(|| splitter.next_event()).collect()
+    }
+
+    #[test]
+    fn usage_is_read_from_the_end_of_a_body_however_it_came() {
+        let body = format!(
+            r#"{{"id":"cmpl-1","choices":[{{"text":"{}"}}],"usage":{{"prompt_tokens":12,"total_tokens":19,"completion_tokens":7,"prompt_tokens_details":null}},"kv_transfer_params":null}}"#,
+            "x".repeat(5000)
+        );
+        for piece in [1, 7, 100, 3000, 10_000] {
+            let mut tail = BodyTail::default();
+            for part in body.as_bytes().chunks(piece) {
+                tail.push(part);
+            }
+            assert_eq!(
+                tail.usage(),
+                Some(Usage {
+                    prompt_tokens: 12,
+                    completion_tokens: 7
+                }),
+                "pieces of {piece}"
+            );
+        }
+        let mut tail = BodyTail::default();
+        tail.push(br#"{"usage": null}"#);
+        assert_eq!(tail.usage(), None);
     }
 
     #[test]

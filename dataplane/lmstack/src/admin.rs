@@ -7,6 +7,7 @@ use bytes::Bytes;
 
 use crate::config::DiscoveryMode;
 use crate::ctx::WorkerCtx;
+use crate::tenancy::Key;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Local {
@@ -18,7 +19,8 @@ pub enum Local {
 
 const JSON: &str = "application/json";
 
-pub fn serve(ctx: &WorkerCtx, local: Local) -> (u16, &'static str, Bytes) {
+/// `key`: the caller's API key, when keys are on (`/v1/models` lists what it may use).
+pub fn serve(ctx: &WorkerCtx, local: Local, key: Option<&Key>) -> (u16, &'static str, Bytes) {
     match local {
         Local::Health => health(ctx),
         Local::Version => {
@@ -34,8 +36,29 @@ pub fn serve(ctx: &WorkerCtx, local: Local) -> (u16, &'static str, Bytes) {
                 Bytes::from(ctx.shared.prometheus.render()),
             )
         }
-        Local::Models => (200, JSON, ctx.routing_state().models_body.clone()),
+        Local::Models => {
+            let all = ctx.routing_state().models_body.clone();
+            match key {
+                Some(key) => (200, JSON, models_for(&all, key)),
+                None => (200, JSON, all),
+            }
+        }
     }
+}
+
+/// The `/v1/models` list less the models `key` may not use.
+fn models_for(all: &Bytes, key: &Key) -> Bytes {
+    let Ok(mut list) = serde_json::from_slice::<serde_json::Value>(all) else {
+        return all.clone();
+    };
+    if let Some(data) = list.get_mut("data").and_then(serde_json::Value::as_array_mut) {
+        data.retain(|m| {
+            m.get("id")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|id| key.lists(id))
+        });
+    }
+    Bytes::from(list.to_string())
 }
 
 /// 200 when at least one model has a healthy endpoint and the router is not shutting down;

@@ -34,6 +34,7 @@ pub struct Config {
     pub kv_events: KvEventsConfig,
     pub resume: ResumeConfig,
     pub outlier: OutlierConfig,
+    pub tenancy: TenancyConfig,
     pub log: LogConfig,
 }
 
@@ -235,6 +236,34 @@ impl Default for OutlierConfig {
             base_ejection_ms: 10_000,
             max_ejection_ms: 300_000,
             max_ejected_percent: 50,
+        }
+    }
+}
+
+/// API keys, tenants and their budgets. Off unless `keys_file` is set: then every model
+/// route and `/v1/models` needs a key (`/health`, `/version` and `/metrics` do not).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenancyConfig {
+    /// The keys file (YAML or JSON: tenants, their keys as SHA-256 hashes, allowed models,
+    /// budgets; see the README), re-read when it changes.
+    pub keys_file: Option<PathBuf>,
+    /// How often the keys file is checked for changes.
+    pub reload_interval_ms: u64,
+    /// Output tokens reserved at admission for a request that sets no `max_tokens` (settled
+    /// from the engine's usage when the response ends).
+    pub default_max_tokens: u64,
+    /// Prompt bytes per token for the estimate reserved at admission (settled from usage).
+    pub prompt_bytes_per_token: u64,
+}
+
+impl Default for TenancyConfig {
+    fn default() -> Self {
+        Self {
+            keys_file: None,
+            reload_interval_ms: 2_000,
+            default_max_tokens: 1_024,
+            prompt_bytes_per_token: 4,
         }
     }
 }
@@ -704,6 +733,10 @@ pub struct Cli {
     /// the engine's host, e.g. `tcp://{host}:5557` (`kv_events.endpoint_template`).
     #[arg(long)]
     pub kv_events_endpoint: Option<String>,
+    /// API keys file: every model route then needs a key (`Authorization: Bearer` or
+    /// `x-api-key`), with its tenant's models and budgets (`tenancy.keys_file`).
+    #[arg(long)]
+    pub api_keys: Option<PathBuf>,
     /// `MODEL=DIR`: the directory with the model's `tokenizer.json` and chat template, for
     /// exact KV routing (`kv_events.tokenizers`; repeat for more models).
     #[arg(long, value_parser = parse_model_dir)]
@@ -859,6 +892,9 @@ impl Config {
         if let Some(v) = cli.outlier_base_ejection_ms {
             self.outlier.base_ejection_ms = v;
         }
+        if let Some(path) = &cli.api_keys {
+            self.tenancy.keys_file = Some(path.clone());
+        }
         if let Some(v) = cli.health_check_interval_ms {
             self.discovery.health.interval_ms = v;
         }
@@ -886,6 +922,8 @@ impl Config {
             ("upstream.stream_idle_timeout_ms", self.upstream.stream_idle_timeout_ms),
             ("upstream.max_event_bytes", self.upstream.max_event_bytes as u64),
             ("resume.deadline_ms", self.resume.deadline_ms),
+            ("tenancy.reload_interval_ms", self.tenancy.reload_interval_ms),
+            ("tenancy.prompt_bytes_per_token", self.tenancy.prompt_bytes_per_token),
             ("resume.max_bytes", self.resume.max_bytes as u64),
             ("outlier.base_ejection_ms", self.outlier.base_ejection_ms),
             ("upstream.pool_idle_timeout_ms", self.upstream.pool_idle_timeout_ms),

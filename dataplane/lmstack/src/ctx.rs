@@ -19,6 +19,7 @@ use crate::kv::Kv;
 use crate::metrics::{self, LocalMetrics};
 use crate::queue::{Drain, WaitQueue};
 use crate::state::{LocalRouting, SnapshotCell, StateRef};
+use crate::tenancy::TenantsCell;
 use crate::upstream::Pool;
 
 /// What all workers share: configuration (read-only), the snapshot cell, the metrics
@@ -37,6 +38,8 @@ pub struct Shared {
     pub replica: String,
     /// Exact KV routing's engine indexes and tokenizers (`kv_events.enabled`).
     pub kv: Option<Arc<Kv>>,
+    /// The API keys in force (`tenancy.keys_file`); `None`: no keys needed.
+    pub tenants: Option<TenantsCell>,
 }
 
 /// Limits and timeouts, converted once from the configuration.

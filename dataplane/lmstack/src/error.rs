@@ -45,6 +45,12 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The model is not served here.
     UnknownModel,
+    /// API keys are required and none, or an unknown one, came.
+    Unauthorized,
+    /// The request's API key may not use its model.
+    ModelNotAllowed,
+    /// The key's or its tenant's budget is spent for now (or the request is larger than it).
+    RateLimited,
     /// The model is served, but none of its endpoints is healthy.
     NoHealthyEndpoint,
     /// Every eligible endpoint is at its limit and the router's queue is full or timed out.
@@ -68,11 +74,14 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::MalformedRequest | ErrorKind::InvalidJson | ErrorKind::InvalidRequest => 400,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::ModelNotAllowed => 403,
             ErrorKind::NotFound | ErrorKind::UnknownModel => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::RequestTimeout => 408,
             ErrorKind::BodyTooLarge => 413,
             ErrorKind::ExpectationFailed => 417,
+            ErrorKind::RateLimited => 429,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::UnsupportedTransferEncoding => 501,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset | ErrorKind::UpstreamProtocol => 502,
@@ -95,6 +104,9 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::UnknownModel => "model_not_found",
+            ErrorKind::Unauthorized => "invalid_api_key",
+            ErrorKind::ModelNotAllowed => "model_not_allowed",
+            ErrorKind::RateLimited => "rate_limit_exceeded",
             ErrorKind::NoHealthyEndpoint => "no_healthy_endpoint",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::UpstreamConnect => "upstream_connect",
@@ -135,7 +147,10 @@ impl ErrorKind {
 
     fn openai_type(self) -> &'static str {
         match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
             404 => "not_found_error",
+            429 => "rate_limit_error",
             400..=499 => "invalid_request_error",
             _ => "server_error",
         }
@@ -165,6 +180,8 @@ pub struct ProxyError {
     pub retry: Retry,
     /// The IO error behind this one, if any.
     source: Option<std::io::Error>,
+    /// Header lines (`name: value\r\n`) the error response carries (`Retry-After`, ...).
+    pub headers: Option<String>,
 }
 
 impl ProxyError {
@@ -175,6 +192,7 @@ impl ProxyError {
             param: None,
             retry: Retry::Never,
             source: None,
+            headers: None,
         }
     }
 
@@ -195,6 +213,12 @@ impl ProxyError {
         if self.retry == Retry::Elsewhere {
             self.retry = Retry::ReusedOnly;
         }
+        self
+    }
+
+    /// Header lines (`name: value\r\n` each) for the error response.
+    pub fn with_headers(mut self, lines: String) -> Self {
+        self.headers = Some(lines);
         self
     }
 

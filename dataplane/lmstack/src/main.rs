@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod admin;
+mod budget;
 mod bufio;
 mod config;
 mod control;
@@ -21,6 +22,7 @@ mod queue;
 mod relay;
 mod response;
 mod state;
+mod tenancy;
 mod time;
 mod upstream;
 mod worker;
@@ -55,6 +57,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(path) = &config.tenancy.keys_file
+        && let Err(e) = tenancy::KeysFile::read(path)
+    {
+        eprintln!("lmstack: invalid configuration: tenancy.keys_file: {e}");
+        return ExitCode::from(2);
+    }
     if cli.check {
         match serde_yaml_ng::to_string(&config) {
             Ok(text) => {
@@ -128,7 +136,17 @@ fn run(config: Config) -> anyhow::Result<()> {
     let control_mode = config.discovery.mode == config::DiscoveryMode::Control;
     let kv = (config.kv_events.enabled && uses_prefix)
         .then(|| Arc::new(kv::Kv::new(config.kv_events.clone(), control_mode)));
+    let tenants = tenancy::load(config.tenancy.keys_file.as_deref()).map_err(anyhow::Error::msg)?;
+    if let (Some(cell), Some(path)) = (&tenants, &config.tenancy.keys_file) {
+        tenancy::spawn_reloader(
+            path.clone(),
+            config::ms(config.tenancy.reload_interval_ms),
+            cell.clone(),
+        )
+        .context("starting the keys file reloader")?;
+    }
     let shared = Arc::new(Shared {
+        tenants,
         kv: kv.clone(),
         cell: Arc::new(SnapshotCell::new(config.routing.clone())),
         config,

@@ -2,7 +2,7 @@
 //!
 //! Every name the binary exports lives here as a const; label keys come from a closed set
 //! (`model`, `endpoint`, `policy`, `reason`, `status`, `error_kind`, `driver`, `version`,
-//! `mode`, `check`, `outcome`).
+//! `mode`, `check`, `outcome`, `tenant`, `kind`).
 //! Each worker resolves its handles once per routing state and accumulates values in its
 //! own memory, flushing them to the shared exporter every [`FLUSH_INTERVAL`]: the request
 //! path does no registry lookup and touches no cache line another core writes. Not here:
@@ -109,6 +109,11 @@ pub const KV_REPLAYED_TOTAL: &str = "lmstack_kv_event_batches_replayed_total";
 pub const KV_INDEX_BLOCKS: &str = "lmstack_kv_index_blocks";
 pub const KV_LAST_EVENT_AGE: &str = "lmstack_kv_last_event_age_seconds";
 pub const KV_COMPAT_PROBLEM: &str = "lmstack_kv_compat_problem";
+pub const TENANT_REQUESTS_TOTAL: &str = "lmstack_tenant_requests_total";
+pub const TENANT_TOKENS_TOTAL: &str = "lmstack_tenant_tokens_total";
+pub const AUTH_REJECTED_TOTAL: &str = "lmstack_auth_rejected_total";
+pub const TENANCY_KEYS: &str = "lmstack_tenancy_keys";
+pub const TENANCY_RELOADS_TOTAL: &str = "lmstack_tenancy_reloads_total";
 pub const BUILD_INFO: &str = "lmstack_build_info";
 pub const WORKERS: &str = "lmstack_workers";
 
@@ -278,6 +283,23 @@ fn describe() {
     describe_gauge!(
         KV_COMPAT_PROBLEM,
         "1 when a check made at an endpoint's registration failed (metric names, prefix caching, block size, KV events reachable), else 0."
+    );
+    describe_counter!(
+        TENANT_REQUESTS_TOTAL,
+        "Requests with an API key, by tenant and admission outcome (admitted, throttled_requests, throttled_tokens, too_large, model_not_allowed)."
+    );
+    describe_counter!(
+        TENANT_TOKENS_TOTAL,
+        "Tokens charged to a tenant: prompt and completion from the engines' usage; estimated where no usage came (the reservation stands)."
+    );
+    describe_counter!(
+        AUTH_REJECTED_TOTAL,
+        "Requests refused 401 because their API key was missing or unknown."
+    );
+    describe_gauge!(TENANCY_KEYS, "API keys in force.");
+    describe_counter!(
+        TENANCY_RELOADS_TOTAL,
+        "Changes of the keys file: applied, or rejected (the keys in force stay)."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
     describe_gauge!(WORKERS, "Worker threads, by IO driver (io_uring or epoll).");

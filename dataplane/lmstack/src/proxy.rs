@@ -21,11 +21,12 @@
 
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use lmstack_http::head::RequestHead;
-use lmstack_http::stream::{Api, Ledger};
+use lmstack_http::stream::{Api, BodyTail, Ledger, Usage};
 use lmstack_http::{Framing, Version};
 use lmstack_route::blocks::BlockHasher;
 use lmstack_route::{Pick, PrefixInfo, RouteRequest};
@@ -44,6 +45,7 @@ use crate::queue::Ticket;
 use crate::relay::{self, EventFraming, EventRelay, FirstByte, OutFraming, RelayError, StreamClock};
 use crate::response::{self, BodyOut, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
+use crate::tenancy::Key;
 use crate::upstream;
 
 /// What to do with the client connection after a request.
@@ -99,7 +101,7 @@ fn target(method: &str, path: &str) -> Target {
 /// A request on its way to an engine.
 struct Forward<'a> {
     head: &'a RequestHead,
-    /// The body as the client sent it.
+    /// The body as the client sent it (with its tenant's cache salt and usage request).
     body: &'a Bytes,
     /// The body sent to the first engine (with token ids asked for, for a stream that may
     /// be resumed).
@@ -109,6 +111,14 @@ struct Forward<'a> {
     api: Option<Api>,
     /// The client asked for token ids itself.
     keep_ids: bool,
+    /// The router asked for the stream's usage, the client did not.
+    hide_usage: bool,
+    /// The client asked for the stream's usage (`stream_options.include_usage`).
+    client_usage: bool,
+    /// The client's API key is the router's: not sent to engines; its usage is metered.
+    metered: bool,
+    /// `x-ratelimit-*` header lines for the response.
+    rate_headers: &'a str,
     session: Option<&'a str>,
     prefix: Option<&'a PrefixPlan<'a>>,
     request_id: &'a str,
@@ -134,12 +144,27 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
     };
 
-    // 2. Local routes.
+    // 2. Local routes (`/v1/models` needs a key when keys are on, and lists what it may use).
     match target(head.method(), head.path()) {
         Target::Local(local) => {
-            let (status, content_type, body) = admin::serve(ctx, local);
+            let key = match local {
+                Local::Models => match authenticate(ctx, &head) {
+                    Ok(key) => key,
+                    Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
+                },
+                _ => None,
+            };
+            let (status, content_type, body) = admin::serve(ctx, local, key.as_deref());
             let keep_alive = head.keep_alive && !ctx.draining();
-            let bytes = response::local(status, content_type, &body, keep_alive, head.version, Some(&request_id));
+            let bytes = response::local(
+                status,
+                content_type,
+                &body,
+                keep_alive,
+                head.version,
+                Some(&request_id),
+                "",
+            );
             if !down.write(bytes, lim.write_timeout).await || !keep_alive {
                 return After::Close;
             }
@@ -151,6 +176,10 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
         Target::Model => {}
     }
+    let key = match authenticate(ctx, &head) {
+        Ok(key) => key,
+        Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
+    };
 
     // 3. Peek.
     let session_config = &ctx.shared.config.routing.session;
@@ -163,7 +192,10 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
     };
 
-    // 4. The model's pool.
+    // 4. The key's models; the model's pool; the key's budgets.
+    if let Some(Err(e)) = key.as_ref().map(|k| k.allow_model(model)) {
+        return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+    }
     let state = ctx.routing_state();
     let Some(pool) = state.model(model) else {
         let e = ProxyError::new(
@@ -176,37 +208,71 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         .with_param("model");
         return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
     };
+    let grant = match &key {
+        Some(key) => {
+            // Reserved now, settled from the engine's usage when the response ends.
+            let tenancy = &ctx.shared.config.tenancy;
+            let prompt_bytes = peek.prompt.or(peek.messages).map_or(body.len(), |p| p.get().len()) as u64;
+            let tokens =
+                prompt_bytes / tenancy.prompt_bytes_per_token + peek.max_tokens.unwrap_or(tenancy.default_max_tokens);
+            match key.admit(tokens) {
+                Ok(grant) => {
+                    tracing::debug!(request_id, tenant = %key.tenant.name, key = key.name.as_deref(), tokens, "admitted");
+                    Some(grant)
+                }
+                Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
+            }
+        }
+        None => None,
+    };
+    // A completions or chat stream has a ledger: it may be resumed, and it tells the usage.
+    let resume = &ctx.shared.config.resume;
+    let api = match head.path() {
+        "/v1/completions" if peek.stream && (resume.enabled || grant.is_some()) => Some(Api::Completions),
+        "/v1/chat/completions" if peek.stream && (resume.enabled || grant.is_some()) => Some(Api::Chat),
+        _ => None,
+    };
+    let client_usage = peek.stream_options.is_some_and(|o| {
+        serde_json::from_str::<serde_json::Value>(o.get())
+            .ok()
+            .and_then(|v| v.get("include_usage").and_then(serde_json::Value::as_bool))
+            .unwrap_or(false)
+    });
+    // What the tenant's requests carry: its cache salt; the usage of a stream, to settle
+    // its budget (not shown to a client that did not ask).
+    let salt = grant.as_ref().and_then(|g| g.tenant().cache_salt.clone());
+    let ask_usage = grant.is_some() && api.is_some() && !client_usage;
+    let tenant_body = (salt.is_some() || ask_usage).then(|| tenant_body(&body, &peek, salt.as_deref(), ask_usage));
+    let body = tenant_body.as_ref().unwrap_or(&body);
     let session = session_key(&head, peek.session.as_deref(), session_config);
     // The prompt's blocks, and how much of them each endpoint holds, for policies that ask.
     let prefix = if pool.policy.name().uses_prefix() {
-        prefix_plan(ctx, &state, pool, &peek, session, (&head, &body))
+        prefix_plan(ctx, &state, pool, &peek, session, (&head, body), salt.as_deref())
     } else {
         None
     };
     // A stream that may be resumed asks the engine for token ids (hidden from the client
     // unless it asked), so that a continuation is token-exact.
-    let resume = &ctx.shared.config.resume;
-    let api = match head.path() {
-        "/v1/completions" if peek.stream && resume.enabled => Some(Api::Completions),
-        "/v1/chat/completions" if peek.stream && resume.enabled => Some(Api::Chat),
-        _ => None,
-    };
     let keep_ids = peek.return_token_ids == Some(true);
     // The first event carries the prompt's ids: asked for only when they fit in an event.
     let ids_fit = body.len() <= ctx.limits.max_event_bytes / 4;
     let send_body = match api {
-        Some(_) if resume.token_ids && !keep_ids && ids_fit => {
-            lmstack_http::stream::ask_token_ids(&body).map_or_else(|| body.clone(), Bytes::from)
+        Some(_) if resume.enabled && resume.token_ids && !keep_ids && ids_fit => {
+            lmstack_http::stream::ask_token_ids(body).map_or_else(|| body.clone(), Bytes::from)
         }
         _ => body.clone(),
     };
     let request = Forward {
         head: &head,
-        body: &body,
+        body,
         send_body,
         stream: peek.stream,
         api,
         keep_ids,
+        hide_usage: ask_usage,
+        client_usage,
+        metered: key.is_some(),
+        rate_headers: grant.as_ref().map_or("", |g| g.headers.as_str()),
         session,
         prefix: prefix.as_ref(),
         request_id: &request_id,
@@ -229,13 +295,18 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         .await;
 
     // 7. Record, and decide about the connection.
+    if let Some(grant) = grant {
+        grant.settle(settled_usage(outcome.as_ref()));
+    }
     match outcome {
         None => {
             tracing::debug!(request_id, "the client left before the response ended");
             record(&mm.unrouted, CLIENT_CLOSED, started);
             After::Close
         }
-        Some(Outcome::Done { pm, status, keep_alive }) => {
+        Some(Outcome::Done {
+            pm, status, keep_alive, ..
+        }) => {
             record(&pm, status, started);
             if keep_alive { After::KeepAlive } else { After::Close }
         }
@@ -244,6 +315,26 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             After::Close
         }
         Some(Outcome::Failed { error, pm }) => fail(ctx, down, Some((&head, &request_id)), &error, Some(&pm)).await,
+    }
+}
+
+/// The tokens a metered request used, as far as known: the engine's usage; none when the
+/// request never reached an engine; `None` (the reservation stands) otherwise.
+fn settled_usage(outcome: Option<&Outcome>) -> Option<(u64, u64)> {
+    match outcome? {
+        Outcome::Done { usage, .. } => usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        Outcome::Failed { error, .. }
+            if matches!(
+                error.kind,
+                ErrorKind::NoHealthyEndpoint
+                    | ErrorKind::Overloaded
+                    | ErrorKind::UpstreamConnect
+                    | ErrorKind::UpstreamConnectTimeout
+            ) =>
+        {
+            Some((0, 0))
+        }
+        _ => None,
     }
 }
 
@@ -279,6 +370,7 @@ fn prefix_plan<'c>(
     peek: &lmstack_http::Peek<'_>,
     session: Option<&str>,
     (head, body): (&RequestHead, &Bytes),
+    tenant_salt: Option<&str>,
 ) -> Option<PrefixPlan<'c>> {
     let a = &ctx.shared.config.routing.affinity;
     let mut scratch = ctx.scratch();
@@ -305,6 +397,14 @@ fn prefix_plan<'c>(
     if buffers.blocks.is_empty() {
         return None;
     }
+    // An isolated tenant's blocks (and session) are its own: it neither matches nor
+    // reveals another's prompts.
+    let tenant_seed = tenant_salt.map(|s| xxhash_rust::xxh3::xxh3_64(s.as_bytes()));
+    if let Some(seed) = tenant_seed {
+        for b in &mut buffers.blocks {
+            *b = xxhash_rust::xxh3::xxh3_64_with_seed(&b.to_le_bytes(), seed);
+        }
+    }
     buffers.matched.resize(pool.endpoints.len(), 0);
     let found = ctx
         .shared
@@ -326,7 +426,10 @@ fn prefix_plan<'c>(
         }
     };
     // Where the session went last, when the request has a key.
-    let session_block = session.map(lmstack_route::blocks::session_block);
+    let session_block = session.map(|s| {
+        let b = lmstack_route::blocks::session_block(s);
+        tenant_seed.map_or(b, |seed| xxhash_rust::xxh3::xxh3_64_with_seed(&b.to_le_bytes(), seed))
+    });
     let session_home = session_block.and_then(|b| {
         let cell = &ctx.shared.cell;
         cell.affinity.latest(b, &pool.tags, cell.now_ms())
@@ -400,6 +503,8 @@ enum Outcome {
         pm: Rc<PairMetrics>,
         status: u16,
         keep_alive: bool,
+        /// The engine's usage, when metered and it came.
+        usage: Option<Usage>,
     },
     /// The response started but could not finish (engine failed, client left).
     Aborted { pm: Rc<PairMetrics>, status: u16 },
@@ -498,11 +603,20 @@ async fn forward(
         let result = exchange(ctx, endpoint, req, wr, &pm, &try_at, &mut streaming).await;
         passive_health(ctx, state, pool, index, &result);
         match result {
-            Exchange::Done { status, keep_alive } => {
+            Exchange::Done {
+                status,
+                keep_alive,
+                usage,
+            } => {
                 if resumes > 0 {
                     mm.resume("resumed");
                 }
-                return Outcome::Done { pm, status, keep_alive };
+                return Outcome::Done {
+                    pm,
+                    status,
+                    keep_alive,
+                    usage,
+                };
             }
             Exchange::Aborted { status, error: None } => return Outcome::Aborted { pm, status },
             Exchange::Aborted {
@@ -515,13 +629,17 @@ async fn forward(
                     return Outcome::Aborted { pm, status };
                 };
                 excluded.push(index);
-                let Some(ledger) = s.ledger.as_mut() else {
-                    let why = if ctx.shared.config.resume.enabled {
-                        "not_openai"
-                    } else {
-                        "disabled"
-                    };
-                    return end_stream(ctx, mm, req, wr, streaming, pm, &error, why).await;
+                let ledger = match s.ledger.as_mut() {
+                    Some(ledger) if ctx.shared.config.resume.enabled => ledger,
+                    Some(_) => return end_stream(ctx, mm, req, wr, streaming, pm, &error, "disabled").await,
+                    None => {
+                        let why = if ctx.shared.config.resume.enabled {
+                            "not_openai"
+                        } else {
+                            "disabled"
+                        };
+                        return end_stream(ctx, mm, req, wr, streaming, pm, &error, why).await;
+                    }
                 };
                 if ledger.done() {
                     // The end marker went out: only the body's end is missing.
@@ -533,7 +651,7 @@ async fn forward(
                 }
                 if ledger.finished() {
                     // The generation was over: only the usage and the end marker were missing.
-                    let closing = ledger.closing_events(include_usage(req.body));
+                    let closing = ledger.closing_events(req.client_usage);
                     mm.resume("finished");
                     return close_stream(ctx, wr, streaming, pm, &closing).await;
                 }
@@ -653,15 +771,52 @@ fn passive_health(ctx: &WorkerCtx, state: &RoutingState, pool: &ModelPool, index
     }
 }
 
-/// The client asked for a usage chunk at the end of its stream.
-fn include_usage(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/stream_options/include_usage")
-                .and_then(serde_json::Value::as_bool)
-        })
-        .unwrap_or(false)
+/// The body a tenant's request goes on with: its `cache_salt` (replacing the client's), and
+/// `stream_options.include_usage`, each the body's last member (vLLM reads JSON objects
+/// last-wins); through a JSON value when the client sent either field itself.
+fn tenant_body(body: &Bytes, peek: &lmstack_http::Peek<'_>, salt: Option<&str>, ask_usage: bool) -> Bytes {
+    use lmstack_http::stream::append_member;
+    let salt_json = salt.map(|s| serde_json::Value::from(s).to_string());
+    let appended = if (salt.is_some() && peek.cache_salt) || (ask_usage && peek.stream_options.is_some()) {
+        None
+    } else {
+        let mut out = Some(body.to_vec());
+        if let Some(salt) = &salt_json {
+            out = out.and_then(|b| append_member(&b, "cache_salt", salt.as_bytes()));
+        }
+        if ask_usage {
+            out = out.and_then(|b| append_member(&b, "stream_options", br#"{"include_usage":true}"#));
+        }
+        out
+    };
+    if let Some(out) = appended {
+        return Bytes::from(out);
+    }
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return body.clone();
+    };
+    if let Some(salt) = salt {
+        map.insert("cache_salt".into(), salt.into());
+    }
+    if ask_usage {
+        let options = map
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        if let Some(o) = options.as_object_mut() {
+            o.insert("include_usage".into(), true.into());
+        } else {
+            *options = serde_json::json!({"include_usage": true});
+        }
+    }
+    serde_json::to_vec(&map).map_or_else(|_| body.clone(), Bytes::from)
+}
+
+/// The request's API key when keys are on (`None` when they are off); 401 without one.
+fn authenticate(ctx: &WorkerCtx, head: &RequestHead) -> Result<Option<Arc<Key>>, ProxyError> {
+    match &ctx.shared.tenants {
+        Some(cell) => cell.load().authenticate(head).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Ends a stream that cannot go on: an error event (OpenAI's error object, as vLLM sends
@@ -718,6 +873,7 @@ async fn close_stream(
             pm,
             status: s.status,
             keep_alive: s.keep_alive,
+            usage: None,
         },
         Err(_) => Outcome::Aborted {
             pm,
@@ -881,18 +1037,15 @@ enum Exchange {
     Done {
         status: u16,
         keep_alive: bool,
+        /// The engine's usage, when metered and it came.
+        usage: Option<Usage>,
     },
     /// The response head went to the client, the rest did not (an event stream's may go
     /// on elsewhere).
-    Aborted {
-        status: u16,
-        error: Option<ProxyError>,
-    },
+    Aborted { status: u16, error: Option<ProxyError> },
     /// Nothing of this attempt went to the client; `error.retry` says whether another
     /// attempt is safe.
-    Failed {
-        error: ProxyError,
-    },
+    Failed { error: ProxyError },
 }
 
 /// What one attempt needs besides the request.
@@ -1002,6 +1155,7 @@ async fn exchange(
         attempt.body.len(),
         req.send_id.then_some(req.request_id),
         req.client,
+        req.metered,
     );
     let answered = crate::time::timeout(attempt.head_timeout, async {
         upstream::send(&mut conn, head, &attempt.body).await?;
@@ -1068,8 +1222,11 @@ async fn exchange(
         req.head.version,
         Some(req.request_id),
         attempt.route.as_deref(),
+        req.rate_headers,
     );
     let mut clock = StreamClock::new(req.started, pm, &first_byte);
+    // A metered request's usage, read from the end of the body.
+    let mut tail = (req.metered && up.status == 200).then(BodyTail::default);
     let out = if dechunk {
         OutFraming::Dechunk
     } else {
@@ -1082,6 +1239,7 @@ async fn exchange(
         up.framing,
         out,
         sse.then_some(&mut clock),
+        tail.as_mut(),
         lim.idle_timeout,
         lim.write_timeout,
     )
@@ -1094,6 +1252,7 @@ async fn exchange(
             Exchange::Done {
                 status: up.status,
                 keep_alive,
+                usage: tail.and_then(|t| t.usage()),
             }
         }
         Err(RelayError::Downstream) => Exchange::Aborted {
@@ -1146,12 +1305,16 @@ async fn exchange_events(
                 req.head.version,
                 Some(req.request_id),
                 attempt.route.as_deref(),
+                req.rate_headers,
             ));
             streaming.insert(Streaming {
-                ledger: req
-                    .api
-                    .filter(|_| up.status == 200)
-                    .map(|api| Ledger::new(api, req.keep_ids, resume.max_bytes)),
+                ledger: req.api.filter(|_| up.status == 200).map(|api| {
+                    let mut ledger = Ledger::new(api, req.keep_ids, resume.max_bytes);
+                    if req.hide_usage {
+                        ledger.hide_usage();
+                    }
+                    ledger
+                }),
                 framing,
                 status: up.status,
                 keep_alive,
@@ -1205,6 +1368,7 @@ async fn exchange_events(
                 Ok(()) => Exchange::Done {
                     status: s.status,
                     keep_alive: s.keep_alive,
+                    usage: s.ledger.as_ref().and_then(Ledger::usage),
                 },
                 Err(_) => Exchange::Aborted {
                     status: CLIENT_CLOSED,
@@ -1226,6 +1390,31 @@ async fn exchange_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_bodies_carry_the_salt_and_ask_for_usage_whatever_the_client_sent() {
+        let cases = [
+            (
+                r#"{"model":"m","stream":true}"#,
+                r#"{"model":"m","stream":true,"cache_salt":"s1","stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"model":"m","cache_salt":"mine","stream_options":{"continuous_usage_stats":true}}"#,
+                r#"{"cache_salt":"s1","model":"m","stream_options":{"continuous_usage_stats":true,"include_usage":true}}"#,
+            ),
+        ];
+        for (body, want) in cases {
+            let body = Bytes::from(body);
+            let peek = lmstack_http::peek(&body, None).unwrap();
+            let out = tenant_body(&body, &peek, Some("s1"), true);
+            let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let want: serde_json::Value = serde_json::from_str(want).unwrap();
+            assert_eq!(got, want);
+            // vLLM reads the last of repeated members: no member appears twice.
+            let text = std::str::from_utf8(&out).unwrap();
+            assert_eq!(text.matches("cache_salt").count(), 1, "{text}");
+        }
+    }
 
     #[test]
     fn targets() {

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use lmstack_http::stream::{EventSplitter, Ledger, Verdict, event_data};
+use lmstack_http::stream::{BodyTail, EventSplitter, Ledger, Verdict, event_data};
 use lmstack_http::{ChunkedDecoder, Framing, SseCounter};
 use monoio::io::AsyncWriteRentExt;
 use monoio::io::OwnedWriteHalf;
@@ -160,6 +160,7 @@ pub async fn relay(
     framing: Framing,
     out: OutFraming,
     mut clock: Option<&mut StreamClock<'_>>,
+    mut tail: Option<&mut BodyTail>,
     idle_timeout: Duration,
     write_timeout: Duration,
 ) -> Result<Relayed, RelayError> {
@@ -193,11 +194,17 @@ pub async fn relay(
                     if clock.is_some() {
                         events += sse.feed(&data[..take]).data;
                     }
+                    if let Some(t) = tail.as_deref_mut() {
+                        t.push(&data[..take]);
+                    }
                     (take, remaining == 0, None)
                 }
                 Framing::UntilClose => {
                     if clock.is_some() {
                         events += sse.feed(&data).data;
+                    }
+                    if let Some(t) = tail.as_deref_mut() {
+                        t.push(&data);
                     }
                     (data.len(), false, None)
                 }
@@ -208,6 +215,9 @@ pub async fn relay(
                         .decode(&data, |payload| {
                             if counting {
                                 events += sse.feed(payload).data;
+                            }
+                            if let Some(t) = tail.as_deref_mut() {
+                                t.push(payload);
                             }
                             if let Some(p) = pieces.as_mut() {
                                 p.push(data.slice_ref(payload));

@@ -44,6 +44,7 @@ pub fn upstream_request(
     body_len: usize,
     request_id: Option<&str>,
     client: IpAddr,
+    drop_credentials: bool,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.raw_len() + 128);
     out.extend_from_slice(head.method().as_bytes());
@@ -54,6 +55,11 @@ pub fn upstream_request(
     let mut forwarded_for = None;
     for (name, value) in forwardable(&head.headers) {
         if name.eq_ignore_ascii_case(b"host") {
+            continue;
+        }
+        // The router's own API keys stay with the router.
+        if drop_credentials && (name.eq_ignore_ascii_case(b"authorization") || name.eq_ignore_ascii_case(b"x-api-key"))
+        {
             continue;
         }
         if name.eq_ignore_ascii_case(b"x-forwarded-for") {
@@ -100,6 +106,7 @@ pub fn downstream_response(
     client_version: Version,
     request_id: Option<&str>,
     route: Option<&str>,
+    extra: &str,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(up.headers.len() * 40 + 128);
     status_line(&mut out, up.status, up.reason());
@@ -124,6 +131,7 @@ pub fn downstream_response(
     if let Some(route) = route {
         header(&mut out, ROUTE.as_bytes(), route.as_bytes());
     }
+    out.extend_from_slice(extra.as_bytes());
     connection_header(&mut out, keep_alive, client_version);
     out.extend_from_slice(b"\r\n");
     out
@@ -157,14 +165,16 @@ pub fn local(
     keep_alive: bool,
     client_version: Version,
     request_id: Option<&str>,
+    extra: &str,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 192);
+    let mut out = Vec::with_capacity(body.len() + extra.len() + 192);
     status_line(&mut out, status, b"");
     header(&mut out, b"content-type", content_type.as_bytes());
     header(&mut out, b"content-length", body.len().to_string().as_bytes());
     if let Some(id) = request_id {
         header(&mut out, REQUEST_ID.as_bytes(), id.as_bytes());
     }
+    out.extend_from_slice(extra.as_bytes());
     connection_header(&mut out, keep_alive, client_version);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
@@ -181,6 +191,7 @@ pub fn error(error: &ProxyError, keep_alive: bool, client_version: Version, requ
         keep_alive,
         client_version,
         request_id,
+        error.headers.as_deref().unwrap_or(""),
     )
 }
 
@@ -234,7 +245,7 @@ mod tests {
 X-Secret: 1\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer k\r\nX-Forwarded-For: 1.2.3.4\r\n\
 X-User-Id: u\r\n\r\n",
         );
-        let out = upstream_request(&head, "engine:8000", 5, Some("rid"), "10.0.0.9".parse().unwrap());
+        let out = upstream_request(&head, "engine:8000", 5, Some("rid"), "10.0.0.9".parse().unwrap(), false);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/completions HTTP/1.1\r\nhost: engine:8000\r\n"));
         assert!(text.contains("Authorization: Bearer k\r\n"));
@@ -246,6 +257,11 @@ X-User-Id: u\r\n\r\n",
         assert!(!text.contains("X-Secret"));
         assert!(!text.contains("Connection"));
         assert!(text.ends_with("\r\n\r\n"));
+        // With API keys on, the client's key stays with the router.
+        let out = upstream_request(&head, "engine:8000", 5, None, "10.0.0.9".parse().unwrap(), true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("Authorization"), "{text}");
+        assert!(text.contains("X-User-Id: u\r\n"));
     }
 
     #[test]
@@ -263,11 +279,12 @@ X-User-Id: u\r\n\r\n",
             Version::Http11,
             Some("r"),
             None,
+            "x-ratelimit-limit-requests: 2\r\n",
         ))
         .unwrap();
         assert_eq!(
             text,
-            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-request-id: r\r\n\r\n"
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-request-id: r\r\nx-ratelimit-limit-requests: 2\r\n\r\n"
         );
         let text = String::from_utf8(downstream_response(
             &up,
@@ -276,6 +293,7 @@ X-User-Id: u\r\n\r\n",
             Version::Http10,
             None,
             Some("policy=x"),
+            "",
         ))
         .unwrap();
         assert_eq!(
@@ -286,7 +304,7 @@ X-User-Id: u\r\n\r\n",
 
     #[test]
     fn local_responses_are_complete() {
-        let text = String::from_utf8(local(503, "application/json", b"{}", true, Version::Http10, None)).unwrap();
+        let text = String::from_utf8(local(503, "application/json", b"{}", true, Version::Http10, None, "")).unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\n{}"
