@@ -174,7 +174,14 @@ fn no_healthy_endpoint_is_503() {
     let dead = FakeEngine::start(Misbehave::Hang);
     let url = dead.url();
     dead.stop_listening();
-    let r = router(&args(&["--static-backends", &url, "--static-models", "m"]));
+    let r = router(&args(&[
+        "--static-backends",
+        &url,
+        "--static-models",
+        "m",
+        "--hold-timeout-ms",
+        "0",
+    ]));
     wait_until("the router to have a snapshot", || {
         get(&r, "/health").json()["snapshot_version"] == 1
     });

@@ -35,6 +35,7 @@ pub struct Config {
     pub resume: ResumeConfig,
     pub outlier: OutlierConfig,
     pub tenancy: TenancyConfig,
+    pub admission: AdmissionConfig,
     pub log: LogConfig,
 }
 
@@ -236,6 +237,41 @@ impl Default for OutlierConfig {
             base_ejection_ms: 10_000,
             max_ejection_ms: 300_000,
             max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Admission when engines are busy or not there yet: requests held for a model without a
+/// ready endpoint, and what counts as a saturated endpoint (requests then wait in the
+/// router's queue, `upstream.max_queued_per_worker` and `queue_timeout_ms`, in priority
+/// and fair-share order).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// How long a request for a model whose endpoints are all unready (scaling up from
+    /// zero, restarting) is held before it fails (503). 0: fail at once.
+    pub hold_timeout_ms: u64,
+    /// Models (names, or a prefix ending in `*`) held for even before any endpoint serves
+    /// them (scaled to zero); any other model no endpoint serves is 404 at once.
+    pub hold_models: Vec<String>,
+    /// Requests held at once per worker; beyond it, 503.
+    pub max_held_per_worker: usize,
+    /// An endpoint whose engine reports more waiting requests than this (vLLM's
+    /// `num_requests_waiting`, as probed) takes no new request; 0: no limit.
+    pub max_engine_waiting: u32,
+    /// An endpoint whose engine's KV cache usage (0 to 1, as probed) is above this takes
+    /// no new request; 1: no limit.
+    pub max_kv_usage: f64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            hold_timeout_ms: 30_000,
+            hold_models: Vec::new(),
+            max_held_per_worker: 1024,
+            max_engine_waiting: 0,
+            max_kv_usage: 1.0,
         }
     }
 }
@@ -733,6 +769,10 @@ pub struct Cli {
     /// the engine's host, e.g. `tcp://{host}:5557` (`kv_events.endpoint_template`).
     #[arg(long)]
     pub kv_events_endpoint: Option<String>,
+    /// How long a request for a model without a ready endpoint is held before it fails,
+    /// ms; 0: at once (`admission.hold_timeout_ms`).
+    #[arg(long)]
+    pub hold_timeout_ms: Option<u64>,
     /// API keys file: every model route then needs a key (`Authorization: Bearer` or
     /// `x-api-key`), with its tenant's models and budgets (`tenancy.keys_file`).
     #[arg(long)]
@@ -892,6 +932,9 @@ impl Config {
         if let Some(v) = cli.outlier_base_ejection_ms {
             self.outlier.base_ejection_ms = v;
         }
+        if let Some(v) = cli.hold_timeout_ms {
+            self.admission.hold_timeout_ms = v;
+        }
         if let Some(path) = &cli.api_keys {
             self.tenancy.keys_file = Some(path.clone());
         }
@@ -955,6 +998,12 @@ impl Config {
             if value == 0 {
                 return Err(invalid(format!("{name} must be greater than 0")));
             }
+        }
+        if !(self.admission.max_kv_usage > 0.0 && self.admission.max_kv_usage <= 1.0) {
+            return Err(invalid("admission.max_kv_usage must be within (0, 1]"));
+        }
+        if self.admission.max_held_per_worker == 0 {
+            return Err(invalid("admission.max_held_per_worker must be greater than 0"));
         }
         if self.outlier.max_ejection_ms < self.outlier.base_ejection_ms {
             return Err(invalid(
@@ -1087,6 +1136,14 @@ impl Config {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
     }
+}
+
+/// Whether `model` is one of `patterns`: names, or a prefix ending in `*` (`*` alone: any).
+pub fn model_matches(patterns: &[String], model: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => model.starts_with(prefix),
+        None => p == model,
+    })
 }
 
 /// Millisecond settings as durations.

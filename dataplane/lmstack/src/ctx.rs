@@ -157,6 +157,8 @@ pub struct WorkerCtx {
     request_seq: Cell<u64>,
     /// Client connections open on this worker (the accept loop's count).
     pub connections: Cell<usize>,
+    /// Requests held for a model without a ready endpoint (`admission`).
+    pub held: Cell<usize>,
     scratch_free: RefCell<Vec<PrefixBuffers>>,
     /// Prefix assignments made here since the last flush, for control (shared affinity).
     affinity_out: RefCell<Vec<AffinityEntry>>,
@@ -181,6 +183,7 @@ impl WorkerCtx {
             request_prefix: format!("{:012x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) >> 16),
             request_seq: Cell::new(0),
             connections: Cell::new(0),
+            held: Cell::new(0),
             scratch_free: RefCell::new(Vec::new()),
             affinity_out: RefCell::new(Vec::new()),
             shared,

@@ -71,6 +71,7 @@ pub const REQUEST_DURATION: &str = "lmstack_request_duration_seconds";
 pub const REQUESTS_RUNNING: &str = "lmstack_requests_running";
 pub const REQUESTS_AWAITING_FIRST_BYTE: &str = "lmstack_requests_awaiting_first_byte";
 pub const REQUESTS_QUEUED: &str = "lmstack_requests_queued";
+pub const REQUESTS_HELD: &str = "lmstack_requests_held";
 pub const STREAM_TTFT: &str = "lmstack_stream_ttft_seconds";
 pub const STREAM_TBT: &str = "lmstack_stream_tbt_seconds";
 pub const STREAM_EVENTS_TOTAL: &str = "lmstack_stream_events_total";
@@ -301,6 +302,11 @@ fn describe() {
         TENANCY_RELOADS_TOTAL,
         "Changes of the keys file: applied, or rejected (the keys in force stay)."
     );
+    describe_gauge!(
+        REQUESTS_HELD,
+        "Requests held for a model without a ready endpoint (scaling up from zero, restarting)."
+    );
+    gauge!(REQUESTS_HELD).set(0.0);
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
     describe_gauge!(WORKERS, "Worker threads, by IO driver (io_uring or epoll).");
 }

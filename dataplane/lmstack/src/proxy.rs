@@ -33,7 +33,7 @@ use lmstack_route::{Pick, PrefixInfo, RouteRequest};
 use lmstack_snapshot::AffinityEntry;
 use monoio::io::OwnedWriteHalf;
 use monoio::net::TcpStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::admin::{self, Local};
 use crate::config::SessionConfig;
@@ -41,11 +41,11 @@ use crate::ctx::{Scratch, WorkerCtx};
 use crate::downstream::Downstream;
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::metrics::{ModelMetrics, PairMetrics};
-use crate::queue::Ticket;
+use crate::queue::{Rank, Ticket};
 use crate::relay::{self, EventFraming, EventRelay, FirstByte, OutFraming, RelayError, StreamClock};
 use crate::response::{self, BodyOut, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
-use crate::tenancy::Key;
+use crate::tenancy::{Key, Priority, Tenant};
 use crate::upstream;
 
 /// What to do with the client connection after a request.
@@ -119,6 +119,8 @@ struct Forward<'a> {
     metered: bool,
     /// `x-ratelimit-*` header lines for the response.
     rate_headers: &'a str,
+    /// The key's tenant (its priority and share in the router's queue).
+    tenant: Option<Arc<Tenant>>,
     session: Option<&'a str>,
     prefix: Option<&'a PrefixPlan<'a>>,
     request_id: &'a str,
@@ -196,7 +198,23 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     if let Some(Err(e)) = key.as_ref().map(|k| k.allow_model(model)) {
         return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
     }
-    let state = ctx.routing_state();
+    let mut state = ctx.routing_state();
+    // A model with no ready endpoint (scaling up from zero, restarting) holds its request
+    // a while rather than failing it.
+    if let Some(hold) = must_hold(ctx, &state, model) {
+        let Downstream { reader, .. } = &mut *down;
+        let held = reader
+            .unless_client_leaves(lim.head.max_bytes, lim.client_watch_delay, hold_for(ctx, model, hold))
+            .await;
+        match held {
+            None => {
+                tracing::debug!(request_id, "the client left while its request was held");
+                return After::Close;
+            }
+            Some(Ok(ready)) => state = ready,
+            Some(Err(e)) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
+        }
+    }
     let Some(pool) = state.model(model) else {
         let e = ProxyError::new(
             ErrorKind::UnknownModel,
@@ -215,7 +233,8 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             let prompt_bytes = peek.prompt.or(peek.messages).map_or(body.len(), |p| p.get().len()) as u64;
             let tokens =
                 prompt_bytes / tenancy.prompt_bytes_per_token + peek.max_tokens.unwrap_or(tenancy.default_max_tokens);
-            match key.admit(tokens) {
+            let now_ms = ctx.shared.cell.now_ms();
+            match key.admit(tokens, now_ms, ctx.shared.config.routing.recent_half_life_ms) {
                 Ok(grant) => {
                     tracing::debug!(request_id, tenant = %key.tenant.name, key = key.name.as_deref(), tokens, "admitted");
                     Some(grant)
@@ -273,6 +292,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         client_usage,
         metered: key.is_some(),
         rate_headers: grant.as_ref().map_or("", |g| g.headers.as_str()),
+        tenant: key.as_ref().map(|k| k.tenant.clone()),
         session,
         prefix: prefix.as_ref(),
         request_id: &request_id,
@@ -315,6 +335,69 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             After::Close
         }
         Some(Outcome::Failed { error, pm }) => fail(ctx, down, Some((&head, &request_id)), &error, Some(&pm)).await,
+    }
+}
+
+/// Whether a request for `model` must be held, and how long at most: its pool has no
+/// healthy endpoint, or there is no pool yet and the model is one to hold for.
+fn must_hold(ctx: &WorkerCtx, state: &RoutingState, model: &str) -> Option<Duration> {
+    let a = &ctx.shared.config.admission;
+    let unready = match state.model(model) {
+        Some(pool) => pool.healthy_count(state) == 0,
+        None => crate::config::model_matches(&a.hold_models, model),
+    };
+    (unready && a.hold_timeout_ms > 0).then(|| crate::config::ms(a.hold_timeout_ms))
+}
+
+/// Holds a request until its model has a healthy endpoint (checked every 20 ms, when the
+/// worker's routing state may have moved), or fails it after `max`.
+async fn hold_for(ctx: &WorkerCtx, model: &str, max: Duration) -> Result<crate::state::StateRef, ProxyError> {
+    let limit = ctx.shared.config.admission.max_held_per_worker;
+    if ctx.held.get() >= limit {
+        return Err(ProxyError::new(
+            ErrorKind::Overloaded,
+            format!("{limit} requests are already held for models without a ready endpoint"),
+        )
+        .with_headers("retry-after: 1\r\nx-lmstack-reason: hold_full\r\n".to_owned()));
+    }
+    let _held = Held::new(ctx);
+    let deadline = Instant::now() + max;
+    loop {
+        crate::time::sleep(Duration::from_millis(20)).await;
+        let state = ctx.routing_state();
+        if state.model(model).is_some_and(|p| p.healthy_count(&state) > 0) {
+            return Ok(state);
+        }
+        if Instant::now() >= deadline {
+            let what = if state.model(model).is_some() {
+                "has no healthy endpoint"
+            } else {
+                "is served by no endpoint"
+            };
+            return Err(ProxyError::new(
+                ErrorKind::NoHealthyEndpoint,
+                format!("the model `{model}` {what} after {} ms held", max.as_millis()),
+            )
+            .with_headers("retry-after: 5\r\nx-lmstack-reason: no_ready_endpoint\r\n".to_owned()));
+        }
+    }
+}
+
+/// A request held (`hold_for`), counted on the worker and in the held gauge.
+struct Held<'a>(&'a WorkerCtx);
+
+impl<'a> Held<'a> {
+    fn new(ctx: &'a WorkerCtx) -> Self {
+        ctx.held.set(ctx.held.get() + 1);
+        ::metrics::gauge!(crate::metrics::REQUESTS_HELD).increment(1.0);
+        Self(ctx)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held.set(self.0.held.get() - 1);
+        ::metrics::gauge!(crate::metrics::REQUESTS_HELD).decrement(1.0);
     }
 }
 
@@ -575,7 +658,7 @@ async fn forward(
             Some(plan) => record_prefix(ctx, pool, pick, plan, endpoint, mm, now_ms),
             None => (0, 0),
         };
-        let _inflight = Inflight::start(ctx, endpoint, pm.clone(), blocks);
+        let _inflight = Inflight::start(ctx, endpoint, pm.clone(), blocks, pool.index);
         endpoint.load.count_sent(
             1,
             uncached,
@@ -893,7 +976,16 @@ async fn pick(
     excluded: &[usize],
 ) -> Result<Pick, ProxyError> {
     let lim = &ctx.limits;
+    let admission = &ctx.shared.config.admission;
     let mut queued: Option<Queued<'_>> = None;
+    // An engine that reports itself saturated takes no new request (it waits here, where
+    // priority and fair share decide who goes next, rather than in the engine's own queue).
+    let saturated = |e: usize| {
+        state.endpoints[e].engine.is_some_and(|l| {
+            (admission.max_engine_waiting > 0 && l.waiting > f64::from(admission.max_engine_waiting))
+                || l.kv_usage > admission.max_kv_usage
+        })
+    };
     loop {
         let now_ms = ctx.shared.cell.now_ms();
         // Ejection never leaves a model without an endpoint: when every healthy endpoint
@@ -913,6 +1005,7 @@ async fn pick(
                     && (ignore_ejection || !ejected(e))
                     && (lim.max_inflight == 0
                         || state.endpoints[e].load.inflight.load(Ordering::Relaxed) < lim.max_inflight)
+                    && !saturated(e)
             },
         };
         let request = RouteRequest {
@@ -926,7 +1019,14 @@ async fn pick(
                 tie_key: p.tie_key,
             }),
         };
-        if let Some(pick) = pool.policy.pick(&view, &request) {
+        // While others wait for this model, a request goes in its turn (a retry, which has
+        // endpoints of its own to avoid, goes when it can).
+        let my_turn = !excluded.is_empty()
+            || match &queued {
+                Some(q) => q.ticket.first(),
+                None => !ctx.waiters.has_group(pool.index),
+            };
+        if my_turn && let Some(pick) = pool.policy.pick(&view, &request) {
             return Ok(pick);
         }
         let untried = pool
@@ -939,17 +1039,17 @@ async fn pick(
                 format!("no healthy endpoint serves the model `{}` right now", pool.name),
             ));
         }
-        // Every candidate is at its in-flight limit.
+        // Every candidate is busy, or others wait before this request.
         let q = match &queued {
             Some(q) => q,
             None => {
                 if ctx.waiters.len() >= lim.max_queued {
-                    return Err(ProxyError::new(
-                        ErrorKind::Overloaded,
-                        "the router's queue is full; retry later",
-                    ));
+                    return Err(
+                        ProxyError::new(ErrorKind::Overloaded, "the router's queue is full; retry later")
+                            .with_headers("retry-after: 1\r\nx-lmstack-reason: queue_full\r\n".to_owned()),
+                    );
                 }
-                queued.insert(Queued::enter(ctx, mm.queued()))
+                queued.insert(Queued::enter(ctx, mm.queued(), pool.index, req))
             }
         };
         let left = q.deadline.saturating_duration_since(Instant::now());
@@ -957,11 +1057,12 @@ async fn pick(
             return Err(ProxyError::new(
                 ErrorKind::Overloaded,
                 format!(
-                    "every endpoint of `{}` stayed at its in-flight limit for {} ms",
+                    "every endpoint of `{}` stayed busy for {} ms",
                     pool.name,
                     lim.queue_timeout.as_millis()
                 ),
-            ));
+            )
+            .with_headers("retry-after: 1\r\nx-lmstack-reason: queue_timeout\r\n".to_owned()));
         }
         // Woken by a request finishing on this worker, or after a short tick for slots
         // freed on other workers.
@@ -977,11 +1078,22 @@ struct Queued<'a> {
 }
 
 impl<'a> Queued<'a> {
-    fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge) -> Self {
+    fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge, group: usize, req: &Forward<'_>) -> Self {
         let gauge = gauge.clone();
         gauge.increment(1.0);
+        // The tenant's class and its tokens lately (none without keys: first come).
+        let (class, share): (u8, Box<dyn Fn() -> f64>) = match &req.tenant {
+            Some(t) => {
+                let (t, shared) = (t.clone(), ctx.shared.clone());
+                (
+                    t.priority as u8,
+                    Box::new(move || t.recent_tokens(shared.cell.now_ms(), shared.config.routing.recent_half_life_ms)),
+                )
+            }
+            None => (Priority::Normal as u8, Box::new(|| 0.0)),
+        };
         Self {
-            ticket: ctx.waiters.enter(),
+            ticket: ctx.waiters.enter(Rank { group, class, share }),
             gauge,
             deadline: Instant::now() + ctx.limits.queue_timeout,
         }
@@ -1001,10 +1113,12 @@ struct Inflight<'a> {
     endpoint: &'a EndpointState,
     pm: Rc<PairMetrics>,
     blocks: u64,
+    /// The model's pool: whose waiters a finished request wakes first.
+    group: usize,
 }
 
 impl<'a> Inflight<'a> {
-    fn start(ctx: &'a WorkerCtx, endpoint: &'a EndpointState, pm: Rc<PairMetrics>, blocks: u64) -> Self {
+    fn start(ctx: &'a WorkerCtx, endpoint: &'a EndpointState, pm: Rc<PairMetrics>, blocks: u64, group: usize) -> Self {
         endpoint.load.inflight.fetch_add(1, Ordering::Relaxed);
         if blocks > 0 {
             endpoint.load.active_blocks.fetch_add(blocks, Ordering::Relaxed);
@@ -1015,6 +1129,7 @@ impl<'a> Inflight<'a> {
             endpoint,
             pm,
             blocks,
+            group,
         }
     }
 }
@@ -1029,7 +1144,7 @@ impl Drop for Inflight<'_> {
                 .fetch_sub(self.blocks, Ordering::Relaxed);
         }
         self.pm.running(-1);
-        self.ctx.waiters.wake_one();
+        self.ctx.waiters.wake_one(self.group);
     }
 }
 

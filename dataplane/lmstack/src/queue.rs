@@ -1,16 +1,19 @@
-//! The router's wait queue, per worker: requests that found every eligible endpoint at its
-//! in-flight limit wait here, in order. A request finishing on this worker wakes the oldest
-//! waiter; slots freed on other workers are noticed by each waiter's own short timer.
+//! The router's wait queue, per worker: requests that found every eligible endpoint of
+//! their model busy (at its in-flight limit, or saturated as the engine reports it) wait
+//! here. A request finishing on this worker wakes the waiter that goes next; slots freed
+//! on other workers are noticed by each waiter's own short timer, and taken only by the
+//! waiter whose turn it is.
 //!
-//! Each waiter holds one place in the queue for its whole wait, and places of waiters that
-//! left are dropped as they are met, or swept when they outnumber the live ones: the queue
-//! stays bounded by the number of waiters. Not here: the limits (the pipeline applies them).
+//! Whose turn: among the waiters for the same model, the highest priority class first;
+//! within a class, the one whose tenant has had the fewest tokens lately (its share, so a
+//! flooding tenant cannot starve a quiet one); then first come. Not here: the limits, the
+//! classes and shares themselves (the pipeline gives them).
 //!
 //! Also the worker's drain signal ([`Drain`]): fired once at shutdown, it wakes the
 //! connections waiting idle for a next request, so that they close at once.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::pin::pin;
 use std::rc::Rc;
@@ -19,17 +22,39 @@ use std::time::Duration;
 
 use futures_util::future::select;
 
-#[derive(Default)]
+/// Where a waiter stands.
+pub struct Rank {
+    /// Waiters compete within a group (the model's pool).
+    pub group: usize,
+    /// Higher goes first.
+    pub class: u8,
+    /// Lower goes first within a class: read when turns are decided, so it moves as the
+    /// tenant's usage does.
+    pub share: Box<dyn Fn() -> f64>,
+}
+
 struct Place {
     woken: Cell<bool>,
-    queued: Cell<bool>,
     waker: RefCell<Option<Waker>>,
+    rank: Rank,
+    seq: u64,
+}
+
+impl Place {
+    /// Sorts before `other`: higher class, lower share, earlier.
+    fn before(&self, share: f64, other: &Place, other_share: f64) -> bool {
+        (std::cmp::Reverse(self.rank.class), share, self.seq)
+            .partial_cmp(&(std::cmp::Reverse(other.rank.class), other_share, other.seq))
+            .is_some_and(std::cmp::Ordering::is_lt)
+    }
 }
 
 #[derive(Default)]
 pub struct WaitQueue {
-    places: RefCell<VecDeque<Rc<Place>>>,
+    /// Every live ticket's place (and some of tickets gone, swept now and then).
+    places: RefCell<Vec<Rc<Place>>>,
     waiting: Cell<usize>,
+    seq: Cell<u64>,
 }
 
 impl WaitQueue {
@@ -38,27 +63,54 @@ impl WaitQueue {
         self.waiting.get()
     }
 
-    /// Joins the queue; leaving is dropping the ticket.
-    pub fn enter(&self) -> Ticket<'_> {
-        self.waiting.set(self.waiting.get() + 1);
-        Ticket {
-            queue: self,
-            place: Rc::new(Place::default()),
-        }
+    /// Whether any request waits for `group`.
+    pub fn has_group(&self, group: usize) -> bool {
+        self.places
+            .borrow()
+            .iter()
+            .any(|p| Rc::strong_count(p) > 1 && p.rank.group == group)
     }
 
-    /// Wakes the oldest waiter still waiting, if any.
-    pub fn wake_one(&self) {
+    /// Joins the queue; leaving is dropping the ticket.
+    pub fn enter(&self, rank: Rank) -> Ticket<'_> {
+        self.waiting.set(self.waiting.get() + 1);
+        self.seq.set(self.seq.get() + 1);
+        let place = Rc::new(Place {
+            woken: Cell::new(false),
+            waker: RefCell::new(None),
+            rank,
+            seq: self.seq.get(),
+        });
         let mut places = self.places.borrow_mut();
-        while let Some(p) = places.pop_front() {
-            p.queued.set(false);
-            // The queue holds one reference; a live ticket holds the other.
-            if Rc::strong_count(&p) > 1 {
-                p.woken.set(true);
-                if let Some(w) = p.waker.borrow_mut().take() {
-                    w.wake();
-                }
-                return;
+        if places.len() > 2 * self.waiting.get() + 16 {
+            places.retain(|p| Rc::strong_count(p) > 1);
+        }
+        places.push(place.clone());
+        Ticket { queue: self, place }
+    }
+
+    /// The live place whose turn it is in `group` (any group when none waits there).
+    fn next(&self, group: Option<usize>) -> Option<Rc<Place>> {
+        let places = self.places.borrow();
+        let live = || places.iter().filter(|p| Rc::strong_count(p) > 1);
+        let mut best: Option<(&Rc<Place>, f64)> = None;
+        for p in live().filter(|p| group.is_none_or(|g| p.rank.group == g)) {
+            let share = (p.rank.share)();
+            if best.is_none_or(|(b, bs)| p.before(share, b, bs)) {
+                best = Some((p, share));
+            }
+        }
+        best.map(|(p, _)| p.clone())
+    }
+
+    /// Wakes the waiter whose turn it is: for `group` (the model a finished request freed
+    /// a slot of), else any.
+    pub fn wake_one(&self, group: usize) {
+        let next = self.next(Some(group)).or_else(|| self.next(None));
+        if let Some(p) = next {
+            p.woken.set(true);
+            if let Some(w) = p.waker.borrow_mut().take() {
+                w.wake();
             }
         }
     }
@@ -70,16 +122,16 @@ pub struct Ticket<'a> {
 }
 
 impl Ticket<'_> {
+    /// Whether it is this waiter's turn in its group.
+    pub fn first(&self) -> bool {
+        self.queue
+            .next(Some(self.place.rank.group))
+            .is_some_and(|p| Rc::ptr_eq(&p, &self.place))
+    }
+
     /// Waits until woken by a finishing request or until `max` passes.
     pub async fn wait(&self, max: Duration) {
-        if !self.place.queued.replace(true) {
-            let mut places = self.queue.places.borrow_mut();
-            places.push_back(self.place.clone());
-            if places.len() > 2 * self.queue.waiting.get() + 16 {
-                places.retain(|p| Rc::strong_count(p) > 1);
-            }
-        }
-        let woken = poll_fn(|cx| {
+        let woken = poll_fn(|cx: &mut Context<'_>| {
             if self.place.woken.replace(false) {
                 Poll::Ready(())
             } else {
@@ -153,41 +205,52 @@ impl Drop for DrainWait<'_> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn waking_skips_waiters_that_left() {
-        let q = WaitQueue::default();
-        let a = q.enter();
-        let b = q.enter();
-        for t in [&a, &b] {
-            t.place.queued.set(true);
-            q.places.borrow_mut().push_back(t.place.clone());
+    fn rank(group: usize, class: u8, share: f64) -> Rank {
+        Rank {
+            group,
+            class,
+            share: Box::new(move || share),
         }
-        drop(a);
-        assert_eq!(q.len(), 1);
-        q.wake_one();
-        assert!(b.place.woken.get());
-        assert!(q.places.borrow().is_empty());
     }
 
     #[test]
-    fn places_stay_bounded_while_nobody_wakes() {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let q = WaitQueue::default();
-                let live = q.enter();
-                for _ in 0..200 {
-                    let t = q.enter();
-                    t.wait(Duration::from_millis(0)).await;
-                    live.wait(Duration::from_millis(0)).await;
-                }
-                assert!(
-                    q.places.borrow().len() <= 2 * q.len() + 17,
-                    "{}",
-                    q.places.borrow().len()
-                );
-            });
+    fn turns_go_by_class_then_share_then_arrival_within_a_group() {
+        let q = WaitQueue::default();
+        let heavy = q.enter(rank(0, 1, 900.0));
+        let light = q.enter(rank(0, 1, 10.0));
+        let light_later = q.enter(rank(0, 1, 10.0));
+        let other_model = q.enter(rank(1, 0, 0.0));
+        assert!(light.first() && !heavy.first() && !light_later.first());
+        assert!(other_model.first(), "each model has its own turn");
+        let urgent = q.enter(rank(0, 2, 5000.0));
+        assert!(urgent.first() && !light.first());
+        q.wake_one(0);
+        assert!(urgent.place.woken.get());
+        drop(urgent);
+        assert!(light.first());
+        drop(light);
+        assert!(light_later.first());
+        drop(light_later);
+        assert!(heavy.first());
+        assert_eq!(q.len(), 2);
+        // A slot of a model nobody waits for goes to any waiter.
+        drop(heavy);
+        q.wake_one(7);
+        assert!(other_model.place.woken.get());
+    }
+
+    #[test]
+    fn places_stay_bounded_while_waiters_come_and_go() {
+        let q = WaitQueue::default();
+        let live = q.enter(rank(0, 1, 0.0));
+        for _ in 0..200 {
+            drop(q.enter(rank(0, 1, 0.0)));
+        }
+        assert!(live.first());
+        assert!(
+            q.places.borrow().len() <= 2 * (q.len() + 1) + 17,
+            "{}",
+            q.places.borrow().len()
+        );
     }
 }

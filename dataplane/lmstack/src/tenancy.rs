@@ -27,6 +27,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::{
     AUTH_REJECTED_TOTAL, TENANCY_KEYS, TENANCY_RELOADS_TOTAL, TENANT_REQUESTS_TOTAL, TENANT_TOKENS_TOTAL,
 };
+use crate::state::Decayed;
 
 /// The keys file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -39,8 +40,7 @@ pub struct KeysFile {
     pub tenants: Vec<TenantSpec>,
 }
 
-/// Admission order when endpoints are saturated (read and checked; the fair admission queue
-/// that orders by it is yet to come).
+/// Admission order when endpoints are busy: a higher class's waiting requests go first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
@@ -215,10 +215,7 @@ struct Models(Vec<String>);
 
 impl Models {
     fn allows(&self, model: &str) -> bool {
-        self.0.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => model.starts_with(prefix),
-            None => p == model,
-        })
+        crate::config::model_matches(&self.0, model)
     }
 }
 
@@ -272,6 +269,9 @@ impl TenantMetrics {
 #[derive(Debug)]
 pub struct Tenant {
     pub name: Arc<str>,
+    pub priority: Priority,
+    /// Tokens admitted lately (decaying): its share when requests wait for a turn.
+    recent: Decayed,
     models: Option<Models>,
     requests: Option<Limit>,
     tokens: Option<Limit>,
@@ -309,6 +309,8 @@ impl Tenants {
             let (requests, tokens) = (spec.limits().requests(), spec.limits().tokens());
             let tenant = Arc::new(Tenant {
                 name: spec.name.as_str().into(),
+                priority: spec.priority,
+                recent: Decayed::default(),
                 models: spec.models.clone().map(Models),
                 requests: limit(requests, same(before.and_then(|t| t.requests.as_ref()), requests)),
                 tokens: limit(tokens, same(before.and_then(|t| t.tokens.as_ref()), tokens)),
@@ -417,8 +419,9 @@ impl Key {
     }
 
     /// Spends one request and reserves `tokens` from the key's and its tenant's budgets, or
-    /// says why not (429, with `Retry-After` when waiting helps).
-    pub fn admit(self: &Arc<Key>, tokens: u64) -> Result<Grant, ProxyError> {
+    /// says why not (429, with `Retry-After` when waiting helps). `now_ms` and
+    /// `half_life_ms`: the clock and half-life of the tenant's recent tokens.
+    pub fn admit(self: &Arc<Key>, tokens: u64, now_ms: u32, half_life_ms: u64) -> Result<Grant, ProxyError> {
         let now = now_ns();
         let t = &self.tenant;
         // One that can never pass says so rather than "later".
@@ -461,6 +464,7 @@ impl Key {
             }
         }
         t.metrics.admitted.increment(1);
+        t.recent.add(tokens as f64, now_ms, half_life_ms as f64);
         Ok(Grant {
             key: self.clone(),
             reserved: tokens,
@@ -515,6 +519,13 @@ impl Key {
                 .with_headers(headers)
             }
         }
+    }
+}
+
+impl Tenant {
+    /// Tokens admitted lately (`half_life_ms`: `routing.recent_half_life_ms`).
+    pub fn recent_tokens(&self, now_ms: u32, half_life_ms: u64) -> f64 {
+        self.recent.get(now_ms, half_life_ms as f64)
     }
 }
 
@@ -661,7 +672,7 @@ mod tests {
     fn budgets_refuse_with_headers_and_are_kept_across_reloads() {
         let t = Tenants::build(&file(""), None);
         let key = t.authenticate(&head("x-api-key: sk-a\r\n")).expect("key");
-        let g = key.admit(10).expect("first");
+        let g = key.admit(10, 0, 10_000).expect("first");
         assert!(
             g.headers.contains("x-ratelimit-remaining-requests: 1\r\n"),
             "{}",
@@ -673,16 +684,16 @@ mod tests {
             g.headers
         );
         g.settle(Some((3, 2)));
-        key.admit(10).expect("second").settle(None);
+        key.admit(10, 0, 10_000).expect("second").settle(None);
         // The table rebuilt from a changed file keeps the tenant's spent budget.
         let t2 = Tenants::build(&file(""), Some(&t));
         let key2 = t2.authenticate(&head("x-api-key: sk-a\r\n")).expect("key");
-        let e = key2.admit(10).expect_err("third in a second");
+        let e = key2.admit(10, 0, 10_000).expect_err("third in a second");
         assert_eq!(e.kind.status(), 429);
         let headers = e.headers.as_deref().unwrap_or("");
         assert!(headers.contains("retry-after: 1\r\n"), "{headers}");
         assert!(headers.contains("x-ratelimit-limit-requests: 2\r\n"), "{headers}");
-        let too_large = key2.admit(5000).expect_err("larger than the budget");
+        let too_large = key2.admit(5000, 0, 10_000).expect_err("larger than the budget");
         assert!(too_large.message.contains("too large"), "{}", too_large.message);
     }
 
