@@ -199,6 +199,24 @@ for case, values in cases.items():
     for c in dashboards:
         for text in c["data"].values():
             json.loads(text)
+    # API keys: the Secret mounted as a directory (a subPath mount would never see updates).
+    keys = values.get("routerSpec", {}).get("apiKeys", {}).get("secretName")
+    if keys:
+        routers = [w for w in by_kind.get("Deployment", []) + by_kind.get("DaemonSet", [])
+                   if w["metadata"]["name"].endswith("-router")]
+        for w in routers:
+            pod = w["spec"]["template"]["spec"]
+            c = next(c for c in pod["containers"] if c["name"] == "router")
+            if "--api-keys=/etc/lmstack/keys/keys.yaml" not in c["args"]:
+                fail(case, f"router without --api-keys: {c['args']}")
+            mounts = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/lmstack/keys"]
+            if not mounts or mounts[0].get("subPath") or not mounts[0].get("readOnly"):
+                fail(case, f"keys not mounted read-only as a directory: {c['volumeMounts']}")
+            vols = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == keys]
+            if not vols:
+                fail(case, f"no volume from Secret {keys}")
+        if not routers:
+            fail(case, "apiKeys set, no router")
     notes = rendered.get("lmstack/templates/NOTES.txt", "")
     if "curl http://127.0.0.1:8001/v1/chat/completions" not in notes:
         fail(case, "NOTES.txt does not show the first request")
