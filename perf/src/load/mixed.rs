@@ -168,6 +168,9 @@ pub struct MixedArgs {
     /// A name for this run in the output.
     #[arg(long, default_value = "mixed")]
     pub label: String,
+    /// Extra request header, `name: value` (repeatable), e.g. an API key.
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -312,6 +315,8 @@ impl Recorder {
 /// The requests, built once.
 struct Plan {
     host_port: String,
+    /// Extra request headers.
+    headers: Vec<(String, String)>,
     bodies: BTreeMap<Kind, Bytes>,
     mix: Mix,
     leave_after_events: usize,
@@ -375,6 +380,14 @@ async fn run(args: MixedArgs) -> anyhow::Result<MixedSummary> {
         .map_or(0, |d| d.as_millis() as u64);
     let plan = Arc::new(Plan {
         host_port,
+        headers: args
+            .headers
+            .iter()
+            .map(|h| {
+                let (n, v) = h.split_once(':').unwrap_or((h, ""));
+                (n.trim().to_owned(), v.trim().to_owned())
+            })
+            .collect(),
         bodies,
         mix: args.mix.clone(),
         leave_after_events: args.leave_after_events,
@@ -570,10 +583,13 @@ async fn one_request(
     } else {
         "/v1/completions"
     };
-    let req = Request::post(path)
+    let mut req = Request::post(path)
         .header("host", plan.host_port.as_str())
-        .header("content-type", "application/json")
-        .body(Full::new(plan.body(kind)));
+        .header("content-type", "application/json");
+    for (name, value) in &plan.headers {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    let req = req.body(Full::new(plan.body(kind)));
     let Ok(req) = req else {
         return (Outcome::Failed("request".into()), false);
     };
@@ -584,7 +600,13 @@ async fn one_request(
             if close {
                 rec.connections.closed_by_response += 1;
             }
-            let keep = !close && matches!(outcome, Outcome::Ok { .. });
+            // An error status read whole leaves the connection as good as a success does.
+            let keep = !close
+                && match &outcome {
+                    Outcome::Ok { .. } => true,
+                    Outcome::Failed(why) => why.starts_with("status_"),
+                    Outcome::Left => false,
+                };
             (outcome, keep)
         }
         Err(_) => (Outcome::Failed("timeout".into()), false),
@@ -650,8 +672,10 @@ async fn exchange(
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {
-        let _ = body.collect().await;
-        return Exchange::failed(format!("status_{}", status.as_u16()), close, 0);
+        return match body.collect().await {
+            Ok(_) => Exchange::failed(format!("status_{}", status.as_u16()), close, 0),
+            Err(_) => Exchange::failed("body_cut", close, 0),
+        };
     }
     if kind == Kind::Completions {
         return match body.collect().await.map(|b| b.to_bytes()) {

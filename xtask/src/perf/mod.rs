@@ -33,6 +33,7 @@ mod proxy;
 mod replicas;
 mod soak;
 mod streams;
+mod tenants;
 mod timeline;
 mod upgrade;
 
@@ -58,6 +59,7 @@ pub enum Scenario {
     #[value(name = "streams-10k")]
     Streams10k,
     Upgrade,
+    Tenants,
     /// proxy, affinity-memory and multi-round.
     All,
 }
@@ -90,6 +92,8 @@ pub struct PerfArgs {
     streams: Box<streams::StreamsArgs>,
     #[command(flatten)]
     upgrade: Box<upgrade::UpgradeArgs>,
+    #[command(flatten)]
+    tenants: Box<tenants::TenantsArgs>,
 }
 
 pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
@@ -141,6 +145,7 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<()> {
         Scenario::Soak => Some(("soak", soak::run(&bins, &args.soak)?)),
         Scenario::Streams10k => Some(("streams-10k", streams::run(&bins, &args.streams)?)),
         Scenario::Upgrade => Some(("upgrade", upgrade::run(&bins, &args.upgrade)?)),
+        Scenario::Tenants => Some(("tenants", tenants::run(&bins, &args.tenants)?)),
         _ => None,
     };
     if let Some((name, report)) = checked {
@@ -178,6 +183,8 @@ fn plot_report(report: &Value, svg: &Path) -> anyhow::Result<bool> {
         streams::figure(report)
     } else if report["scenario"] == "upgrade" {
         upgrade::figure(report)
+    } else if report["scenario"] == "tenants" {
+        tenants::figure(report)
     } else if report.get("cells").is_some() {
         matrix::figure(report)
     } else if report.get("throughput").is_some() {
@@ -261,6 +268,8 @@ mod tests {
                 "streams running"
             } else if report["scenario"] == "upgrade" {
                 "errors"
+            } else if report["scenario"] == "tenants" {
+                "calm alone"
             } else if report.get("total_executions").is_some() {
                 "request_head"
             } else if report["scenario"] == "real-failover" {
