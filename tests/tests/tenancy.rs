@@ -372,3 +372,64 @@ fn an_isolated_tenant_neither_hits_nor_probes_another_tenants_prefix() {
     );
     assert_eq!(ask("sk-iso"), (n, n), "the isolated tenant's own prefix");
 }
+
+#[test]
+fn router_replicas_share_a_tenants_budget_through_control() {
+    let e = sim("tenancy-replicas", &["--model", MODEL]);
+    let c = control(
+        &args(&[
+            "--source",
+            "static",
+            "--static-backends",
+            &e.url(),
+            "--probe-interval-ms",
+            "200",
+        ]),
+        &[],
+    );
+    let keys = keys_file(
+        "tenancy-replicas",
+        "tenants:\n- name: shared\n  requests_per_second: 10\n  keys:\n  - sha256: {sha256:sk-shared}\n",
+    );
+    let config = workspace_root().join("target/e2e-logs/tenancy-replicas-config.yaml");
+    std::fs::write(
+        &config,
+        "discovery:\n  control:\n    affinity_report_interval_ms: 100\n",
+    )
+    .unwrap();
+    let extra = [
+        "--api-keys",
+        keys.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let routers = [router_following(&c, &extra), router_following(&c, &extra)];
+    for r in &routers {
+        wait_healthy(r);
+    }
+    // 40 requests a second for 3 s, alternating between the replicas: each sees 20 a second.
+    let started = Instant::now();
+    let mut admitted = 0u32;
+    for i in 0..120 {
+        let at = Duration::from_millis(25 * i);
+        if let Some(wait) = at.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        match complete(&routers[(i % 2) as usize], MODEL, Some("sk-shared")).status {
+            200 => admitted += 1,
+            429 => {}
+            s => panic!("status {s}"),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // One budget: a full bucket (10) and 10 a second, plus what the other replica admits
+    // before it hears (a report interval's worth and its own full bucket): well under what
+    // two unshared budgets let through (2 x (10 + 10 a second)).
+    let shared_most = 10.0 + 10.0 * seconds + 10.0 + 4.0;
+    let unshared = 2.0 * (10.0 + 10.0 * seconds);
+    eprintln!("admitted {admitted} of 120 in {seconds:.1} s (shared at most {shared_most:.0}, unshared {unshared:.0})");
+    assert!(
+        f64::from(admitted) <= shared_most && f64::from(admitted) >= 10.0 * seconds,
+        "admitted {admitted} in {seconds:.1} s: one shared budget allows at most {shared_most:.0} (two unshared: {unshared:.0})"
+    );
+}

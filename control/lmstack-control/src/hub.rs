@@ -75,6 +75,8 @@ impl Hub {
             .map(|b| AffinityBatch {
                 replica: b.replica.clone(),
                 entries: b.entries.iter().filter(|e| live(&e.endpoint)).cloned().collect(),
+                // Spending is news only when it happens: a later stream must not charge it.
+                budgets: Vec::new(),
             })
             .filter(|b| !b.entries.is_empty())
             .collect()
@@ -139,9 +141,18 @@ mod tests {
                 blocks: (0..n as u64).collect(),
                 ..Default::default()
             }],
+            budgets: vec![lmstack_snapshot::BudgetSpend {
+                tenant: "t".into(),
+                requests: 1,
+                ..Default::default()
+            }],
         };
         hub.share(batch("http://a:1", 4));
         hub.share(batch("http://gone:2", 4));
+        assert!(
+            hub.recent_affinity().iter().all(|b| b.budgets.is_empty()),
+            "spending is never replayed to a later stream"
+        );
         assert_eq!(
             hub.recent_affinity().len(),
             1,

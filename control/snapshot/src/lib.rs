@@ -166,6 +166,25 @@ pub struct AffinityBatch {
     /// The reporting replica, so that it can skip its own.
     pub replica: String,
     pub entries: Vec<AffinityEntry>,
+    /// What the replica's requests spent of tenants' budgets since its last report, for
+    /// every other replica to charge too (relayed live, never kept for later streams).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetSpend>,
+}
+
+/// A tenant's (or one of its keys') spending on one replica since its last report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpend {
+    pub tenant: String,
+    /// The key, by a short id of its hash (none: the tenant's own budgets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub requests: u64,
+    /// Tokens charged (reserved, then settled: may be negative when refunds outweigh).
+    #[serde(default)]
+    pub tokens: i64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -128,6 +128,14 @@ fn apply(shared: &Shared, line: &[u8], base: &mut Option<Snapshot>) -> Result<()
         StreamMessage::Heartbeat { .. } => return Ok(()),
         StreamMessage::Affinity { batch } => {
             learn(shared, &batch);
+            if batch.replica != shared.replica
+                && let Some(tenants) = &shared.tenants
+            {
+                let tenants = tenants.load();
+                for spend in &batch.budgets {
+                    tenants.charge(spend);
+                }
+            }
             return Ok(());
         }
         StreamMessage::Kv { delta } => {
@@ -221,6 +229,7 @@ fn report(shared: &Shared, rx: &crossbeam_channel::Receiver<Vec<AffinityEntry>>)
         let mut batch = AffinityBatch {
             replica: shared.replica.clone(),
             entries: first,
+            budgets: Vec::new(),
         };
         while let Ok(more) = rx.recv_deadline(deadline) {
             if batch.blocks() + more.iter().map(|e| e.blocks.len().max(1)).sum::<usize>()
@@ -242,6 +251,38 @@ fn report(shared: &Shared, rx: &crossbeam_channel::Receiver<Vec<AffinityEntry>>)
             }
         }
     }
+}
+
+/// Budgets shared across replicas: every `affinity_report_interval_ms`, what this
+/// replica's requests spent of each tenant's (and key's) budgets goes to control, which
+/// relays it to the other replicas, which charge it to their own buckets. So a tenant's
+/// budget holds across replicas within what they spend before they hear of each other:
+/// at most (replicas - 1) x (one report interval's spending + a full bucket's burst).
+pub fn spawn_budget_reporter(shared: Arc<Shared>) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new().name("lmstack-budgets".into()).spawn(move || {
+        let config = &shared.config.discovery.control;
+        let Some(tenants) = &shared.tenants else { return };
+        loop {
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "the budget reporter's own thread, not a worker"
+            )]
+            thread::sleep(ms(config.affinity_report_interval_ms));
+            let budgets = tenants.load().take_spent();
+            if budgets.is_empty() {
+                continue;
+            }
+            let batch = AffinityBatch {
+                replica: shared.replica.clone(),
+                entries: Vec::new(),
+                budgets,
+            };
+            if let Err(e) = post(config, &batch) {
+                // The spending stays this replica's own; the others' buckets miss it.
+                tracing::debug!("budget report not sent: {e}");
+            }
+        }
+    })
 }
 
 fn post(config: &ControlConfig, batch: &AffinityBatch) -> Result<(), String> {

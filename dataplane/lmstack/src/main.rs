@@ -159,6 +159,9 @@ fn run(config: Config) -> anyhow::Result<()> {
     if let Some(rx) = affinity_in {
         control::spawn_reporter(shared.clone(), rx).context("starting the affinity reporter")?;
     }
+    if control_mode && shared.tenants.is_some() {
+        control::spawn_budget_reporter(shared.clone()).context("starting the budget reporter")?;
+    }
     discovery::spawn(shared.clone()).context("starting discovery")?;
     if let Some(kv) = kv {
         kv::spawn(kv, shared.cell.clone())?;

@@ -23,6 +23,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::budget::{Bucket, Rate, Refused, Standing, now_ns, openai_duration};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use lmstack_snapshot::BudgetSpend;
+
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::{
     AUTH_REJECTED_TOTAL, TENANCY_KEYS, TENANCY_RELOADS_TOTAL, TENANT_REQUESTS_TOTAL, TENANT_TOKENS_TOTAL,
@@ -226,6 +230,33 @@ struct Limit {
     bucket: Arc<Bucket>,
 }
 
+/// What a tenant's (or key's) requests spent here since the last report to control.
+#[derive(Debug, Default)]
+struct Unreported {
+    requests: AtomicU64,
+    tokens: AtomicI64,
+}
+
+impl Unreported {
+    fn take(&self) -> (u64, i64) {
+        (
+            self.requests.swap(0, Ordering::Relaxed),
+            self.tokens.swap(0, Ordering::Relaxed),
+        )
+    }
+}
+
+/// Charges another replica's spending to this one's buckets.
+fn charge(requests: Option<&Limit>, tokens: Option<&Limit>, spend: &BudgetSpend, now: u64) {
+    if let Some(l) = requests {
+        l.bucket
+            .settle(l.rate, i64::try_from(spend.requests).unwrap_or(i64::MAX), now);
+    }
+    if let Some(l) = tokens {
+        l.bucket.settle(l.rate, spend.tokens, now);
+    }
+}
+
 /// `old`, when its budget is `rate`.
 fn same(old: Option<&Limit>, rate: Option<Rate>) -> Option<&Limit> {
     old.filter(|l| Some(l.rate) == rate)
@@ -272,6 +303,7 @@ pub struct Tenant {
     pub priority: Priority,
     /// Tokens admitted lately (decaying): its share when requests wait for a turn.
     recent: Decayed,
+    unreported: Arc<Unreported>,
     models: Option<Models>,
     requests: Option<Limit>,
     tokens: Option<Limit>,
@@ -285,6 +317,9 @@ pub struct Tenant {
 pub struct Key {
     pub name: Option<Arc<str>>,
     hash: [u8; 32],
+    /// How other replicas name it (a hash of its hash).
+    id: String,
+    unreported: Arc<Unreported>,
     pub tenant: Arc<Tenant>,
     models: Option<Models>,
     requests: Option<Limit>,
@@ -295,6 +330,8 @@ pub struct Key {
 #[derive(Debug, Default)]
 pub struct Tenants {
     keys: HashMap<[u8; 32], Arc<Key>>,
+    /// The keys by the id other replicas know them by.
+    by_id: HashMap<String, Arc<Key>>,
     tenants: HashMap<String, Arc<Tenant>>,
 }
 
@@ -303,6 +340,7 @@ impl Tenants {
     /// stay the same.
     pub fn build(file: &KeysFile, old: Option<&Tenants>) -> Tenants {
         let mut keys = HashMap::new();
+        let mut by_id = HashMap::new();
         let mut tenants = HashMap::new();
         for spec in &file.tenants {
             let before = old.and_then(|o| o.tenants.get(&spec.name));
@@ -311,6 +349,7 @@ impl Tenants {
                 name: spec.name.as_str().into(),
                 priority: spec.priority,
                 recent: Decayed::default(),
+                unreported: before.map_or_else(Arc::default, |t| t.unreported.clone()),
                 models: spec.models.clone().map(Models),
                 requests: limit(requests, same(before.and_then(|t| t.requests.as_ref()), requests)),
                 tokens: limit(tokens, same(before.and_then(|t| t.tokens.as_ref()), tokens)),
@@ -323,21 +362,70 @@ impl Tenants {
                 let Ok(hash) = parse_hash(&k.sha256) else { continue };
                 let before = old.and_then(|o| o.keys.get(&hash));
                 let (requests, tokens) = (k.limits().requests(), k.limits().tokens());
-                keys.insert(
+                let id = key_id(&hash);
+                let key = Arc::new(Key {
+                    name: k.name.as_deref().map(Arc::from),
                     hash,
-                    Arc::new(Key {
-                        name: k.name.as_deref().map(Arc::from),
-                        hash,
-                        tenant: tenant.clone(),
-                        models: k.models.clone().map(Models),
-                        requests: limit(requests, same(before.and_then(|k| k.requests.as_ref()), requests)),
-                        tokens: limit(tokens, same(before.and_then(|k| k.tokens.as_ref()), tokens)),
-                    }),
-                );
+                    id: id.clone(),
+                    unreported: before.map_or_else(Arc::default, |k| k.unreported.clone()),
+                    tenant: tenant.clone(),
+                    models: k.models.clone().map(Models),
+                    requests: limit(requests, same(before.and_then(|k| k.requests.as_ref()), requests)),
+                    tokens: limit(tokens, same(before.and_then(|k| k.tokens.as_ref()), tokens)),
+                });
+                by_id.insert(id, key.clone());
+                keys.insert(hash, key);
             }
             tenants.insert(spec.name.clone(), tenant);
         }
-        Tenants { keys, tenants }
+        Tenants { keys, by_id, tenants }
+    }
+
+    /// What every tenant and key with a budget spent here since the last call.
+    pub fn take_spent(&self) -> Vec<BudgetSpend> {
+        let mut out = Vec::new();
+        let mut push = |tenant: &str, key: Option<&str>, (requests, tokens): (u64, i64)| {
+            if requests != 0 || tokens != 0 {
+                out.push(BudgetSpend {
+                    tenant: tenant.to_owned(),
+                    key: key.map(str::to_owned),
+                    requests,
+                    tokens,
+                });
+            }
+        };
+        for t in self
+            .tenants
+            .values()
+            .filter(|t| t.requests.is_some() || t.tokens.is_some())
+        {
+            push(&t.name, None, t.unreported.take());
+        }
+        for k in self
+            .keys
+            .values()
+            .filter(|k| k.requests.is_some() || k.tokens.is_some())
+        {
+            push(&k.tenant.name, Some(&k.id), k.unreported.take());
+        }
+        out
+    }
+
+    /// Charges another replica's spending (`take_spent` there) to this one's buckets.
+    pub fn charge(&self, spend: &BudgetSpend) {
+        let now = now_ns();
+        match &spend.key {
+            None => {
+                if let Some(t) = self.tenants.get(&spend.tenant) {
+                    charge(t.requests.as_ref(), t.tokens.as_ref(), spend, now);
+                }
+            }
+            Some(id) => {
+                if let Some(k) = self.by_id.get(id) {
+                    charge(k.requests.as_ref(), k.tokens.as_ref(), spend, now);
+                }
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -371,6 +459,11 @@ impl Tenants {
             }
         }
     }
+}
+
+/// A key's name between replicas: a hash of its hash (the file's hashes stay in the file).
+fn key_id(hash: &[u8; 32]) -> String {
+    hex::encode(&Sha256::digest(hash)[..8])
 }
 
 /// A tenant's `cache_salt`: not guessable without the secret, the same on every replica.
@@ -465,6 +558,10 @@ impl Key {
         }
         t.metrics.admitted.increment(1);
         t.recent.add(tokens as f64, now_ms, half_life_ms as f64);
+        for u in [&t.unreported, &self.unreported] {
+            u.requests.fetch_add(1, Ordering::Relaxed);
+            u.tokens.fetch_add(tokens as i64, Ordering::Relaxed);
+        }
         Ok(Grant {
             key: self.clone(),
             reserved: tokens,
@@ -546,6 +643,9 @@ impl Grant {
         t.metrics.prompt_tokens.increment(prompt);
         t.metrics.completion_tokens.increment(completion);
         let delta = (prompt + completion) as i64 - self.reserved as i64;
+        for u in [&t.unreported, &self.key.unreported] {
+            u.tokens.fetch_add(delta, Ordering::Relaxed);
+        }
         let now = now_ns();
         for l in [&self.key.tokens, &t.tokens].into_iter().flatten() {
             l.bucket.settle(l.rate, delta, now);
@@ -695,6 +795,36 @@ mod tests {
         assert!(headers.contains("x-ratelimit-limit-requests: 2\r\n"), "{headers}");
         let too_large = key2.admit(5000, 0, 10_000).expect_err("larger than the budget");
         assert!(too_large.message.contains("too large"), "{}", too_large.message);
+    }
+
+    #[test]
+    fn what_one_replica_spends_another_charges() {
+        let (a, b) = (Tenants::build(&file(""), None), Tenants::build(&file(""), None));
+        let on = |t: &Tenants| t.authenticate(&head("x-api-key: sk-a\r\n")).expect("key");
+        on(&a).admit(100, 0, 10_000).expect("spent on a").settle(Some((30, 20)));
+        let spent = a.take_spent();
+        assert_eq!(spent.len(), 1, "{spent:?}");
+        assert_eq!((spent[0].requests, spent[0].tokens), (1, 50));
+        assert!(a.take_spent().is_empty(), "reported once");
+        for s in &spent {
+            b.charge(s);
+        }
+        // b's tenant has one request of its two a second left, and 950 tokens of 1000.
+        let g = on(&b).admit(10, 0, 10_000).expect("one left");
+        assert!(
+            g.headers.contains("x-ratelimit-remaining-requests: 0\r\n"),
+            "{}",
+            g.headers
+        );
+        assert!(
+            g.headers.contains("x-ratelimit-remaining-tokens: 940\r\n"),
+            "{}",
+            g.headers
+        );
+        assert_eq!(
+            on(&b).admit(10, 0, 10_000).map_err(|e| e.kind.status()).err(),
+            Some(429)
+        );
     }
 
     #[test]
