@@ -30,14 +30,12 @@ use lmstack_http::{Framing, Version};
 use lmstack_route::blocks::BlockHasher;
 use lmstack_route::{Pick, PrefixInfo, RouteRequest};
 use lmstack_snapshot::AffinityEntry;
-use monoio::io::OwnedWriteHalf;
-use monoio::net::TcpStream;
 use std::time::Instant;
 
 use crate::admin::{self, Local};
 use crate::config::SessionConfig;
 use crate::ctx::{Scratch, WorkerCtx};
-use crate::downstream::Downstream;
+use crate::downstream::{Downstream, WriteHalf};
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::metrics::{ModelMetrics, PairMetrics};
 use crate::queue::Ticket;
@@ -416,7 +414,7 @@ async fn forward(
     pool: &ModelPool,
     mm: &ModelMetrics,
     req: &Forward<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
 ) -> Outcome {
     let mut excluded: Vec<usize> = Vec::new();
     // The endpoint whose reused connection just failed: its next attempt connects afresh.
@@ -672,7 +670,7 @@ async fn end_stream(
     ctx: &WorkerCtx,
     mm: &ModelMetrics,
     req: &Forward<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     streaming: Option<Streaming>,
     pm: Rc<PairMetrics>,
     cause: &ProxyError,
@@ -699,7 +697,7 @@ async fn end_stream(
 /// Writes the last events of a stream and ends its body.
 async fn close_stream(
     ctx: &WorkerCtx,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     streaming: Option<Streaming>,
     pm: Rc<PairMetrics>,
     events: &[u8],
@@ -973,7 +971,7 @@ async fn exchange(
     ctx: &WorkerCtx,
     endpoint: &EndpointState,
     req: &Forward<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     pm: &PairMetrics,
     attempt: &Attempt,
     streaming: &mut Option<Streaming>,
@@ -1115,7 +1113,7 @@ async fn exchange_events(
     ctx: &WorkerCtx,
     endpoint: &EndpointState,
     req: &Forward<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     pm: &PairMetrics,
     attempt: &Attempt,
     mut conn: upstream::UpstreamConn,
