@@ -285,7 +285,7 @@ fn describe() {
     describe_gauge!(WORKERS, "Worker threads, by IO driver (io_uring or epoll).");
     describe_counter!(
         TLS_HANDSHAKE_FAILURES_TOTAL,
-        "Client connections closed because their TLS handshake failed or timed out (plain HTTP on the TLS port, a client that refuses the certificate, a client that sent nothing)."
+        "Client connections closed because their TLS handshake failed or timed out (plain HTTP on the TLS port, a client that refuses the certificate, a client that sends nothing; not one that closes before sending a byte, such as a TCP health check)."
     );
     describe_counter!(
         TLS_CERTIFICATE_RELOADS_TOTAL,

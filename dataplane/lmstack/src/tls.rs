@@ -46,6 +46,17 @@ pub struct Acceptor {
     handshake_timeout: Duration,
 }
 
+/// Why a connection did not become a TLS session.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The client closed the connection before sending a byte: a TCP health check or port
+    /// scan, not a failed handshake.
+    #[error("the client closed the connection before its handshake began")]
+    Silent,
+    #[error("{0}")]
+    Failed(#[from] io::Error),
+}
+
 /// The certificate and key files could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -212,7 +223,7 @@ impl Reload {
 
 impl Acceptor {
     /// Runs the server side of the handshake on `stream` within the handshake deadline.
-    pub async fn accept(&self, stream: TcpStream) -> io::Result<(Reader, Writer)> {
+    pub async fn accept(&self, stream: TcpStream) -> Result<(Reader, Writer), Refused> {
         let mut conn = ServerConnection::new(self.current.load_full()).map_err(io::Error::other)?;
         // Writes are bounded by what the caller hands over at once (a relayed read).
         conn.set_buffer_limit(None);
@@ -231,32 +242,34 @@ impl Acceptor {
         match crate::time::timeout(self.handshake_timeout, handshake(&mut reader, &mut writer)).await {
             Ok(Ok(())) => Ok((reader, writer)),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(io::Error::new(
+            Err(_) => Err(Refused::Failed(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("no handshake within {} ms", self.handshake_timeout.as_millis()),
-            )),
+            ))),
         }
     }
 }
 
-async fn handshake(reader: &mut Reader, writer: &mut Writer) -> io::Result<()> {
+async fn handshake(reader: &mut Reader, writer: &mut Writer) -> Result<(), Refused> {
+    let mut began = false;
     loop {
         writer.flush().await?;
         if !reader.conn.borrow().is_handshaking() {
             return Ok(());
         }
         match reader.fill(MIN_READ, None).await {
+            Ok(0) if !began => return Err(Refused::Silent),
             Ok(0) => {
-                return Err(io::Error::new(
+                return Err(Refused::Failed(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the client closed the connection during the handshake",
-                ));
+                )));
             }
-            Ok(_) => {}
+            Ok(_) => began = true,
             Err(e) => {
                 // rustls queued an alert saying why: send it, if the client still listens.
                 let _ = writer.flush().await;
-                return Err(e);
+                return Err(e.into());
             }
         }
     }

@@ -126,7 +126,8 @@ async fn accept_loop(listener: TcpListener, ctx: &Rc<WorkerCtx>, tls: Option<Arc
                         None => serve_connection(Downstream::new(stream, peer), &ctx).await,
                         Some(tls) => match tls.acceptor.accept(stream).await {
                             Ok(halves) => serve_connection(Downstream::tls(halves, peer), &ctx).await,
-                            Err(e) => {
+                            Err(tls::Refused::Silent) => {}
+                            Err(tls::Refused::Failed(e)) => {
                                 tls.failures.increment(1);
                                 tracing::debug!(worker = ctx.id, %peer, "TLS handshake failed: {e}");
                             }
