@@ -4,7 +4,8 @@
 //!
 //! Each of `--concurrency` keep-alive connections sends one request after another for
 //! `--duration-s`; requests that finish during the `--warmup-s` are not counted. The
-//! summary is printed as one JSON object (for scripts) or a short table.
+//! summary is printed as one JSON object (for scripts) or a short table. Over TLS
+//! (`https://`, `--cacert`) each connection shakes hands once and is kept.
 //!
 //! `mixed` (`mixed.rs`) sends checked traffic of several kinds instead (completions,
 //! streams, chats, clients that leave mid-stream), for soaks and upgrades.
@@ -20,7 +21,12 @@ use hyper::Request;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
 
 use crate::multiround::{self, MultiRoundArgs};
 
@@ -37,9 +43,12 @@ pub enum Mode {
 
 #[derive(Clone, Debug, Args)]
 pub struct LoadArgs {
-    /// Base URL: http://host:port
+    /// Base URL: http://host:port, or https://host:port (with --cacert).
     #[arg(long)]
     pub url: String,
+    /// PEM file of the CA that signed an https:// target's certificate.
+    #[arg(long)]
+    pub cacert: Option<std::path::PathBuf>,
     /// Model of every request.
     #[arg(long, default_value = "sim-model")]
     pub model: String,
@@ -162,6 +171,8 @@ fn micros(d: Duration) -> u64 {
 
 struct Target {
     host_port: String,
+    /// `https://`: the client configuration and the name the certificate must have.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     path: &'static str,
     body: Bytes,
     headers: Vec<(String, String)>,
@@ -236,12 +247,21 @@ pub fn run_blocking(args: &LoadArgs) -> anyhow::Result<Summary> {
 }
 
 async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
-    let host_port = args
-        .url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow::anyhow!("--url must start with http://"))?
-        .trim_end_matches('/')
-        .to_owned();
+    let (host_port, https) = match (args.url.strip_prefix("http://"), args.url.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => anyhow::bail!("--url must start with http:// or https://"),
+    };
+    let host_port = host_port.trim_end_matches('/').to_owned();
+    let tls = if https {
+        let ca = args
+            .cacert
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("an https:// --url needs --cacert"))?;
+        Some(tls_client(ca, &host_port)?)
+    } else {
+        None
+    };
     let stream = args.mode == Mode::Stream;
     let body = serde_json::json!({
         "model": args.model,
@@ -260,6 +280,7 @@ async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let target = Arc::new(Target {
         host_port,
+        tls,
         path: "/v1/completions",
         body: Bytes::from(body.to_string()),
         headers,
@@ -292,10 +313,36 @@ async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
     })
 }
 
-async fn connect(host_port: &str) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
-    let stream = TcpStream::connect(host_port).await?;
+/// A TLS client trusting the CA in `ca` (PEM), for `host_port`'s host name (or address).
+fn tls_client(ca: &std::path::Path, host_port: &str) -> anyhow::Result<(TlsConnector, ServerName<'static>)> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+    let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_owned())?;
+    Ok((TlsConnector::from(Arc::new(config)), name))
+}
+
+async fn connect(target: &Target) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(&target.host_port).await?;
     stream.set_nodelay(true)?;
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    match &target.tls {
+        None => handshake(stream).await,
+        Some((connector, name)) => handshake(connector.connect(name.clone(), stream).await?).await,
+    }
+}
+
+async fn handshake<S>(io: S) -> anyhow::Result<http1::SendRequest<Full<Bytes>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -308,7 +355,7 @@ async fn connection_loop(target: Arc<Target>, warm_at: Instant, end_at: Instant)
     while Instant::now() < end_at {
         let s = match &mut sender {
             Some(s) if !s.is_closed() => s,
-            _ => match connect(&target.host_port).await {
+            _ => match connect(&target).await {
                 Ok(s) => sender.insert(s),
                 Err(_) => {
                     if Instant::now() >= warm_at {

@@ -32,6 +32,7 @@ bad = {
     "model name": ({"servingEngineSpec": {"modelSpec": [{"name": "Llama_3", "repository": "r", "tag": "t", "modelURL": "x",
                     "replicaCount": 1, "requestCPU": 1, "requestMemory": "1Gi"}]}}, "name"),
     "mode": ({"routerSpec": {"mode": "statefulset"}}, "mode"),
+    "tls": ({"routerSpec": {"tls": {"secret": "router-tls"}}}, "secret"),
 }
 for what, (values, field) in bad.items():
     try:
@@ -138,6 +139,29 @@ for case, values in cases.items():
                 fail(case, f"{n}: hf_token not passed")
         if n.endswith("-router"):
             args = tmpl["spec"]["containers"][0]["args"]
+            tls = values.get("routerSpec", {}).get("tls", {}).get("secretName")
+            if tls:
+                # The Secret mounted whole (its files swap on an update), named by the flags,
+                # and probes and scrapes in HTTPS.
+                router = tmpl["spec"]["containers"][0]
+                vols = {v["name"]: v for v in tmpl["spec"]["volumes"]}
+                mount = next((m for m in router["volumeMounts"] if vols.get(m["name"], {}).get("secret", {}).get("secretName") == tls), None)
+                if not mount or "subPath" in mount:
+                    fail(case, f"{n}: Secret {tls} not mounted whole: {router['volumeMounts']}")
+                else:
+                    for flag, file in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+                        if f"{flag}={mount['mountPath']}/{file}" not in args:
+                            fail(case, f"{n}: {flag} does not name {file} in {mount['mountPath']}: {args}")
+                for probe in ("readinessProbe", "livenessProbe"):
+                    if router[probe]["httpGet"].get("scheme") != "HTTPS":
+                        fail(case, f"{n}: {probe} not in HTTPS")
+                if values.get("monitoring", {}).get("annotations", True) and ann.get("prometheus.io/scheme") != "https":
+                    fail(case, f"{n}: scrape annotations not in HTTPS: {ann}")
+                for sm in by_kind.get("ServiceMonitor", []):
+                    if sm["metadata"]["name"].endswith("-router") and sm["spec"]["endpoints"][0].get("scheme") != "https":
+                        fail(case, f"ServiceMonitor {sm['metadata']['name']}: scrapes the TLS port in plain HTTP")
+            elif any(a.startswith("--tls-") for a in args):
+                fail(case, f"{n}: TLS flags without routerSpec.tls.secretName: {args}")
             control_url = next((a.split("=", 1)[1] for a in args if a.startswith("--control-url=")), None)
             if control_url:
                 host, port = control_url.removeprefix("http://").split(":")
@@ -207,9 +231,9 @@ for case, values in cases.items():
         for w in routers:
             pod = w["spec"]["template"]["spec"]
             c = next(c for c in pod["containers"] if c["name"] == "router")
-            if "--api-keys=/etc/lmstack/keys/keys.yaml" not in c["args"]:
+            if "--api-keys=/etc/lmstack-keys/keys.yaml" not in c["args"]:
                 fail(case, f"router without --api-keys: {c['args']}")
-            mounts = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/lmstack/keys"]
+            mounts = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/lmstack-keys"]
             if not mounts or mounts[0].get("subPath") or not mounts[0].get("readOnly"):
                 fail(case, f"keys not mounted read-only as a directory: {c['volumeMounts']}")
             vols = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == keys]
@@ -218,7 +242,8 @@ for case, values in cases.items():
         if not routers:
             fail(case, "apiKeys set, no router")
     notes = rendered.get("lmstack/templates/NOTES.txt", "")
-    if "curl http://127.0.0.1:8001/v1/chat/completions" not in notes:
+    tls = values.get("routerSpec", {}).get("tls", {}).get("secretName")
+    if ("curl -k https" if tls else "curl http") + "://127.0.0.1:8001/v1/chat/completions" not in notes:
         fail(case, "NOTES.txt does not show the first request")
     print(f"{case}: {len(docs)} objects, {len(native)} validated against Kubernetes {KUBE}, "
           f"{len(docs) - len(native)} custom resources")

@@ -113,7 +113,8 @@ impl Proc {
             let lines = lines.clone();
             thread::spawn(move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let rest = line.split("listening on http://").nth(1);
+                    if let Some(rest) = rest.or_else(|| line.split("listening on https://").nth(1)) {
                         let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
                         let _ = tx.send(addr);
                     }
@@ -410,9 +411,10 @@ impl RawResponse {
     }
 }
 
-/// A raw client connection, for what well-behaved clients never send.
-pub struct Raw {
-    pub stream: TcpStream,
+/// A raw client connection, for what well-behaved clients never send: over TCP, or over
+/// any other byte stream (a TLS client's, see [`Raw::over`]).
+pub struct Raw<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
 }
 
@@ -430,10 +432,21 @@ impl Raw {
         let stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(DEADLINE))?;
         stream.set_nodelay(true)?;
-        Ok(Raw {
+        Ok(Raw::over(stream))
+    }
+
+    pub fn close(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl<S: Read + Write> Raw<S> {
+    /// A client on `stream`, already connected.
+    pub fn over(stream: S) -> Raw<S> {
+        Raw {
             stream,
             buf: Vec::new(),
-        })
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) -> &mut Self {
@@ -546,15 +559,19 @@ impl Raw {
             match self.stream.read(&mut b) {
                 Ok(0) => return true,
                 Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                // A TLS stream closed without close_notify reads as an unexpected EOF.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    return true;
+                }
                 Err(_) => return false,
             }
         }
         false
-    }
-
-    pub fn close(self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
     }
 }
 

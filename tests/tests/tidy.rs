@@ -35,7 +35,7 @@ const METRIC_MODULES: [(&str, &str); 3] = [
 const ALERTS: &str = "helm/lmstack/files/alerts.yaml";
 
 /// Metrics on no dashboard and in no alert, each with why.
-const NOT_SHOWN: [(&str, &str); 16] = [
+const NOT_SHOWN: [(&str, &str); 17] = [
     (
         "lmstack_upstream_connects_total",
         "connection churn per endpoint: the keep-alive pool keeps it low; a debugging figure read on /metrics",
@@ -63,6 +63,10 @@ const NOT_SHOWN: [(&str, &str); 16] = [
     (
         "lmstack_discovery_file_reads_total",
         "file discovery only (outside Kubernetes); a failed read keeps the last backends and is logged",
+    ),
+    (
+        "lmstack_tls_handshake_failures_total",
+        "TLS only; mostly clients' mistakes (plain HTTP on the TLS port, a certificate they do not trust) or scanners: a debugging figure read on /metrics",
     ),
     (
         "lmstack_workers",

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -51,6 +51,7 @@ pub struct ListenConfig {
     /// it: a zero-downtime upgrade starts the new process with this, then sends SIGTERM to
     /// the old one, which stops listening at once and drains.
     pub takeover: bool,
+    pub tls: TlsConfig,
 }
 
 impl Default for ListenConfig {
@@ -60,7 +61,44 @@ impl Default for ListenConfig {
             port: 8001,
             backlog: 4096,
             takeover: false,
+            tls: TlsConfig::default(),
         }
+    }
+}
+
+/// TLS on the client side (rustls; TLS 1.2 and 1.3, ALPN `http/1.1`): on when `cert_file`
+/// and `key_file` are set. Both files are read again every `reload_interval_ms`; a changed
+/// pair that loads serves new connections (open ones keep theirs), one that does not is
+/// logged and counted, and the current pair stays.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, the router's own certificate first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// How often both files are read again (a renewed certificate, a Kubernetes Secret
+    /// updated in place).
+    pub reload_interval_ms: u64,
+    /// Time allowed for a client's TLS handshake, from its connection.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            reload_interval_ms: 5_000,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// The certificate and key files, when TLS is on.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        Some((self.cert_file.as_deref()?, self.key_file.as_deref()?))
     }
 }
 
@@ -681,6 +719,13 @@ pub struct Cli {
     /// Port to listen on (`listen.port`).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Serve HTTPS: PEM file with the certificate chain, read again when it changes
+    /// (`listen.tls.cert_file`; with --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert (`listen.tls.key_file`).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// Worker threads (0: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -846,6 +891,12 @@ impl Config {
         if let Some(p) = cli.port {
             self.listen.port = p;
         }
+        if let Some(f) = &cli.tls_cert {
+            self.listen.tls.cert_file = Some(f.clone());
+        }
+        if let Some(f) = &cli.tls_key {
+            self.listen.tls.key_file = Some(f.clone());
+        }
         if let Some(w) = cli.workers {
             self.workers = w;
         }
@@ -958,6 +1009,8 @@ impl Config {
             ("server.max_connections", self.server.max_connections as u64),
             ("routing.recent_half_life_ms", self.routing.recent_half_life_ms),
             ("listen.backlog", u64::from(self.listen.backlog)),
+            ("listen.tls.reload_interval_ms", self.listen.tls.reload_interval_ms),
+            ("listen.tls.handshake_timeout_ms", self.listen.tls.handshake_timeout_ms),
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
             ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
@@ -1026,6 +1079,12 @@ impl Config {
             return Err(invalid("discovery.health.path must start with '/'"));
         }
         self.listen_addr()?;
+        let tls = &self.listen.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err(invalid(
+                "listen.tls: cert_file and key_file go together (--tls-cert, --tls-key)",
+            ));
+        }
         let d = &self.discovery;
         match d.mode {
             DiscoveryMode::Static if d.backends.is_empty() => {
@@ -1247,6 +1306,25 @@ mod tests {
         let c = Config::load(&cli(&["--config", path.to_str().unwrap(), "--port", "7001"])).unwrap();
         assert_eq!(c.listen.port, 7001);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tls_takes_a_certificate_and_its_key_together() {
+        let base = ["--static-backends", "http://a:1"];
+        let c = Config::load(&cli(
+            &[&base[..], &["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]].concat()
+        ))
+        .unwrap();
+        assert!(c.listen.tls.files().is_some());
+        assert_eq!(c.listen.tls.reload_interval_ms, TlsConfig::default().reload_interval_ms);
+        let e = Config::load(&cli(&[&base[..], &["--tls-cert", "/c.pem"]].concat())).unwrap_err();
+        assert!(e.to_string().contains("go together"), "{e}");
+        assert!(Config::load(&cli(&base)).unwrap().listen.tls.files().is_none());
+        assert!(Config::from_yaml("listen: {tls: {cert: /c.pem}}").is_err());
+        let c =
+            Config::from_yaml("discovery: {backends: [{url: 'http://a:1'}]}\nlisten: {tls: {handshake_timeout_ms: 0}}")
+                .unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("handshake_timeout_ms"));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! Bodies are read into one buffer sized for them and handed on as `Bytes` without copying
 //! (chunked bodies are de-chunked, which copies the payload once). Bytes the client sends
-//! ahead (pipelined requests) stay buffered for the next head. Not here: what a request
-//! means (the pipeline) or response formats (response.rs).
+//! ahead (pipelined requests) stay buffered for the next head. The connection is plain TCP
+//! or TLS over it (`listen.tls`): one branch per read or write, nothing else differs. Not
+//! here: what a request means (the pipeline), response formats (response.rs), the TLS
+//! handshake and records (tls.rs).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,7 +17,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::{Either, select};
 use lmstack_http::head::{HeadLimits, HeadScanner, RequestHead, parse_request};
 use lmstack_http::{ChunkedDecoder, Framing};
-use monoio::io::{AsyncWriteRentExt, CancelHandle, Canceller};
+use monoio::BufResult;
+use monoio::buf::IoBuf;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, CancelHandle, Canceller};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
@@ -23,19 +27,30 @@ use monoio::time::Instant;
 use crate::bufio;
 use crate::error::{ErrorKind, ProxyError};
 use crate::queue::Drain;
+use crate::tls;
 
 const READ_CHUNK: usize = 16 * 1024;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 pub struct Downstream {
     pub reader: Reader,
-    pub wr: OwnedWriteHalf<TcpStream>,
+    pub wr: WriteHalf,
     pub peer: SocketAddr,
 }
 
 impl Downstream {
+    /// A plain TCP connection.
     pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
         let (rd, wr) = monoio::io::Splitable::into_split(stream);
+        Self::with(ReadHalf::Plain(rd), WriteHalf::Plain(wr), peer)
+    }
+
+    /// A TLS connection, its handshake done.
+    pub fn tls((rd, wr): (tls::Reader, tls::Writer), peer: SocketAddr) -> Self {
+        Self::with(ReadHalf::Tls(rd), WriteHalf::Tls(wr), peer)
+    }
+
+    fn with(rd: ReadHalf, wr: WriteHalf, peer: SocketAddr) -> Self {
         Self {
             reader: Reader {
                 rd,
@@ -56,8 +71,47 @@ impl Downstream {
     }
 }
 
+/// The client connection's read side.
+enum ReadHalf {
+    Plain(OwnedReadHalf<TcpStream>),
+    Tls(tls::Reader),
+}
+
+/// The client connection's write side: what responses are written to.
+pub enum WriteHalf {
+    Plain(OwnedWriteHalf<TcpStream>),
+    Tls(tls::Writer),
+}
+
+impl WriteHalf {
+    /// Writes all of `buf` (encrypted, over TLS) and gives it back.
+    pub async fn write_all<T: IoBuf + AsRef<[u8]>>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Self::Plain(wr) => wr.write_all(buf).await,
+            Self::Tls(wr) => wr.write_all(buf).await,
+        }
+    }
+
+    /// Half-closes the connection (after close_notify, over TLS).
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(wr) => wr.shutdown().await,
+            Self::Tls(wr) => wr.shutdown().await,
+        }
+    }
+
+    /// Before a connection that ends cleanly is dropped: over TLS, says so (close_notify,
+    /// within `timeout`), so that the client can tell the end from a cut. Plain TCP needs
+    /// nothing (dropping it sends the FIN).
+    pub async fn close(&mut self, timeout: Duration) {
+        if let Self::Tls(wr) = self {
+            let _ = crate::time::timeout(timeout, wr.shutdown()).await;
+        }
+    }
+}
+
 pub struct Reader {
-    rd: OwnedReadHalf<TcpStream>,
+    rd: ReadHalf,
     /// Read but not yet consumed: the rest of a body, or pipelined requests.
     pub buf: BytesMut,
     scanner: HeadScanner,
@@ -73,11 +127,17 @@ pub enum NoRequest {
 
 impl Reader {
     async fn fill(&mut self, want: usize) -> std::io::Result<usize> {
-        bufio::read_into(&mut self.rd, &mut self.buf, want).await
+        match &mut self.rd {
+            ReadHalf::Plain(rd) => bufio::read_into(rd, &mut self.buf, want).await,
+            ReadHalf::Tls(rd) => rd.read_into(&mut self.buf, want).await,
+        }
     }
 
     async fn cancelable_fill(&mut self, handle: CancelHandle) -> std::io::Result<usize> {
-        bufio::cancelable_read_into(&mut self.rd, &mut self.buf, READ_CHUNK, handle).await
+        match &mut self.rd {
+            ReadHalf::Plain(rd) => bufio::cancelable_read_into(rd, &mut self.buf, READ_CHUNK, handle).await,
+            ReadHalf::Tls(rd) => rd.cancelable_read_into(&mut self.buf, READ_CHUNK, handle).await,
+        }
     }
 
     /// Reads and returns the count of bytes the client sent; the caller discards them.
@@ -147,7 +207,7 @@ impl Reader {
     pub async fn read_body(
         &mut self,
         head: &RequestHead,
-        wr: &mut OwnedWriteHalf<TcpStream>,
+        wr: &mut WriteHalf,
         max_bytes: usize,
         timeout: Duration,
     ) -> Result<Bytes, ProxyError> {
@@ -262,7 +322,7 @@ impl Reader {
     }
 }
 
-async fn send_continue(wr: &mut OwnedWriteHalf<TcpStream>) -> Result<(), ProxyError> {
+async fn send_continue(wr: &mut WriteHalf) -> Result<(), ProxyError> {
     match wr.write_all(CONTINUE).await {
         (Ok(_), _) => Ok(()),
         (Err(e), _) => {

@@ -24,6 +24,7 @@ mod response;
 mod state;
 mod tenancy;
 mod time;
+mod tls;
 mod upstream;
 mod worker;
 
@@ -63,6 +64,14 @@ fn main() -> ExitCode {
         eprintln!("lmstack: invalid configuration: tenancy.keys_file: {e}");
         return ExitCode::from(2);
     }
+    // The certificate and key are checked here, so that `--check` checks them too.
+    let tls = match tls::load(&config.listen.tls) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("lmstack: listen.tls: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if cli.check {
         match serde_yaml_ng::to_string(&config) {
             Ok(text) => {
@@ -79,7 +88,7 @@ fn main() -> ExitCode {
         }
     }
     init_logging(&config);
-    match run(config) {
+    match run(config, tls) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -102,7 +111,7 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, tls: Option<(tls::Acceptor, tls::Reload)>) -> anyhow::Result<()> {
     let prometheus = metrics::install().context("installing the metrics recorder")?;
     ::metrics::gauge!(metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
@@ -167,6 +176,17 @@ fn run(config: Config) -> anyhow::Result<()> {
         kv::spawn(kv, shared.cell.clone())?;
     }
     spawn_upkeep(shared.clone())?;
+    let tls = match tls {
+        Some((acceptor, reload)) => {
+            let acceptor = Arc::new(acceptor);
+            reload
+                .spawn(acceptor.clone())
+                .context("starting the TLS reload thread")?;
+            Some(acceptor)
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // Serve ready: no worker accepts before the first routing snapshot (or the deadline);
     // connections wait in the listen backlog meanwhile.
     let ready_by = Instant::now() + Duration::from_millis(shared.config.server.ready_timeout_ms);
@@ -183,10 +203,11 @@ fn run(config: Config) -> anyhow::Result<()> {
     let mut threads = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
+        let tls = tls.clone();
         let thread = std::thread::Builder::new()
             .name(format!("lmstack-w{id}"))
             .spawn(move || {
-                if let Err(e) = worker::run(id, workers, listener, shared) {
+                if let Err(e) = worker::run(id, workers, listener, shared, tls) {
                     tracing::error!(worker = id, "worker failed: {e}");
                     std::process::exit(1);
                 }
@@ -195,8 +216,8 @@ fn run(config: Config) -> anyhow::Result<()> {
         threads.push(thread);
     }
     // Tests and scripts read this line for the bound address.
-    println!("lmstack listening on http://{bound} ({workers} workers)");
-    tracing::info!(%bound, workers, "listening");
+    println!("lmstack listening on {scheme}://{bound} ({workers} workers)");
+    tracing::info!(%bound, workers, scheme, "listening");
 
     let signal = signals.wait().context("waiting for a signal")?;
     tracing::info!(

@@ -117,6 +117,8 @@ pub const TENANCY_KEYS: &str = "lmstack_tenancy_keys";
 pub const TENANCY_RELOADS_TOTAL: &str = "lmstack_tenancy_reloads_total";
 pub const BUILD_INFO: &str = "lmstack_build_info";
 pub const WORKERS: &str = "lmstack_workers";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "lmstack_tls_handshake_failures_total";
+pub const TLS_CERTIFICATE_RELOADS_TOTAL: &str = "lmstack_tls_certificate_reloads_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -309,6 +311,14 @@ fn describe() {
     gauge!(REQUESTS_HELD).set(0.0);
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
     describe_gauge!(WORKERS, "Worker threads, by IO driver (io_uring or epoll).");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "Client connections closed because their TLS handshake failed or timed out (plain HTTP on the TLS port, a client that refuses the certificate, a client that sends nothing; not one that closes before sending a byte, such as a TCP health check)."
+    );
+    describe_counter!(
+        TLS_CERTIFICATE_RELOADS_TOTAL,
+        "Changed certificate and key files read again, by outcome: loaded (new connections use them), rejected (unreadable, invalid or mismatched: the current ones stay)."
+    );
 }
 
 /// An endpoint was ejected (passive health); rare, so registered on the spot.

@@ -31,14 +31,12 @@ use lmstack_http::{Framing, Version};
 use lmstack_route::blocks::BlockHasher;
 use lmstack_route::{Pick, PrefixInfo, RouteRequest};
 use lmstack_snapshot::AffinityEntry;
-use monoio::io::OwnedWriteHalf;
-use monoio::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::admin::{self, Local};
 use crate::config::SessionConfig;
 use crate::ctx::{Scratch, WorkerCtx};
-use crate::downstream::Downstream;
+use crate::downstream::{Downstream, WriteHalf};
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::metrics::{ModelMetrics, PairMetrics};
 use crate::queue::{Rank, Ticket};
@@ -604,7 +602,7 @@ async fn forward(
     pool: &ModelPool,
     mm: &ModelMetrics,
     req: &Forward<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
 ) -> Outcome {
     let mut excluded: Vec<usize> = Vec::new();
     // The endpoint whose reused connection just failed: its next attempt connects afresh.
@@ -910,7 +908,7 @@ async fn end_stream(
     ctx: &WorkerCtx,
     mm: &ModelMetrics,
     req: &Forward<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     streaming: Option<Streaming>,
     pm: Rc<PairMetrics>,
     cause: &ProxyError,
@@ -937,7 +935,7 @@ async fn end_stream(
 /// Writes the last events of a stream and ends its body.
 async fn close_stream(
     ctx: &WorkerCtx,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     streaming: Option<Streaming>,
     pm: Rc<PairMetrics>,
     events: &[u8],
@@ -1027,7 +1025,19 @@ async fn pick(
                 None => !ctx.waiters.has_group(pool.index),
             };
         if my_turn && let Some(pick) = pool.policy.pick(&view, &request) {
-            return Ok(pick);
+            // Under an in-flight limit the slot is taken here, atomically: another worker
+            // may have seen the same free slot.
+            let inflight = &state.endpoints[pool.endpoints[pick.index]].load.inflight;
+            if lim.max_inflight == 0
+                || inflight
+                    .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                        (n < lim.max_inflight).then_some(n + 1)
+                    })
+                    .is_ok()
+            {
+                return Ok(pick);
+            }
+            continue;
         }
         let untried = pool
             .endpoints
@@ -1119,7 +1129,10 @@ struct Inflight<'a> {
 
 impl<'a> Inflight<'a> {
     fn start(ctx: &'a WorkerCtx, endpoint: &'a EndpointState, pm: Rc<PairMetrics>, blocks: u64, group: usize) -> Self {
-        endpoint.load.inflight.fetch_add(1, Ordering::Relaxed);
+        // Under an in-flight limit, `pick` took the slot already.
+        if ctx.limits.max_inflight == 0 {
+            endpoint.load.inflight.fetch_add(1, Ordering::Relaxed);
+        }
         if blocks > 0 {
             endpoint.load.active_blocks.fetch_add(blocks, Ordering::Relaxed);
         }
@@ -1241,7 +1254,7 @@ async fn exchange(
     ctx: &WorkerCtx,
     endpoint: &EndpointState,
     req: &Forward<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     pm: &PairMetrics,
     attempt: &Attempt,
     streaming: &mut Option<Streaming>,
@@ -1389,7 +1402,7 @@ async fn exchange_events(
     ctx: &WorkerCtx,
     endpoint: &EndpointState,
     req: &Forward<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     pm: &PairMetrics,
     attempt: &Attempt,
     mut conn: upstream::UpstreamConn,

@@ -17,10 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use lmstack_http::stream::{BodyTail, EventSplitter, Ledger, Verdict, event_data};
 use lmstack_http::{ChunkedDecoder, Framing, SseCounter};
-use monoio::io::AsyncWriteRentExt;
-use monoio::io::OwnedWriteHalf;
-use monoio::net::TcpStream;
 
+use crate::downstream::WriteHalf;
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::PairMetrics;
 use crate::state::EndpointLoad;
@@ -155,7 +153,7 @@ const COALESCE_BYTES: usize = 32 * 1024;
 #[allow(clippy::too_many_arguments)]
 pub async fn relay(
     up: &mut UpstreamConn,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     head: Vec<u8>,
     framing: Framing,
     out: OutFraming,
@@ -291,7 +289,7 @@ async fn read_more(up: &mut UpstreamConn, wait: Duration, framing: Framing) -> R
 }
 
 /// Writes to the client with a deadline; any failure means the client is gone.
-pub async fn write(wr: &mut OwnedWriteHalf<TcpStream>, bytes: Bytes, timeout: Duration) -> Result<(), RelayError> {
+pub async fn write(wr: &mut WriteHalf, bytes: Bytes, timeout: Duration) -> Result<(), RelayError> {
     match crate::time::timeout(timeout, wr.write_all(bytes)).await {
         Ok((Ok(_), _)) => Ok(()),
         _ => Err(RelayError::Downstream),
@@ -310,7 +308,7 @@ pub enum EventFraming {
 /// Writes `events` (whole SSE events) to the client, framed, after `head` if it is still to
 /// be sent (it is taken).
 pub async fn write_events(
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     head: &mut Option<Vec<u8>>,
     events: &[u8],
     framing: EventFraming,
@@ -334,11 +332,7 @@ pub async fn write_events(
 }
 
 /// Ends an event stream's body (the last chunk; nothing for a raw body).
-pub async fn end_events(
-    wr: &mut OwnedWriteHalf<TcpStream>,
-    framing: EventFraming,
-    timeout: Duration,
-) -> Result<(), RelayError> {
+pub async fn end_events(wr: &mut WriteHalf, framing: EventFraming, timeout: Duration) -> Result<(), RelayError> {
     match framing {
         EventFraming::Chunked => write(wr, Bytes::from_static(b"0\r\n\r\n"), timeout).await,
         EventFraming::Raw => Ok(()),
@@ -367,7 +361,7 @@ pub struct EventRelay<'l, 'c> {
 /// an error event ([`end_events`] ends it).
 pub async fn relay_events(
     up: &mut UpstreamConn,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut WriteHalf,
     framing: Framing,
     r: &mut EventRelay<'_, '_>,
 ) -> Result<Relayed, RelayError> {

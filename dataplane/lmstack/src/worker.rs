@@ -1,26 +1,33 @@
 //! Worker threads: one monoio runtime per thread (io_uring, or epoll where io_uring is
 //! missing), each with its own SO_REUSEPORT listener, accept loop, connection pool and
-//! metric handles. A connection lives and dies on the worker that accepted it.
+//! metric handles. A connection lives and dies on the worker that accepted it (its TLS
+//! handshake included, when `listen.tls` is on).
 //!
 //! Not here: the worker's context (ctx.rs), what happens to a request (proxy.rs) or how
 //! routing state is built (state.rs).
 
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use monoio::io::AsyncWriteRent;
-use monoio::net::{TcpListener, TcpStream};
+use monoio::net::TcpListener;
 use monoio::{FusionDriver, FusionRuntime, RuntimeBuilder};
 
 use crate::ctx::{Shared, WorkerCtx};
 use crate::downstream::{Downstream, NoRequest};
 use crate::metrics;
 use crate::proxy::{self, After};
+use crate::tls;
 
-/// Runs worker `id` on the current thread until the process exits.
-pub fn run(id: usize, workers: usize, listener: std::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+/// Runs worker `id` on the current thread until the process exits; `tls`: its client
+/// connections speak TLS.
+pub fn run(
+    id: usize,
+    workers: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<Arc<tls::Acceptor>>,
+) -> std::io::Result<()> {
     if shared.config.pin_workers
         && let Err(e) = monoio::utils::bind_to_cpu_set([id % num_cpus()])
     {
@@ -37,7 +44,7 @@ pub fn run(id: usize, workers: usize, listener: std::net::TcpListener, shared: A
         let listener = TcpListener::from_std(listener)?;
         let ctx = Rc::new(WorkerCtx::new(id, workers, shared));
         monoio::spawn(housekeeping(ctx.clone()));
-        accept_loop(listener, &ctx).await;
+        accept_loop(listener, &ctx, tls).await;
         // Draining: the listener is closed; the worker ends when its last connection does
         // (idle ones close at once, the others after their response).
         while ctx.connections.get() > 0 {
@@ -78,11 +85,24 @@ fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// A worker's hold on the TLS acceptor (cloned per connection without touching a shared
+/// reference count), and its handshake failure counter.
+struct Tls {
+    acceptor: Arc<tls::Acceptor>,
+    failures: ::metrics::Counter,
+}
+
 /// Accepts connections until the router drains: the main thread then shuts the listening
 /// socket down, which ends the pending accept (and frees the port at once).
-async fn accept_loop(listener: TcpListener, ctx: &Rc<WorkerCtx>) {
+async fn accept_loop(listener: TcpListener, ctx: &Rc<WorkerCtx>, tls: Option<Arc<tls::Acceptor>>) {
     let accepted = ::metrics::counter!(metrics::HTTP_CONNECTIONS_TOTAL);
     let open = ::metrics::gauge!(metrics::HTTP_CONNECTIONS);
+    let tls = tls.map(|acceptor| {
+        Rc::new(Tls {
+            acceptor,
+            failures: ::metrics::counter!(metrics::TLS_HANDSHAKE_FAILURES_TOTAL),
+        })
+    });
     loop {
         if ctx.draining() {
             return;
@@ -99,8 +119,20 @@ async fn accept_loop(listener: TcpListener, ctx: &Rc<WorkerCtx>) {
                 ctx.connections.set(ctx.connections.get() + 1);
                 let ctx = ctx.clone();
                 let open = open.clone();
+                let tls = tls.clone();
                 monoio::spawn(async move {
-                    serve_connection(stream, peer, &ctx).await;
+                    let _ = stream.set_nodelay(true);
+                    match tls.as_deref() {
+                        None => serve_connection(Downstream::new(stream, peer), &ctx).await,
+                        Some(tls) => match tls.acceptor.accept(stream).await {
+                            Ok(halves) => serve_connection(Downstream::tls(halves, peer), &ctx).await,
+                            Err(tls::Refused::Silent) => {}
+                            Err(tls::Refused::Failed(e)) => {
+                                tls.failures.increment(1);
+                                tracing::debug!(worker = ctx.id, %peer, "TLS handshake failed: {e}");
+                            }
+                        },
+                    }
                     ctx.connections.set(ctx.connections.get() - 1);
                     open.decrement(1.0);
                 });
@@ -116,9 +148,7 @@ async fn accept_loop(listener: TcpListener, ctx: &Rc<WorkerCtx>) {
 }
 
 /// Serves requests on one client connection, in order, until it closes.
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx) {
-    let _ = stream.set_nodelay(true);
-    let mut down = Downstream::new(stream, peer);
+async fn serve_connection(mut down: Downstream, ctx: &WorkerCtx) {
     let lim = &ctx.limits;
     loop {
         let after = match down
@@ -144,7 +174,12 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx) 
             }
         }
     }
+    down.wr.close(CLOSE_NOTIFY_TIMEOUT).await;
 }
+
+/// How long a TLS connection's close_notify may take to leave (a client that stopped
+/// reading): the connection closes after it anyway.
+const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Closes after an error response without resetting the connection under the client's
 /// feet: half-close, then read and discard what it still sends for a moment, so that it

@@ -47,13 +47,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- else if $v -}}true{{- end -}}
 {{- end -}}
 
-{{/* Prometheus scrape annotations: (dict "root" $ "port" 8001). */}}
+{{/* Prometheus scrape annotations: (dict "root" $ "port" 8001), and "https" true for a TLS port. */}}
 {{- define "lmstack.scrapeAnnotations" -}}
 {{- if .root.Values.monitoring.annotations }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
+{{- if .https }}
+prometheus.io/scheme: https
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The router's port name: https when it serves TLS (routerSpec.tls.secretName), else http. */}}
+{{- define "lmstack.routerPort" -}}
+{{- if .Values.routerSpec.tls.secretName }}https{{ else }}http{{ end -}}
 {{- end -}}
 
 {{/* The agent container, used by the agent DaemonSet and by the router in daemonset mode. */}}

@@ -4,8 +4,10 @@
 //!
 //! 1. Throughput: small non-streaming completions at `--concurrency` connections (a) straight
 //!    to one engine, (b) through lmstack over two engines, (c) through nginx over the same
-//!    two engines. Engines answer at once (no simulated GPU time), so the proxies and the
-//!    engines' HTTP handling are what is measured.
+//!    two engines, (d) and (e) lmstack and nginx serving the clients over TLS (one ECDSA
+//!    P-256 certificate, TLS 1.3; kept-alive connections, so a handshake per connection and
+//!    not per request). Engines answer at once (no simulated GPU time), so the proxies and
+//!    the engines' HTTP handling are what is measured.
 //! 2. Streaming: time to the first chunk and the gaps between chunks, direct and through both
 //!    proxies, over one engine that emits a token every 5 ms.
 //!
@@ -50,14 +52,23 @@ pub struct ProxyArgs {
     /// Skip nginx (when it cannot be installed).
     #[arg(long)]
     no_nginx: bool,
+    /// Skip the TLS targets (lmstack and nginx serving HTTPS).
+    #[arg(long)]
+    no_tls: bool,
 }
 
 /// Runs the proxy scenario with the binaries in `bins`, nginx's files under `work`.
 pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> {
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
     let nginx = if args.no_nginx { None } else { Some(ensure_nginx()?) };
-    let targets_per_part = if nginx.is_some() { 3 } else { 2 };
-    let progress = Progress::new("proxy", ((2 * targets_per_part + 2) * args.rounds) as u64);
+    let tls = if args.no_tls {
+        None
+    } else {
+        Some(TlsFiles::make(&work.join("tls"))?)
+    };
+    let proxies = 1 + usize::from(nginx.is_some());
+    let throughput_targets = 1 + proxies + if tls.is_some() { proxies } else { 0 };
+    let progress = Progress::new("proxy", ((throughput_targets + 2 + 1 + proxies) * args.rounds) as u64);
 
     let instant = [
         "--prefill-base-ms",
@@ -93,7 +104,7 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     let e2 = sim("e2", &instant);
     let lm = router(&[&e1, &e2]);
     let ng = match &nginx {
-        Some(bin) => Some(Nginx::start(bin, &work.join("nginx-throughput"), &[&e1, &e2])?),
+        Some(bin) => Some(Nginx::start(bin, &work.join("nginx-throughput"), &[&e1, &e2], None)?),
         None => None,
     };
     wait_ready(&lm.url())?;
@@ -103,6 +114,28 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     ];
     if let Some(n) = &ng {
         targets.push(Target::new("nginx-2-engines", n.url(), n.pids()));
+    }
+    // The same two engines, through both proxies serving HTTPS.
+    let mut tls_procs = (None, None);
+    if let Some(t) = &tls {
+        let (cert, key) = (t.cert.to_string_lossy(), t.key.to_string_lossy());
+        let urls = [e1.url(), e2.url()];
+        let lm_tls = start_router(
+            bins,
+            0,
+            &urls,
+            &["--log-level", "warn", "--tls-cert", &cert, "--tls-key", &key],
+        );
+        let url = format!("https://127.0.0.1:{}", lm_tls.addr.port());
+        wait_ready_tls(&url, &t.ca)?;
+        targets.push(Target::new("lmstack-tls-2-engines", url, vec![lm_tls.pid()]).with_ca(&t.ca));
+        if let Some(bin) = &nginx {
+            let n = Nginx::start(bin, &work.join("nginx-tls"), &[&e1, &e2], Some(t))?;
+            wait_ready_tls(&n.url(), &t.ca)?;
+            targets.push(Target::new("nginx-tls-2-engines", n.url(), n.pids()).with_ca(&t.ca));
+            tls_procs.1 = Some(n);
+        }
+        tls_procs.0 = Some(lm_tls);
     }
     let throughput = measure(
         bins,
@@ -138,7 +171,7 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
             ..Load::new("completions", args.concurrency, 1)
         },
     )?;
-    drop((rr, px, ng, lm, e1, e2));
+    drop((rr, px, tls_procs, ng, lm, e1, e2));
 
     // Streaming.
     let e3 = sim(
@@ -156,7 +189,7 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     );
     let lm = router(&[&e3]);
     let ng = match &nginx {
-        Some(bin) => Some(Nginx::start(bin, &work.join("nginx-stream"), &[&e3])?),
+        Some(bin) => Some(Nginx::start(bin, &work.join("nginx-stream"), &[&e3], None)?),
         None => None,
     };
     wait_ready(&lm.url())?;
@@ -180,7 +213,8 @@ pub fn run(bins: &Path, work: &Path, args: &ProxyArgs) -> anyhow::Result<Value> 
     let report = json!({
         "nginx": nginx.as_ref().map(|n| command_output(&n.to_string_lossy(), &["-v"])),
         "settings": {"duration_s": args.duration_s, "warmup_s": args.warmup_s, "rounds": args.rounds,
-                     "concurrency": args.concurrency, "stream_concurrency": args.stream_concurrency},
+                     "concurrency": args.concurrency, "stream_concurrency": args.stream_concurrency,
+                     "tls": tls.is_some()},
         "throughput": throughput,
         "routing": routing,
         "streaming": streaming,
@@ -225,7 +259,7 @@ fn measure(
     } = *load;
     let mut runs: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
     for round in 0..args.rounds {
-        for (i, Target { label, url, pids }) in targets.iter().enumerate() {
+        for (i, Target { label, url, pids, ca }) in targets.iter().enumerate() {
             progress.step(format!(
                 "{mode} round {}/{}: {label}, {concurrency} connections, {} s",
                 round + 1,
@@ -248,6 +282,7 @@ fn measure(
                     &args.warmup_s.to_string(),
                 ])
                 .args(prompt.map(|p| ["--prompt", p]).into_iter().flatten())
+                .args(ca.iter().flat_map(|ca| [Path::new("--cacert"), ca]))
                 .stderr(Stdio::inherit())
                 .output()
                 .context("running lmstack-load")?;
@@ -299,12 +334,76 @@ struct Target {
     label: &'static str,
     url: String,
     pids: Vec<u32>,
+    /// The CA of an https:// target.
+    ca: Option<PathBuf>,
 }
 
 impl Target {
     fn new(label: &'static str, url: String, pids: Vec<u32>) -> Self {
-        Self { label, url, pids }
+        Self {
+            label,
+            url,
+            pids,
+            ca: None,
+        }
     }
+
+    fn with_ca(self, ca: &Path) -> Self {
+        Self {
+            ca: Some(ca.to_owned()),
+            ..self
+        }
+    }
+}
+
+/// A CA and a server certificate signed by it for `localhost` and 127.0.0.1 (ECDSA P-256,
+/// so that both proxies' handshakes do the same work), written as PEM files.
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsFiles {
+    fn make(dir: &Path) -> anyhow::Result<TlsFiles> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        std::fs::create_dir_all(dir)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "lmstack perf CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        let key = KeyPair::generate()?;
+        let cert =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?.signed_by(&key, &ca)?;
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&files.ca, ca.pem())?;
+        std::fs::write(&files.cert, cert.pem())?;
+        std::fs::write(&files.key, key.serialize_pem())?;
+        Ok(files)
+    }
+}
+
+/// Waits for an https:// target's /health (curl: the agent here speaks plain HTTP only).
+fn wait_ready_tls(url: &str, ca: &Path) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let ok = Command::new("curl")
+            .args(["--silent", "--fail", "--output", "/dev/null", "--cacert"])
+            .arg(ca)
+            .arg(format!("{url}/health"))
+            .status()
+            .context("running curl")?
+            .success();
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{url} never became healthy")
 }
 
 /// User plus system CPU time of processes (all their threads), from /proc.
@@ -439,6 +538,20 @@ fn print_report(report: &Value) {
         }
     }
     let t = &report["throughput"];
+    if t.get("nginx-tls-2-engines").is_some() {
+        let (l, n) = (&t["lmstack-tls-2-engines"], &t["nginx-tls-2-engines"]);
+        println!(
+            "\nover TLS, lmstack / nginx: req/s x{:.2}, p99 x{:.2}, CPU per request x{:.2}",
+            f(l, "rps") / f(n, "rps"),
+            f(l, "latency_ms.p99") / f(n, "latency_ms.p99"),
+            f(l, "cpu_us_per_request") / f(n, "cpu_us_per_request")
+        );
+        println!(
+            "TLS / plain req/s: lmstack x{:.2}, nginx x{:.2}",
+            f(l, "rps") / f(&t["lmstack-2-engines"], "rps"),
+            f(n, "rps") / f(&t["nginx-2-engines"], "rps")
+        );
+    }
     if t.get("nginx-2-engines").is_some() {
         let (l, n) = (&t["lmstack-2-engines"], &t["nginx-2-engines"]);
         println!(
@@ -486,23 +599,38 @@ fn ensure_nginx() -> anyhow::Result<PathBuf> {
     }
 }
 
-/// nginx as a plain keep-alive reverse proxy, in the foreground, stopped by PID on drop.
+/// nginx as a plain keep-alive reverse proxy (serving HTTPS with `tls`), in the foreground,
+/// stopped by PID on drop.
 struct Nginx {
     child: Child,
     port: u16,
+    https: bool,
 }
 
 impl Nginx {
-    fn start(bin: &Path, dir: &Path, engines: &[&Proc]) -> anyhow::Result<Nginx> {
+    fn start(bin: &Path, dir: &Path, engines: &[&Proc], tls: Option<&TlsFiles>) -> anyhow::Result<Nginx> {
         std::fs::create_dir_all(dir.join("logs"))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let servers: String = engines.iter().map(|e| format!("    server {};\n", e.addr)).collect();
+        // TLS: the router's settings as far as nginx has them (TLS 1.2 and 1.3, a session
+        // cache as rustls's), and no limit on requests per connection (nginx closes a
+        // connection after 1000 by default: a handshake every 1000 requests, which lmstack
+        // does not make).
+        let listen = match tls {
+            None => format!("listen 127.0.0.1:{port} reuseport;"),
+            Some(t) => format!(
+                "listen 127.0.0.1:{port} ssl reuseport;\n    ssl_certificate {};\n    ssl_certificate_key {};\n\
+    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_session_cache shared:SSL:10m;\n    keepalive_requests 1000000;",
+                t.cert.display(),
+                t.key.display()
+            ),
+        };
         let conf = format!(
             "worker_processes {workers};\nerror_log {dir}/logs/error.log warn;\npid {dir}/nginx.pid;\n\
 events {{ worker_connections 8192; }}\n\
 http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
   upstream engines {{\n{servers}    keepalive 256;\n  }}\n\
-  server {{\n    listen 127.0.0.1:{port} reuseport;\n    client_max_body_size 64m;\n\
+  server {{\n    {listen}\n    client_max_body_size 64m;\n\
     location / {{\n      proxy_pass http://engines;\n      proxy_http_version 1.1;\n\
       proxy_set_header Connection \"\";\n      proxy_buffering off;\n      proxy_read_timeout 600s;\n    }}\n  }}\n}}\n",
             workers = std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -525,11 +653,19 @@ http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_pa
             anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "nginx did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Nginx { child, port })
+        Ok(Nginx {
+            child,
+            port,
+            https: tls.is_some(),
+        })
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        if self.https {
+            format!("https://127.0.0.1:{}", self.port)
+        } else {
+            format!("http://127.0.0.1:{}", self.port)
+        }
     }
 
     /// The master and its workers.
