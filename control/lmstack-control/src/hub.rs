@@ -51,10 +51,16 @@ impl Hub {
     }
 
     /// Relays a replica's assignments to every stream and keeps them for later ones.
-    pub fn share(&self, batch: AffinityBatch) {
-        let batch = Arc::new(batch);
+    pub fn share(&self, mut batch: AffinityBatch) {
         let blocks = batch.blocks();
-        let _ = self.affinity.send(batch.clone());
+        let has_entries = !batch.entries.is_empty();
+        let _ = self.affinity.send(Arc::new(batch.clone()));
+        // Kept for later streams: the entries only (spending is news only when it happens).
+        if !has_entries {
+            return;
+        }
+        batch.budgets.clear();
+        let batch = Arc::new(batch);
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.0.push_back(batch);
         recent.1 += blocks;

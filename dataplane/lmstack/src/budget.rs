@@ -21,17 +21,21 @@ pub struct Rate {
 }
 
 impl Rate {
-    /// Nanoseconds one unit moves the TAT.
-    fn unit_ns(self) -> f64 {
-        self.period.as_nanos() as f64 / self.limit.max(1) as f64
-    }
-
     fn period_ns(self) -> u64 {
         u64::try_from(self.period.as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// Nanoseconds `units` move the TAT, rounded down, so that `limit` units are exactly
+    /// one period (never more: a whole budget can always be spent at once).
     fn cost_ns(self, units: u64) -> u64 {
-        (units as f64 * self.unit_ns()).ceil() as u64
+        let ns = u128::from(units) * u128::from(self.period_ns()) / u128::from(self.limit.max(1));
+        u64::try_from(ns).unwrap_or(u64::MAX)
+    }
+
+    /// Whole units `ns` of the period hold.
+    fn units_in(self, ns: u64) -> u64 {
+        let units = u128::from(ns) * u128::from(self.limit) / u128::from(self.period_ns().max(1));
+        u64::try_from(units).unwrap_or(u64::MAX)
     }
 }
 
@@ -96,15 +100,17 @@ impl Bucket {
     }
 
     /// Settles a spend: `delta` more units (positive) or fewer (negative) than were spent.
-    /// A refund never leaves the bucket fuller than full.
+    /// A refund never leaves the bucket fuller than full; a charge never leaves it emptier
+    /// than two periods' debt (what a stale or oversized report can do is bounded).
     pub fn settle(&self, rate: Rate, delta: i64, now: u64) {
         if delta == 0 {
             return;
         }
         let cost = rate.cost_ns(delta.unsigned_abs());
+        let most = now.saturating_add(rate.period_ns().saturating_mul(2));
         let _ = self.tat_ns.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
             Some(if delta > 0 {
-                tat.max(now).saturating_add(cost)
+                tat.max(now).saturating_add(cost).min(most.max(tat))
             } else {
                 tat.saturating_sub(cost).max(now.min(tat))
             })
@@ -117,7 +123,7 @@ fn standing(rate: Rate, ahead_ns: u64) -> Standing {
     Standing {
         limit: rate.limit,
         period: rate.period,
-        remaining: ((free_ns as f64 / rate.unit_ns()).floor() as u64).min(rate.limit),
+        remaining: rate.units_in(free_ns).min(rate.limit),
         reset: Duration::from_nanos(ahead_ns),
     }
 }
@@ -180,6 +186,28 @@ mod tests {
         // A tenth of a second later, one more.
         assert!(b.spend(r, 1, now + SEC / 10).is_ok());
         assert!(b.spend(r, 1, now + SEC / 10).is_err());
+    }
+
+    #[test]
+    fn budgets_that_do_not_divide_the_period_keep_their_whole_burst() {
+        for (limit, period) in [(3, 1), (7, 60), (6, 1), (1_000_003, 60)] {
+            let r = Rate {
+                limit,
+                period: Duration::from_secs(period),
+            };
+            let b = Bucket::default();
+            let now = 10 * SEC;
+            assert_eq!(
+                b.spend(r, 1, now).map(|s| s.remaining),
+                Ok(limit - 1),
+                "{limit}/{period}s"
+            );
+            assert!(
+                b.spend(r, limit - 1, now).is_ok(),
+                "{limit}/{period}s: the rest of the burst"
+            );
+            assert!(b.spend(r, 1, now).is_err(), "{limit}/{period}s: one more");
+        }
     }
 
     #[test]

@@ -257,7 +257,8 @@ fn report(shared: &Shared, rx: &crossbeam_channel::Receiver<Vec<AffinityEntry>>)
 /// replica's requests spent of each tenant's (and key's) budgets goes to control, which
 /// relays it to the other replicas, which charge it to their own buckets. So a tenant's
 /// budget holds across replicas within what they spend before they hear of each other:
-/// at most (replicas - 1) x (one report interval's spending + a full bucket's burst).
+/// about (replicas - 1) x (one report interval's spending + a full bucket's burst), more
+/// while reports are lost (control away, a relay lagging).
 pub fn spawn_budget_reporter(shared: Arc<Shared>) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new().name("lmstack-budgets".into()).spawn(move || {
         let config = &shared.config.discovery.control;

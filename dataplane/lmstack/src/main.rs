@@ -146,14 +146,16 @@ fn run(config: Config, tls: Option<(tls::Acceptor, tls::Reload)>) -> anyhow::Res
     let kv = (config.kv_events.enabled && uses_prefix)
         .then(|| Arc::new(kv::Kv::new(config.kv_events.clone(), control_mode)));
     let tenants = tenancy::load(config.tenancy.keys_file.as_deref()).map_err(anyhow::Error::msg)?;
-    if let (Some(cell), Some(path)) = (&tenants, &config.tenancy.keys_file) {
+    if let (Some((cell, digest)), Some(path)) = (&tenants, &config.tenancy.keys_file) {
         tenancy::spawn_reloader(
             path.clone(),
             config::ms(config.tenancy.reload_interval_ms),
             cell.clone(),
+            *digest,
         )
         .context("starting the keys file reloader")?;
     }
+    let tenants = tenants.map(|(cell, _)| cell);
     let shared = Arc::new(Shared {
         tenants,
         kv: kv.clone(),

@@ -43,7 +43,7 @@ use crate::queue::{Rank, Ticket};
 use crate::relay::{self, EventFraming, EventRelay, FirstByte, OutFraming, RelayError, StreamClock};
 use crate::response::{self, BodyOut, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
-use crate::tenancy::{Key, Priority, Tenant};
+use crate::tenancy::{Grant, Key, Priority, Tenant};
 use crate::upstream;
 
 /// What to do with the client connection after a request.
@@ -119,6 +119,8 @@ struct Forward<'a> {
     rate_headers: &'a str,
     /// The key's tenant (its priority and share in the router's queue).
     tenant: Option<Arc<Tenant>>,
+    /// Some attempt's request went out to an engine (it may have been worked on).
+    reached: std::cell::Cell<bool>,
     session: Option<&'a str>,
     prefix: Option<&'a PrefixPlan<'a>>,
     request_id: &'a str,
@@ -192,45 +194,18 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
     };
 
-    // 4. The key's models; the model's pool; the key's budgets.
+    // 4. The key's models and budgets (spent before a request is held, so that a tenant
+    //    over its budget cannot fill the hold); the model's pool.
     if let Some(Err(e)) = key.as_ref().map(|k| k.allow_model(model)) {
         return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
     }
-    let mut state = ctx.routing_state();
-    // A model with no ready endpoint (scaling up from zero, restarting) holds its request
-    // a while rather than failing it.
-    if let Some(hold) = must_hold(ctx, &state, model) {
-        let Downstream { reader, .. } = &mut *down;
-        let held = reader
-            .unless_client_leaves(lim.head.max_bytes, lim.client_watch_delay, hold_for(ctx, model, hold))
-            .await;
-        match held {
-            None => {
-                tracing::debug!(request_id, "the client left while its request was held");
-                return After::Close;
-            }
-            Some(Ok(ready)) => state = ready,
-            Some(Err(e)) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
-        }
-    }
-    let Some(pool) = state.model(model) else {
-        let e = ProxyError::new(
-            ErrorKind::UnknownModel,
-            format!(
-                "The model `{model}` does not exist. Models served here: {}",
-                state.model_names().join(", ")
-            ),
-        )
-        .with_param("model");
-        return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
-    };
     let grant = match &key {
         Some(key) => {
             // Reserved now, settled from the engine's usage when the response ends.
             let tenancy = &ctx.shared.config.tenancy;
             let prompt_bytes = peek.prompt.or(peek.messages).map_or(body.len(), |p| p.get().len()) as u64;
-            let tokens =
-                prompt_bytes / tenancy.prompt_bytes_per_token + peek.max_tokens.unwrap_or(tenancy.default_max_tokens);
+            let tokens = (prompt_bytes / tenancy.prompt_bytes_per_token)
+                .saturating_add(peek.max_tokens.unwrap_or(tenancy.default_max_tokens));
             let now_ms = ctx.shared.cell.now_ms();
             match key.admit(tokens, now_ms, ctx.shared.config.routing.recent_half_life_ms) {
                 Ok(grant) => {
@@ -242,6 +217,53 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
         None => None,
     };
+    // From here, a request that goes nowhere gives its reservation back.
+    let refund = |grant: Option<Grant>| {
+        if let Some(g) = grant {
+            g.settle(Some((0, 0)));
+        }
+    };
+    let mut state = ctx.routing_state();
+    // A model with no ready endpoint (scaling up from zero, restarting) holds its request
+    // a while rather than failing it.
+    if let Some(hold) = must_hold(ctx, &state, model) {
+        let Downstream { reader, .. } = &mut *down;
+        let held = reader
+            .unless_client_leaves(lim.head.max_bytes, lim.client_watch_delay, hold_for(ctx, model, hold))
+            .await;
+        match held {
+            None => {
+                tracing::debug!(request_id, "the client left while its request was held");
+                refund(grant);
+                return After::Close;
+            }
+            Some(Ok(ready)) => state = ready,
+            Some(Err(e)) => {
+                refund(grant);
+                return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+            }
+        }
+    }
+    let Some(pool) = state.model(model) else {
+        // A key sees only the models it may use.
+        let names: Vec<&str> = state
+            .model_names()
+            .into_iter()
+            .filter(|m| key.as_ref().is_none_or(|k| k.lists(m)))
+            .collect();
+        let e = ProxyError::new(
+            ErrorKind::UnknownModel,
+            format!(
+                "The model `{model}` does not exist. Models served here: {}",
+                names.join(", ")
+            ),
+        )
+        .with_param("model");
+        refund(grant);
+        return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+    };
+    let mut grant = grant;
+    let rate_headers = grant.as_mut().map(|g| std::mem::take(&mut g.headers));
     // A completions or chat stream has a ledger: it may be resumed, and it tells the usage.
     let resume = &ctx.shared.config.resume;
     let api = match head.path() {
@@ -259,7 +281,22 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     // its budget (not shown to a client that did not ask).
     let salt = grant.as_ref().and_then(|g| g.tenant().cache_salt.clone());
     let ask_usage = grant.is_some() && api.is_some() && !client_usage;
-    let tenant_body = (salt.is_some() || ask_usage).then(|| tenant_body(&body, &peek, salt.as_deref(), ask_usage));
+    let tenant_body = if salt.is_some() || ask_usage {
+        match tenant_body(&body, &peek, salt.as_deref(), ask_usage) {
+            Some(b) => Some(b),
+            None => {
+                // Never forwarded with the client's own salt (isolation fails closed).
+                refund(grant);
+                let e = ProxyError::new(
+                    ErrorKind::InvalidJson,
+                    "the request body could not be rewritten for its tenant (numbers or nesting beyond JSON's usual range)",
+                );
+                return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+            }
+        }
+    } else {
+        None
+    };
     let body = tenant_body.as_ref().unwrap_or(&body);
     let session = session_key(&head, peek.session.as_deref(), session_config);
     // The prompt's blocks, and how much of them each endpoint holds, for policies that ask.
@@ -289,8 +326,9 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         hide_usage: ask_usage,
         client_usage,
         metered: key.is_some(),
-        rate_headers: grant.as_ref().map_or("", |g| g.headers.as_str()),
+        rate_headers: rate_headers.as_deref().unwrap_or(""),
         tenant: key.as_ref().map(|k| k.tenant.clone()),
+        reached: std::cell::Cell::new(false),
         session,
         prefix: prefix.as_ref(),
         request_id: &request_id,
@@ -314,7 +352,11 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
 
     // 7. Record, and decide about the connection.
     if let Some(grant) = grant {
-        grant.settle(settled_usage(outcome.as_ref()));
+        let usage = match &outcome {
+            Some(Outcome::Done { usage, .. }) => *usage,
+            _ => None,
+        };
+        grant.settle(settled_usage(usage, request.reached.get()));
     }
     match outcome {
         None => {
@@ -399,24 +441,15 @@ impl Drop for Held<'_> {
     }
 }
 
-/// The tokens a metered request used, as far as known: the engine's usage; none when the
-/// request never reached an engine; `None` (the reservation stands) otherwise.
-fn settled_usage(outcome: Option<&Outcome>) -> Option<(u64, u64)> {
-    match outcome? {
-        Outcome::Done { usage, .. } => usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
-        Outcome::Failed { error, .. }
-            if matches!(
-                error.kind,
-                ErrorKind::NoHealthyEndpoint
-                    | ErrorKind::Overloaded
-                    | ErrorKind::UpstreamConnect
-                    | ErrorKind::UpstreamConnectTimeout
-            ) =>
-        {
-            Some((0, 0))
-        }
-        _ => None,
+/// The tokens a metered request used, as far as known: none when no attempt's request
+/// went out to an engine (whatever happened after, the client leaving included); else the
+/// engine's usage (of a response relayed whole); `None` (the reservation stands) when it
+/// may have been worked on and no usage came.
+fn settled_usage(usage: Option<Usage>, reached: bool) -> Option<(u64, u64)> {
+    if !reached {
+        return Some((0, 0));
     }
+    usage.map(|u| (u.prompt_tokens, u.completion_tokens))
 }
 
 /// A request's prompt blocks and what each endpoint of its pool holds of them. The buffers
@@ -624,7 +657,8 @@ async fn forward(
             let pm = last_failure.map_or_else(|| mm.unrouted.clone(), |(_, pm)| pm);
             return end_stream(ctx, mm, req, wr, streaming, pm, &error, "exhausted").await;
         }
-        let pick = match pick(ctx, state, pool, mm, req, &excluded).await {
+        // A retry or a continuation has waited its turn once: it goes when it can.
+        let pick = match pick(ctx, state, pool, mm, req, &excluded, attempt > 0).await {
             Ok(pick) => pick,
             Err(error) => {
                 let pm = last_failure
@@ -855,7 +889,7 @@ fn passive_health(ctx: &WorkerCtx, state: &RoutingState, pool: &ModelPool, index
 /// The body a tenant's request goes on with: its `cache_salt` (replacing the client's), and
 /// `stream_options.include_usage`, each the body's last member (vLLM reads JSON objects
 /// last-wins); through a JSON value when the client sent either field itself.
-fn tenant_body(body: &Bytes, peek: &lmstack_http::Peek<'_>, salt: Option<&str>, ask_usage: bool) -> Bytes {
+fn tenant_body(body: &Bytes, peek: &lmstack_http::Peek<'_>, salt: Option<&str>, ask_usage: bool) -> Option<Bytes> {
     use lmstack_http::stream::append_member;
     let salt_json = salt.map(|s| serde_json::Value::from(s).to_string());
     let appended = if (salt.is_some() && peek.cache_salt) || (ask_usage && peek.stream_options.is_some()) {
@@ -871,10 +905,10 @@ fn tenant_body(body: &Bytes, peek: &lmstack_http::Peek<'_>, salt: Option<&str>, 
         out
     };
     if let Some(out) = appended {
-        return Bytes::from(out);
+        return Some(Bytes::from(out));
     }
     let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return body.clone();
+        return None;
     };
     if let Some(salt) = salt {
         map.insert("cache_salt".into(), salt.into());
@@ -885,11 +919,15 @@ fn tenant_body(body: &Bytes, peek: &lmstack_http::Peek<'_>, salt: Option<&str>, 
             .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
         if let Some(o) = options.as_object_mut() {
             o.insert("include_usage".into(), true.into());
+            // Usage in every chunk would reach a client that did not ask for usage.
+            if o.contains_key("continuous_usage_stats") {
+                o.insert("continuous_usage_stats".into(), false.into());
+            }
         } else {
             *options = serde_json::json!({"include_usage": true});
         }
     }
-    serde_json::to_vec(&map).map_or_else(|_| body.clone(), Bytes::from)
+    serde_json::to_vec(&map).ok().map(Bytes::from)
 }
 
 /// The request's API key when keys are on (`None` when they are off); 401 without one.
@@ -972,6 +1010,7 @@ async fn pick(
     mm: &ModelMetrics,
     req: &Forward<'_>,
     excluded: &[usize],
+    again: bool,
 ) -> Result<Pick, ProxyError> {
     let lim = &ctx.limits;
     let admission = &ctx.shared.config.admission;
@@ -1019,7 +1058,7 @@ async fn pick(
         };
         // While others wait for this model, a request goes in its turn (a retry, which has
         // endpoints of its own to avoid, goes when it can).
-        let my_turn = !excluded.is_empty()
+        let my_turn = again
             || match &queued {
                 Some(q) => q.ticket.first(),
                 None => !ctx.waiters.has_group(pool.index),
@@ -1059,7 +1098,7 @@ async fn pick(
                             .with_headers("retry-after: 1\r\nx-lmstack-reason: queue_full\r\n".to_owned()),
                     );
                 }
-                queued.insert(Queued::enter(ctx, mm.queued(), pool.index, req))
+                queued.insert(Queued::enter(ctx, mm.queued(), pool.index, req, again))
             }
         };
         let left = q.deadline.saturating_duration_since(Instant::now());
@@ -1088,19 +1127,19 @@ struct Queued<'a> {
 }
 
 impl<'a> Queued<'a> {
-    fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge, group: usize, req: &Forward<'_>) -> Self {
+    /// `again`: a retry, which takes no turn (it goes when it can), so it stands last and
+    /// keeps no one else from theirs.
+    fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge, group: usize, req: &Forward<'_>, again: bool) -> Self {
         let gauge = gauge.clone();
         gauge.increment(1.0);
         // The tenant's class and its tokens lately (none without keys: first come).
-        let (class, share): (u8, Box<dyn Fn() -> f64>) = match &req.tenant {
-            Some(t) => {
-                let (t, shared) = (t.clone(), ctx.shared.clone());
-                (
-                    t.priority as u8,
-                    Box::new(move || t.recent_tokens(shared.cell.now_ms(), shared.config.routing.recent_half_life_ms)),
-                )
-            }
-            None => (Priority::Normal as u8, Box::new(|| 0.0)),
+        let (class, share) = match &req.tenant {
+            _ if again => (0, f64::MAX),
+            Some(t) => (
+                t.priority as u8,
+                t.recent_tokens(ctx.shared.cell.now_ms(), ctx.shared.config.routing.recent_half_life_ms),
+            ),
+            None => (Priority::Normal as u8, 0.0),
         };
         Self {
             ticket: ctx.waiters.enter(Rank { group, class, share }),
@@ -1287,6 +1326,7 @@ async fn exchange(
     );
     let answered = crate::time::timeout(attempt.head_timeout, async {
         upstream::send(&mut conn, head, &attempt.body).await?;
+        req.reached.set(true);
         upstream::read_head(&mut conn, &lim.response_head, false).await
     })
     .await;
@@ -1528,13 +1568,13 @@ mod tests {
             ),
             (
                 r#"{"model":"m","cache_salt":"mine","stream_options":{"continuous_usage_stats":true}}"#,
-                r#"{"cache_salt":"s1","model":"m","stream_options":{"continuous_usage_stats":true,"include_usage":true}}"#,
+                r#"{"cache_salt":"s1","model":"m","stream_options":{"continuous_usage_stats":false,"include_usage":true}}"#,
             ),
         ];
         for (body, want) in cases {
             let body = Bytes::from(body);
             let peek = lmstack_http::peek(&body, None).unwrap();
-            let out = tenant_body(&body, &peek, Some("s1"), true);
+            let out = tenant_body(&body, &peek, Some("s1"), true).unwrap();
             let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
             let want: serde_json::Value = serde_json::from_str(want).unwrap();
             assert_eq!(got, want);
@@ -1542,6 +1582,20 @@ mod tests {
             let text = std::str::from_utf8(&out).unwrap();
             assert_eq!(text.matches("cache_salt").count(), 1, "{text}");
         }
+    }
+
+    #[test]
+    fn reservations_are_refunded_only_when_no_engine_had_the_request() {
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+        };
+        // The client left while the request waited, or no endpoint took it: refunded.
+        assert_eq!(settled_usage(None, false), Some((0, 0)));
+        assert_eq!(settled_usage(Some(usage), false), Some((0, 0)));
+        // Sent: charged by the usage, or the reservation stands.
+        assert_eq!(settled_usage(Some(usage), true), Some((3, 4)));
+        assert_eq!(settled_usage(None, true), None);
     }
 
     #[test]

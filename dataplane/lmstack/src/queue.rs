@@ -5,15 +5,16 @@
 //! waiter whose turn it is.
 //!
 //! Whose turn: among the waiters for the same model, the highest priority class first;
-//! within a class, the one whose tenant has had the fewest tokens lately (its share, so a
-//! flooding tenant cannot starve a quiet one); then first come. Not here: the limits, the
-//! classes and shares themselves (the pipeline gives them).
+//! within a class, the one whose tenant had had the fewest tokens lately when it came (its
+//! share, so a flooding tenant cannot starve a quiet one); then first come. The order is
+//! kept sorted (a `BTreeMap`): whose turn it is costs a lookup, however many wait. Not
+//! here: the limits, the classes and shares themselves (the pipeline gives them).
 //!
 //! Also the worker's drain signal ([`Drain`]): fired once at shutdown, it wakes the
 //! connections waiting idle for a next request, so that they close at once.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
 use std::pin::pin;
 use std::rc::Rc;
@@ -23,91 +24,75 @@ use std::time::Duration;
 use futures_util::future::select;
 
 /// Where a waiter stands.
+#[derive(Clone, Copy, Debug)]
 pub struct Rank {
     /// Waiters compete within a group (the model's pool).
     pub group: usize,
     /// Higher goes first.
     pub class: u8,
-    /// Lower goes first within a class: read when turns are decided, so it moves as the
-    /// tenant's usage does.
-    pub share: Box<dyn Fn() -> f64>,
+    /// Lower goes first within a class (the tenant's recent tokens when it came; not
+    /// negative).
+    pub share: f64,
 }
+
+/// A place's position in the order: group, then class (higher first), share, arrival.
+type Order = (usize, u8, u64, u64);
 
 struct Place {
     woken: Cell<bool>,
     waker: RefCell<Option<Waker>>,
-    rank: Rank,
-    seq: u64,
-}
-
-impl Place {
-    /// Sorts before `other`: higher class, lower share, earlier.
-    fn before(&self, share: f64, other: &Place, other_share: f64) -> bool {
-        (std::cmp::Reverse(self.rank.class), share, self.seq)
-            .partial_cmp(&(std::cmp::Reverse(other.rank.class), other_share, other.seq))
-            .is_some_and(std::cmp::Ordering::is_lt)
-    }
 }
 
 #[derive(Default)]
 pub struct WaitQueue {
-    /// Every live ticket's place (and some of tickets gone, swept now and then).
-    places: RefCell<Vec<Rc<Place>>>,
-    waiting: Cell<usize>,
+    order: RefCell<BTreeMap<Order, Rc<Place>>>,
     seq: Cell<u64>,
 }
 
 impl WaitQueue {
     /// Requests waiting now.
     pub fn len(&self) -> usize {
-        self.waiting.get()
+        self.order.borrow().len()
     }
 
     /// Whether any request waits for `group`.
     pub fn has_group(&self, group: usize) -> bool {
-        self.places
+        self.first_of(group).is_some()
+    }
+
+    fn first_of(&self, group: usize) -> Option<(Order, Rc<Place>)> {
+        self.order
             .borrow()
-            .iter()
-            .any(|p| Rc::strong_count(p) > 1 && p.rank.group == group)
+            .range((group, 0, 0, 0)..=(group, u8::MAX, u64::MAX, u64::MAX))
+            .next()
+            .map(|(k, p)| (*k, p.clone()))
     }
 
     /// Joins the queue; leaving is dropping the ticket.
     pub fn enter(&self, rank: Rank) -> Ticket<'_> {
-        self.waiting.set(self.waiting.get() + 1);
         self.seq.set(self.seq.get() + 1);
+        // A non-negative f64's bits sort as the number does.
+        let share = rank.share.max(0.0).to_bits();
+        let key = (rank.group, u8::MAX - rank.class, share, self.seq.get());
         let place = Rc::new(Place {
             woken: Cell::new(false),
             waker: RefCell::new(None),
-            rank,
-            seq: self.seq.get(),
         });
-        let mut places = self.places.borrow_mut();
-        if places.len() > 2 * self.waiting.get() + 16 {
-            places.retain(|p| Rc::strong_count(p) > 1);
+        self.order.borrow_mut().insert(key, place.clone());
+        Ticket {
+            queue: self,
+            key,
+            place,
         }
-        places.push(place.clone());
-        Ticket { queue: self, place }
-    }
-
-    /// The live place whose turn it is in `group` (any group when none waits there).
-    fn next(&self, group: Option<usize>) -> Option<Rc<Place>> {
-        let places = self.places.borrow();
-        let live = || places.iter().filter(|p| Rc::strong_count(p) > 1);
-        let mut best: Option<(&Rc<Place>, f64)> = None;
-        for p in live().filter(|p| group.is_none_or(|g| p.rank.group == g)) {
-            let share = (p.rank.share)();
-            if best.is_none_or(|(b, bs)| p.before(share, b, bs)) {
-                best = Some((p, share));
-            }
-        }
-        best.map(|(p, _)| p.clone())
     }
 
     /// Wakes the waiter whose turn it is: for `group` (the model a finished request freed
-    /// a slot of), else any.
+    /// a slot of), else the first of any group.
     pub fn wake_one(&self, group: usize) {
-        let next = self.next(Some(group)).or_else(|| self.next(None));
-        if let Some(p) = next {
+        let next = self
+            .first_of(group)
+            .or_else(|| self.order.borrow().iter().next().map(|(k, p)| (*k, p.clone())));
+        if let Some((_, p)) = next {
             p.woken.set(true);
             if let Some(w) = p.waker.borrow_mut().take() {
                 w.wake();
@@ -118,15 +103,14 @@ impl WaitQueue {
 
 pub struct Ticket<'a> {
     queue: &'a WaitQueue,
+    key: Order,
     place: Rc<Place>,
 }
 
 impl Ticket<'_> {
     /// Whether it is this waiter's turn in its group.
     pub fn first(&self) -> bool {
-        self.queue
-            .next(Some(self.place.rank.group))
-            .is_some_and(|p| Rc::ptr_eq(&p, &self.place))
+        self.queue.first_of(self.key.0).is_some_and(|(k, _)| k == self.key)
     }
 
     /// Waits until woken by a finishing request or until `max` passes.
@@ -145,7 +129,7 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.queue.waiting.set(self.queue.waiting.get() - 1);
+        self.queue.order.borrow_mut().remove(&self.key);
     }
 }
 
@@ -206,11 +190,7 @@ mod tests {
     use super::*;
 
     fn rank(group: usize, class: u8, share: f64) -> Rank {
-        Rank {
-            group,
-            class,
-            share: Box::new(move || share),
-        }
+        Rank { group, class, share }
     }
 
     #[test]
@@ -237,20 +217,8 @@ mod tests {
         drop(heavy);
         q.wake_one(7);
         assert!(other_model.place.woken.get());
-    }
-
-    #[test]
-    fn places_stay_bounded_while_waiters_come_and_go() {
-        let q = WaitQueue::default();
-        let live = q.enter(rank(0, 1, 0.0));
-        for _ in 0..200 {
-            drop(q.enter(rank(0, 1, 0.0)));
-        }
-        assert!(live.first());
-        assert!(
-            q.places.borrow().len() <= 2 * (q.len() + 1) + 17,
-            "{}",
-            q.places.borrow().len()
-        );
+        drop(other_model);
+        assert_eq!(q.len(), 0);
+        assert!(!q.has_group(0));
     }
 }

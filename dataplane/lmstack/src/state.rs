@@ -86,15 +86,28 @@ impl Decayed {
         (f64::from(f32::from_bits((word >> 32) as u32)), word as u32)
     }
 
+    /// Milliseconds from `since` to `now_ms`; 0 when another core stored a later
+    /// millisecond than this one read (the clock is read before the count is updated).
+    fn elapsed(since: u32, now_ms: u32) -> u32 {
+        let dt = now_ms.wrapping_sub(since);
+        if (dt as i32) < 0 { 0 } else { dt }
+    }
+
     fn at(word: u64, now_ms: u32, half_life_ms: f64) -> f64 {
         let (value, since) = Self::unpack(word);
-        value * 0.5f64.powf(f64::from(now_ms.wrapping_sub(since)) / half_life_ms)
+        value * 0.5f64.powf(f64::from(Self::elapsed(since, now_ms)) / half_life_ms)
     }
 
     pub fn add(&self, n: f64, now_ms: u32, half_life_ms: f64) {
         let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
             let value = (Self::at(word, now_ms, half_life_ms) + n) as f32;
-            Some((u64::from(value.to_bits()) << 32) | u64::from(now_ms))
+            let (_, since) = Self::unpack(word);
+            let at = if Self::elapsed(since, now_ms) == 0 {
+                since
+            } else {
+                now_ms
+            };
+            Some((u64::from(value.to_bits()) << 32) | u64::from(at))
         });
     }
 

@@ -21,7 +21,8 @@
 //! (medians over the rounds); every tenant's tokens, as lmstack charged them, within 5% of
 //! what the engines report served (`vllm:prompt_tokens_total`,
 //! `vllm:generation_tokens_total`; the first-come phases, without keys, left out); and the
-//! overhead: closed-loop req/s through a router with keys and budgets on against one with
+//! overhead: closed-loop req/s through a router with keys and budgets on (a key whose
+//! budgets never refuse, so that every bucket is spent and settled) against one with
 //! them off, on engines of their own, `--tenants-overhead-s` each, alternating
 //! `--tenants-overhead-rounds` times: the median of the paired costs at most 5%. The
 //! greedy phases are reported, not targets.
@@ -197,7 +198,8 @@ pub fn run(bins: &Path, args: &TenantsArgs) -> anyhow::Result<Value> {
         &format!(
             "tenants:\n- name: calm\n  keys:\n  - sha256: {{sha256:sk-calm}}\n\
              - name: flood\n  requests_per_second: {}\n  keys:\n  - sha256: {{sha256:sk-flood}}\n\
-             - name: greedy\n  keys:\n  - sha256: {{sha256:sk-greedy}}\n",
+             - name: greedy\n  keys:\n  - sha256: {{sha256:sk-greedy}}\n\
+             - name: bench\n  requests_per_second: 1000000000\n  tokens_per_minute: 1000000000000\n  keys:\n  - sha256: {{sha256:sk-bench}}\n",
             args.flood_budget
         ),
     );
@@ -309,7 +311,7 @@ pub fn run(bins: &Path, args: &TenantsArgs) -> anyhow::Result<Value> {
                 bins,
                 &keys_router.url(),
                 args.overhead_s,
-                Some("authorization: Bearer sk-calm"),
+                Some("authorization: Bearer sk-bench"),
             )
         };
         let off = || bench(bins, &open_router.url(), args.overhead_s, None);
