@@ -778,6 +778,17 @@ pub fn write_keys(path: &std::path::Path, tenants: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Runs `script` (Python source) with `python` and `args`; it must exit 0 and print `OK`.
+pub fn python_says_ok(python: &Path, script: &str, args: &[&str]) {
+    let out = Command::new(python).arg("-c").arg(script).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+}
+
 /// A Python venv with the official `openai` SDK, made once under target/.
 pub fn python_with_openai() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();

@@ -2,8 +2,6 @@
 
 #![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
 
-use std::process::Command;
-
 use lmstack_e2e::*;
 
 const SCRIPT: &str = r#"
@@ -71,16 +69,5 @@ fn the_openai_python_sdk_works_unchanged() {
     let e2 = sim("e2", &[]);
     let r = router(&backends(&[&e1, &e2]));
     wait_healthy(&r);
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg(r.url())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("OK"),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    python_says_ok(&python, SCRIPT, &[&r.url()]);
 }

@@ -120,20 +120,7 @@ fn keys_gate_the_router_and_the_openai_sdk_works_with_one() {
         reply.body
     );
 
-    let python = python_with_openai();
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(SDK_SCRIPT)
-        .arg(r.url())
-        .arg("sk-team-a")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("OK"),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    python_says_ok(&python_with_openai(), SDK_SCRIPT, &[&r.url(), "sk-team-a"]);
     let m = get(&r, "/metrics").body;
     assert_eq!(
         metric(&m, "lmstack_auth_rejected_total", &[("reason", "missing")]),

@@ -534,19 +534,8 @@ except openai.APIConnectionError:
     pass
 print("OK")
 "#;
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(format!("https://127.0.0.1:{}", r.addr.port()))
-        .arg(&pki.ca_file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("OK"),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let url = format!("https://127.0.0.1:{}", r.addr.port());
+    python_says_ok(&python, script, &[&url, pki.ca_file.to_str().unwrap()]);
 }
 
 #[test]
