@@ -119,6 +119,8 @@ struct Forward<'a> {
     rate_headers: &'a str,
     /// The key's tenant (its priority and share in the router's queue).
     tenant: Option<Arc<Tenant>>,
+    /// The tokens reserved for it (its cost in the router's fair queue).
+    cost: u64,
     /// Some attempt's request went out to an engine (it may have been worked on).
     reached: std::cell::Cell<bool>,
     session: Option<&'a str>,
@@ -206,8 +208,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             let prompt_bytes = peek.prompt.or(peek.messages).map_or(body.len(), |p| p.get().len()) as u64;
             let tokens = (prompt_bytes / tenancy.prompt_bytes_per_token)
                 .saturating_add(peek.max_tokens.unwrap_or(tenancy.default_max_tokens));
-            let now_ms = ctx.shared.cell.now_ms();
-            match key.admit(tokens, now_ms, ctx.shared.config.routing.recent_half_life_ms) {
+            match key.admit(tokens) {
                 Ok(grant) => {
                     tracing::debug!(request_id, tenant = %key.tenant.name, key = key.name.as_deref(), tokens, "admitted");
                     Some(grant)
@@ -329,6 +330,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         rate_headers: rate_headers.as_deref().unwrap_or(""),
         tenant: key.as_ref().map(|k| k.tenant.clone()),
         reached: std::cell::Cell::new(false),
+        cost: grant.as_ref().map_or(0, Grant::reserved),
         session,
         prefix: prefix.as_ref(),
         request_id: &request_id,
@@ -1074,6 +1076,9 @@ async fn pick(
                     })
                     .is_ok()
             {
+                if let Some(q) = &queued {
+                    q.ticket.served();
+                }
                 return Ok(pick);
             }
             continue;
@@ -1132,17 +1137,15 @@ impl<'a> Queued<'a> {
     fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge, group: usize, req: &Forward<'_>, again: bool) -> Self {
         let gauge = gauge.clone();
         gauge.increment(1.0);
-        // The tenant's class and its tokens lately (none without keys: first come).
-        let (class, share) = match &req.tenant {
-            _ if again => (0, f64::MAX),
-            Some(t) => (
-                t.priority as u8,
-                t.recent_tokens(ctx.shared.cell.now_ms(), ctx.shared.config.routing.recent_half_life_ms),
-            ),
-            None => (Priority::Normal as u8, 0.0),
+        // The tenant's class and fair-queuing tag (without keys: the clock, first come).
+        let clock = ctx.waiters.clock();
+        let (class, tag) = match &req.tenant {
+            _ if again => (0, u64::MAX),
+            Some(t) => (t.priority as u8, t.tag(clock, req.cost)),
+            None => (Priority::Normal as u8, clock),
         };
         Self {
-            ticket: ctx.waiters.enter(Rank { group, class, share }),
+            ticket: ctx.waiters.enter(Rank { group, class, tag }),
             gauge,
             deadline: Instant::now() + ctx.limits.queue_timeout,
         }

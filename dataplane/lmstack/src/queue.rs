@@ -5,10 +5,12 @@
 //! waiter whose turn it is.
 //!
 //! Whose turn: among the waiters for the same model, the highest priority class first;
-//! within a class, the one whose tenant had had the fewest tokens lately when it came (its
-//! share, so a flooding tenant cannot starve a quiet one); then first come. The order is
-//! kept sorted (a `BTreeMap`): whose turn it is costs a lookup, however many wait. Not
-//! here: the limits, the classes and shares themselves (the pipeline gives them).
+//! within a class, the lowest tag of start-time fair queuing, then first come. A tenant's
+//! request is tagged where its tenant's previous one ends (in tokens), or at the queue's
+//! clock (the tag last served) if that is later: so one tenant's requests keep their order,
+//! and a quiet tenant's go before a flooding one's backlog. The order is kept sorted (a
+//! `BTreeMap`): whose turn it is costs a lookup, however many wait. Not here: the limits,
+//! the classes and the tenants' tags (the pipeline gives them).
 //!
 //! Also the worker's drain signal ([`Drain`]): fired once at shutdown, it wakes the
 //! connections waiting idle for a next request, so that they close at once.
@@ -30,12 +32,12 @@ pub struct Rank {
     pub group: usize,
     /// Higher goes first.
     pub class: u8,
-    /// Lower goes first within a class (the tenant's recent tokens when it came; not
-    /// negative).
-    pub share: f64,
+    /// Lower goes first within a class: the fair-queuing tag ([`WaitQueue::clock`] for a
+    /// request of no tenant).
+    pub tag: u64,
 }
 
-/// A place's position in the order: group, then class (higher first), share, arrival.
+/// A place's position in the order: group, then class (higher first), tag, arrival.
 type Order = (usize, u8, u64, u64);
 
 struct Place {
@@ -47,9 +49,16 @@ struct Place {
 pub struct WaitQueue {
     order: RefCell<BTreeMap<Order, Rc<Place>>>,
     seq: Cell<u64>,
+    /// The virtual clock: the tag last served.
+    clock: Cell<u64>,
 }
 
 impl WaitQueue {
+    /// The tag last served (where a tenant with nothing waiting starts).
+    pub fn clock(&self) -> u64 {
+        self.clock.get()
+    }
+
     /// Requests waiting now.
     pub fn len(&self) -> usize {
         self.order.borrow().len()
@@ -71,9 +80,7 @@ impl WaitQueue {
     /// Joins the queue; leaving is dropping the ticket.
     pub fn enter(&self, rank: Rank) -> Ticket<'_> {
         self.seq.set(self.seq.get() + 1);
-        // A non-negative f64's bits sort as the number does.
-        let share = rank.share.max(0.0).to_bits();
-        let key = (rank.group, u8::MAX - rank.class, share, self.seq.get());
+        let key = (rank.group, u8::MAX - rank.class, rank.tag, self.seq.get());
         let place = Rc::new(Place {
             woken: Cell::new(false),
             waker: RefCell::new(None),
@@ -108,6 +115,13 @@ pub struct Ticket<'a> {
 }
 
 impl Ticket<'_> {
+    /// This waiter got its slot: the clock moves to its tag.
+    pub fn served(&self) {
+        if self.key.2 != u64::MAX {
+            self.queue.clock.set(self.queue.clock.get().max(self.key.2));
+        }
+    }
+
     /// Whether it is this waiter's turn in its group.
     pub fn first(&self) -> bool {
         self.queue.first_of(self.key.0).is_some_and(|(k, _)| k == self.key)
@@ -189,23 +203,25 @@ impl Drop for DrainWait<'_> {
 mod tests {
     use super::*;
 
-    fn rank(group: usize, class: u8, share: f64) -> Rank {
-        Rank { group, class, share }
+    fn rank(group: usize, class: u8, tag: u64) -> Rank {
+        Rank { group, class, tag }
     }
 
     #[test]
     fn turns_go_by_class_then_share_then_arrival_within_a_group() {
         let q = WaitQueue::default();
-        let heavy = q.enter(rank(0, 1, 900.0));
-        let light = q.enter(rank(0, 1, 10.0));
-        let light_later = q.enter(rank(0, 1, 10.0));
-        let other_model = q.enter(rank(1, 0, 0.0));
+        let heavy = q.enter(rank(0, 1, 900));
+        let light = q.enter(rank(0, 1, 10));
+        let light_later = q.enter(rank(0, 1, 10));
+        let other_model = q.enter(rank(1, 0, 0));
         assert!(light.first() && !heavy.first() && !light_later.first());
         assert!(other_model.first(), "each model has its own turn");
-        let urgent = q.enter(rank(0, 2, 5000.0));
+        let urgent = q.enter(rank(0, 2, 5000));
         assert!(urgent.first() && !light.first());
         q.wake_one(0);
         assert!(urgent.place.woken.get());
+        urgent.served();
+        assert_eq!(q.clock(), 5000);
         drop(urgent);
         assert!(light.first());
         drop(light);

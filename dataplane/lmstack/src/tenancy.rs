@@ -31,7 +31,6 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::{
     AUTH_REJECTED_TOTAL, TENANCY_KEYS, TENANCY_RELOADS_TOTAL, TENANT_REQUESTS_TOTAL, TENANT_TOKENS_TOTAL,
 };
-use crate::state::Decayed;
 
 /// The keys file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -302,8 +301,8 @@ impl TenantMetrics {
 pub struct Tenant {
     pub name: Arc<str>,
     pub priority: Priority,
-    /// Tokens admitted lately (decaying): its share when requests wait for a turn.
-    recent: Arc<Decayed>,
+    /// Where its next waiting request's fair-queuing tag starts (tokens, virtual time).
+    finish: Arc<AtomicU64>,
     unreported: Arc<Unreported>,
     models: Option<Models>,
     requests: Option<Limit>,
@@ -352,7 +351,7 @@ impl Tenants {
             let tenant = Arc::new(Tenant {
                 name: spec.name.as_str().into(),
                 priority: spec.priority,
-                recent: before.map_or_else(Arc::default, |t| t.recent.clone()),
+                finish: before.map_or_else(Arc::default, |t| t.finish.clone()),
                 unreported: before.map_or_else(Arc::default, |t| t.unreported.clone()),
                 models: spec.models.clone().map(Models),
                 requests: limit(requests, same(before.and_then(|t| t.requests.as_ref()), requests)),
@@ -522,9 +521,8 @@ impl Key {
     }
 
     /// Spends one request and reserves `tokens` from the key's and its tenant's budgets, or
-    /// says why not (429, with `Retry-After` when waiting helps). `now_ms` and
-    /// `half_life_ms`: the clock and half-life of the tenant's recent tokens.
-    pub fn admit(self: &Arc<Key>, tokens: u64, now_ms: u32, half_life_ms: u64) -> Result<Grant, ProxyError> {
+    /// says why not (429, with `Retry-After` when waiting helps).
+    pub fn admit(self: &Arc<Key>, tokens: u64) -> Result<Grant, ProxyError> {
         let now = now_ns();
         let t = &self.tenant;
         // One that can never pass says so rather than "later".
@@ -567,7 +565,6 @@ impl Key {
             }
         }
         t.metrics.admitted.increment(1);
-        t.recent.add(tokens as f64, now_ms, half_life_ms as f64);
         for u in [&t.unreported, &self.unreported] {
             u.requests.fetch_add(1, Ordering::Relaxed);
             u.tokens
@@ -631,15 +628,27 @@ impl Key {
 }
 
 impl Tenant {
-    /// Tokens admitted lately (`half_life_ms`: `routing.recent_half_life_ms`).
-    pub fn recent_tokens(&self, now_ms: u32, half_life_ms: u64) -> f64 {
-        self.recent.get(now_ms, half_life_ms as f64)
+    /// The fair-queuing tag of a request of `cost` tokens that starts waiting when the
+    /// queue's clock reads `clock`: where the tenant's previous waiting request ends, or
+    /// the clock if later; the tenant's next starts after this one.
+    pub fn tag(&self, clock: u64, cost: u64) -> u64 {
+        let mut start = clock;
+        let _ = self.finish.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+            start = f.max(clock);
+            Some(start.saturating_add(cost.max(1)))
+        });
+        start
     }
 }
 
 impl Grant {
     pub fn tenant(&self) -> &Tenant {
         &self.key.tenant
+    }
+
+    /// Tokens reserved at admission.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
     }
 
     /// Settles the reservation: `used` tokens (prompt, completion) by the engine's usage;
@@ -788,7 +797,7 @@ mod tests {
     fn budgets_refuse_with_headers_and_are_kept_across_reloads() {
         let t = Tenants::build(&file(""), None);
         let key = t.authenticate(&head("x-api-key: sk-a\r\n")).expect("key");
-        let g = key.admit(10, 0, 10_000).expect("first");
+        let g = key.admit(10).expect("first");
         assert!(
             g.headers.contains("x-ratelimit-remaining-requests: 1\r\n"),
             "{}",
@@ -800,16 +809,16 @@ mod tests {
             g.headers
         );
         g.settle(Some((3, 2)));
-        key.admit(10, 0, 10_000).expect("second").settle(None);
+        key.admit(10).expect("second").settle(None);
         // The table rebuilt from a changed file keeps the tenant's spent budget.
         let t2 = Tenants::build(&file(""), Some(&t));
         let key2 = t2.authenticate(&head("x-api-key: sk-a\r\n")).expect("key");
-        let e = key2.admit(10, 0, 10_000).expect_err("third in a second");
+        let e = key2.admit(10).expect_err("third in a second");
         assert_eq!(e.kind.status(), 429);
         let headers = e.headers.as_deref().unwrap_or("");
         assert!(headers.contains("retry-after: 1\r\n"), "{headers}");
         assert!(headers.contains("x-ratelimit-limit-requests: 2\r\n"), "{headers}");
-        let too_large = key2.admit(5000, 0, 10_000).expect_err("larger than the budget");
+        let too_large = key2.admit(5000).expect_err("larger than the budget");
         assert!(too_large.message.contains("too large"), "{}", too_large.message);
     }
 
@@ -817,7 +826,7 @@ mod tests {
     fn what_one_replica_spends_another_charges() {
         let (a, b) = (Tenants::build(&file(""), None), Tenants::build(&file(""), None));
         let on = |t: &Tenants| t.authenticate(&head("x-api-key: sk-a\r\n")).expect("key");
-        on(&a).admit(100, 0, 10_000).expect("spent on a").settle(Some((30, 20)));
+        on(&a).admit(100).expect("spent on a").settle(Some((30, 20)));
         let spent = a.take_spent();
         assert_eq!(spent.len(), 1, "{spent:?}");
         assert_eq!((spent[0].requests, spent[0].tokens), (1, 50));
@@ -826,7 +835,7 @@ mod tests {
             b.charge(s);
         }
         // b's tenant has one request of its two a second left, and 950 tokens of 1000.
-        let g = on(&b).admit(10, 0, 10_000).expect("one left");
+        let g = on(&b).admit(10).expect("one left");
         assert!(
             g.headers.contains("x-ratelimit-remaining-requests: 0\r\n"),
             "{}",
@@ -840,10 +849,7 @@ mod tests {
             .and_then(|r| r.split('\r').next())
             .and_then(|r| r.parse::<u64>().ok());
         assert!(remaining.is_some_and(|r| (940..=950).contains(&r)), "{}", g.headers);
-        assert_eq!(
-            on(&b).admit(10, 0, 10_000).map_err(|e| e.kind.status()).err(),
-            Some(429)
-        );
+        assert_eq!(on(&b).admit(10).map_err(|e| e.kind.status()).err(), Some(429));
     }
 
     #[test]
