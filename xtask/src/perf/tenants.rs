@@ -56,7 +56,7 @@ pub struct TenantsArgs {
     #[arg(id = "tenants-max-tokens", long = "tenants-max-tokens", default_value_t = 32)]
     max_tokens: usize,
     /// tenants: the quiet tenant's streams a second.
-    #[arg(id = "tenants-calm-rate", long = "tenants-calm-rate", default_value_t = 4.0)]
+    #[arg(id = "tenants-calm-rate", long = "tenants-calm-rate", default_value_t = 20.0)]
     calm_rate: f64,
     /// tenants: the flooding tenant's budget, requests a second.
     #[arg(id = "tenants-flood-budget", long = "tenants-flood-budget", default_value_t = 5)]
@@ -68,16 +68,16 @@ pub struct TenantsArgs {
     #[arg(id = "tenants-greedy-rate", long = "tenants-greedy-rate", default_value_t = 100.0)]
     greedy_rate: f64,
     /// tenants: seconds of each closed-loop overhead measurement (keys on, keys off).
-    #[arg(id = "tenants-overhead-s", long = "tenants-overhead-s", default_value_t = 4.0)]
+    #[arg(id = "tenants-overhead-s", long = "tenants-overhead-s", default_value_t = 3.0)]
     overhead_s: f64,
     /// tenants: interleaved rounds of the phases.
-    #[arg(id = "tenants-rounds", long = "tenants-rounds", default_value_t = 2)]
+    #[arg(id = "tenants-rounds", long = "tenants-rounds", default_value_t = 3)]
     rounds: usize,
     /// tenants: alternations of the overhead measurement (keys off, keys on).
     #[arg(
         id = "tenants-overhead-rounds",
         long = "tenants-overhead-rounds",
-        default_value_t = 6
+        default_value_t = 10
     )]
     overhead_rounds: usize,
 }
