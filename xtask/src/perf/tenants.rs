@@ -3,11 +3,13 @@
 //! 429s, the tokens charged must be the tokens the engines served, and keys with budgets
 //! must cost next to nothing.
 //!
-//! Here: two simulated engines (`--tenants-decode-ms` a token, `--tenants-engine-seqs` at
-//! once, `upstream.max_inflight_per_endpoint` the same, so a router never piles more on
-//! an engine than it runs) behind the release router with an API keys file of three
-//! tenants: `calm` (no limit), `flood` (`--tenants-flood-budget` requests a second) and
-//! `greedy` (no limit). `lmstack-load mixed` sends `calm`'s streams at `--tenants-calm-rate`
+//! Here: two simulated engines (`--tenants-prefill-ms` to a first token, as a prefill
+//! takes, so that TTFT is the engine's and not the machine's scheduling jitter;
+//! `--tenants-decode-ms` a token, `--tenants-engine-seqs` at once, and the router's
+//! `upstream.max_inflight_per_endpoint` the same, so it never piles more on an engine than
+//! it runs) behind the release router with an API keys file of four tenants: `calm` (no
+//! limit), `flood` (`--tenants-flood-budget` requests a second), `greedy` (no limit) and
+//! `bench` (budgets that never refuse, for the overhead). `lmstack-load mixed` sends `calm`'s streams at `--tenants-calm-rate`
 //! a second throughout; in each phase of `--tenants-phase-s`, interleaved over `--rounds`:
 //! - `calm alone`;
 //! - `flood over budget`: `flood` sends `--tenants-flood-factor` times its budget
@@ -52,6 +54,9 @@ pub struct TenantsArgs {
     /// tenants: requests each engine runs at once (and the router's in-flight limit).
     #[arg(id = "tenants-engine-seqs", long = "tenants-engine-seqs", default_value_t = 8)]
     engine_seqs: usize,
+    /// tenants: the engines' fixed time to a first token (prefill), ms.
+    #[arg(id = "tenants-prefill-ms", long = "tenants-prefill-ms", default_value_t = 20.0)]
+    prefill_ms: f64,
     /// tenants: `max_tokens` of every request.
     #[arg(id = "tenants-max-tokens", long = "tenants-max-tokens", default_value_t = 32)]
     max_tokens: usize,
@@ -188,7 +193,21 @@ pub fn run(bins: &Path, args: &TenantsArgs) -> anyhow::Result<Value> {
     let rounds = args.rounds.max(1);
     let progress = Progress::new("tenants", (rounds * PHASES.len() + args.overhead_rounds + 2) as u64);
     progress.step("engines and routers (keys on and off)");
-    let sims = start_sims(bins, "tenants-e", 2, &quick_engine(args.decode_ms, args.engine_seqs));
+    // The engines take `--tenants-prefill-ms` to a first token, as real ones take a prefill:
+    // TTFT is then the engine's, not the machine's scheduling jitter.
+    let engine = lmstack_e2e::args(&[
+        "--prefill-base-ms",
+        &args.prefill_ms.to_string(),
+        "--prefill-us-per-token",
+        "0",
+        "--decode-base-ms",
+        &args.decode_ms.to_string(),
+        "--decode-us-per-seq",
+        "0",
+        "--max-num-seqs",
+        &args.engine_seqs.to_string(),
+    ]);
+    let sims = start_sims(bins, "tenants-e", 2, &engine);
     let urls: Vec<String> = sims.iter().map(Proc::url).collect();
     let dir = crate::root().join("target/perf");
     std::fs::create_dir_all(&dir)?;
@@ -395,6 +414,7 @@ pub fn run(bins: &Path, args: &TenantsArgs) -> anyhow::Result<Value> {
         "scenario": "tenants",
         "settings": {
             "phase_s": args.phase_s, "decode_ms": args.decode_ms, "engine_seqs": args.engine_seqs,
+            "prefill_ms": args.prefill_ms,
             "max_tokens": args.max_tokens, "calm_rate": args.calm_rate,
             "flood_budget": args.flood_budget, "flood_factor": args.flood_factor,
             "greedy_rate": args.greedy_rate, "overhead_s": args.overhead_s, "rounds": rounds,
