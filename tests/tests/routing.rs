@@ -263,3 +263,37 @@ fn a_session_keeps_its_engine_when_its_prompt_changes() {
         6.0
     );
 }
+
+#[test]
+fn coding_agents_session_headers_are_session_keys_by_default() {
+    let e = engines(3, &[]);
+    let r = router_with(&e, "session");
+    let agent = agent();
+    // The headers Claude Code, Qwen Code, OpenCode and Codex send on every request of a
+    // conversation. Without a key, `session` falls back to round robin, which would move
+    // every second request.
+    for header in [
+        "x-claude-code-session-id",
+        "X-Qwen-Code-Session-Id",
+        "x-session-affinity",
+        "x-opencode-session",
+        "session_id",
+        "conversation_id",
+    ] {
+        let mut homes = HashSet::new();
+        for conversation in 0..6 {
+            let id = format!("{header}-{conversation}-0d8f4a");
+            let engines: Vec<String> = (0..3)
+                .map(|turn| {
+                    let body = chat(&[("user", format!("turn {turn} of {id}"))]);
+                    let reply = post_with(&agent, &r, "/v1/chat/completions", &body, &[(header, id.as_str())]);
+                    assert_eq!(reply.status, 200, "{}", reply.body);
+                    reply.header("x-sim-engine").unwrap().to_owned()
+                })
+                .collect();
+            assert!(engines.iter().all(|e| *e == engines[0]), "{header}: {engines:?}");
+            homes.insert(engines[0].clone());
+        }
+        assert!(homes.len() > 1, "{header}: every conversation on {homes:?}");
+    }
+}

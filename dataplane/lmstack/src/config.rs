@@ -648,7 +648,10 @@ pub struct ModelRoutingConfig {
 }
 
 /// Where a request's session key comes from: the first of these headers that is present,
-/// then the body field.
+/// then the body field. The default list holds the generic headers and those coding agents
+/// send on every request of a conversation: Claude Code (`x-claude-code-session-id`), Qwen
+/// Code (`x-qwen-code-session-id`), OpenCode (`x-session-affinity`; `x-opencode-session` to
+/// its own provider), Codex (`session_id`; `conversation_id` in its older releases).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionConfig {
@@ -665,7 +668,18 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
-            headers: vec!["x-session-id".into(), "x-user-id".into()],
+            headers: [
+                "x-session-id",
+                "x-claude-code-session-id",
+                "x-qwen-code-session-id",
+                "x-session-affinity",
+                "x-opencode-session",
+                "session_id",
+                "conversation_id",
+                "x-user-id",
+            ]
+            .map(String::from)
+            .to_vec(),
             body_field: Some("user".into()),
             load_factor: PolicyParams::default().session_bound.factor,
             load_slack: PolicyParams::default().session_bound.slack,
