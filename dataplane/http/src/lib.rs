@@ -1,5 +1,5 @@
 //! HTTP/1.1 codec pieces for the lmstack data plane: message heads, chunked framing, the
-//! OpenAI request peek, SSE event counting, and OpenAI streams event by event (for resuming
+//! OpenAI request peek (JSON, and the form of the audio routes), SSE event counting, and OpenAI streams event by event (for resuming
 //! a cut stream on another engine).
 //!
 //! Everything here is synchronous and does no IO, so it can be unit-tested, fuzzed and
@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod chunked;
+pub mod form;
 pub mod head;
 pub mod peek;
 pub mod sse;
