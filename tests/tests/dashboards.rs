@@ -247,6 +247,16 @@ fn traffic(router: &Proc, n: usize) {
     for h in handles {
         h.join().unwrap();
     }
+    // A stored response, retrieved (the Stored responses panel).
+    let created = lmstack_e2e::post(
+        router,
+        "/v1/responses",
+        &json!({"model": MODEL, "input": "remember", "max_output_tokens": 2}),
+        &[],
+    );
+    assert_eq!(created.status, 200, "{}", created.body);
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(get(router, &format!("/v1/responses/{id}")).status, 200);
 }
 
 /// A control that answers every snapshot stream with a line that is not JSON.

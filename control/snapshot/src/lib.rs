@@ -203,6 +203,10 @@ pub struct AffinityEntry {
     /// Conversations placed there with this entry (new, or moved off their home).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub placed: u32,
+    /// Stored Responses the endpoint holds (hashes of their ids), for every replica's map
+    /// of response ids (`previous_response_id`, `GET /v1/responses/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub responses: Vec<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -214,9 +218,13 @@ fn is_zero_u64(n: &u64) -> bool {
 }
 
 impl AffinityBatch {
-    /// Blocks in the batch, an entry without blocks counting as one (for bounds).
+    /// Blocks in the batch (response ids counting as blocks), an entry without either
+    /// counting as one (for bounds).
     pub fn blocks(&self) -> usize {
-        self.entries.iter().map(|e| e.blocks.len().max(1)).sum()
+        self.entries
+            .iter()
+            .map(|e| (e.blocks.len() + e.responses.len()).max(1))
+            .sum()
     }
 }
 

@@ -1,6 +1,7 @@
 //! HTTP/1.1 codec pieces for the lmstack data plane: message heads, chunked framing, the
-//! OpenAI request peek (JSON, and the form of the audio routes), SSE event counting, and OpenAI streams event by event (for resuming
-//! a cut stream on another engine).
+//! OpenAI request peek (JSON, and the form of the audio routes), SSE event counting, OpenAI
+//! streams event by event (for resuming a cut stream on another engine), and the ids stored
+//! Responses are named by.
 //!
 //! Everything here is synchronous and does no IO, so it can be unit-tested, fuzzed and
 //! benchmarked without a runtime; the proxy binary drives it from its sockets.
@@ -12,6 +13,7 @@ pub mod form;
 pub mod head;
 pub mod peek;
 pub mod sse;
+pub mod stored;
 pub mod stream;
 
 pub use chunked::{ChunkedDecoder, ChunkedError, Decoded};

@@ -31,6 +31,8 @@ pub struct Peek<'a> {
     pub stream_options: Option<&'a RawValue>,
     /// vLLM's `cache_salt` is present.
     pub cache_salt: bool,
+    /// Responses: `previous_response_id`, the stored response a request follows up.
+    pub previous_response_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -175,6 +177,12 @@ impl<'de> Visitor<'de> for PeekVisitor<'_> {
                 "cache_salt" => {
                     map.next_value::<IgnoredAny>()?;
                     peek.cache_salt = true;
+                    None
+                }
+                "previous_response_id" => {
+                    if let Scalar::Text(t) = map.next_value::<Scalar<'de>>()? {
+                        peek.previous_response_id = Some(t);
+                    }
                     None
                 }
                 "return_token_ids" => {
@@ -433,6 +441,14 @@ mod tests {
         assert!(p.cache_salt);
         let p = peek(br#"{"model":"m","max_tokens":null}"#, None).unwrap();
         assert_eq!((p.max_tokens, p.cache_salt), (None, false));
+        let p = peek(
+            br#"{"model":"m","input":"hi","previous_response_id":"resp_1\u0032"}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.previous_response_id.as_deref(), Some("resp_12"));
+        let p = peek(br#"{"model":"m","previous_response_id":null}"#, None).unwrap();
+        assert_eq!(p.previous_response_id, None);
     }
 
     #[test]

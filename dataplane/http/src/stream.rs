@@ -833,16 +833,39 @@ fn null_values(text: &str, values: &[&RawValue]) -> Option<String> {
 
 /// The last bytes of a JSON response body, where OpenAI-style servers put `usage`: enough
 /// to read it when the body ends, without keeping the body.
+/// Its first bytes too when asked (`keeping_head`), where a Responses body names its `id`.
 #[derive(Debug, Default)]
 pub struct BodyTail {
     buf: Vec<u8>,
+    head: Option<Vec<u8>>,
 }
 
 impl BodyTail {
     /// Bytes kept: vLLM's usage object and what follows it fit many times over.
     const KEEP: usize = 2048;
+    /// Leading bytes kept by `keeping_head`: the `id` member vLLM writes first, whole.
+    const HEAD: usize = 512;
+
+    /// A tail that keeps the body's first bytes as well.
+    pub fn keeping_head() -> Self {
+        Self {
+            buf: Vec::new(),
+            head: Some(Vec::new()),
+        }
+    }
+
+    /// The body's first bytes (empty unless `keeping_head`).
+    pub fn head(&self) -> &[u8] {
+        self.head.as_deref().unwrap_or_default()
+    }
 
     pub fn push(&mut self, bytes: &[u8]) {
+        if let Some(head) = self.head.as_mut()
+            && head.len() < Self::HEAD
+        {
+            let take = bytes.len().min(Self::HEAD - head.len());
+            head.extend_from_slice(&bytes[..take]);
+        }
         if bytes.len() >= Self::KEEP {
             self.buf.clear();
             self.buf.extend_from_slice(&bytes[bytes.len() - Self::KEEP..]);

@@ -477,6 +477,7 @@ pub struct RoutingConfig {
     pub session: SessionConfig,
     pub prefix: PrefixConfig,
     pub affinity: AffinityConfig,
+    pub responses: ResponsesConfig,
     /// Half-life of the decayed counts of requests and prompt blocks sent to each endpoint,
     /// ms: the load `prefix` balances new conversations on. Long enough to remember where
     /// conversations went between their rounds, short enough to follow shifts in traffic.
@@ -494,6 +495,7 @@ impl Default for RoutingConfig {
             session: SessionConfig::default(),
             prefix: PrefixConfig::default(),
             affinity: AffinityConfig::default(),
+            responses: ResponsesConfig::default(),
             recent_half_life_ms: 10_000,
             explain_header: false,
         }
@@ -577,6 +579,46 @@ impl AffinityConfig {
             max_entries: self.max_entries,
             max_bytes: self.max_bytes,
             max_endpoints: self.max_endpoints,
+        }
+    }
+}
+
+/// Stored Responses: vLLM keeps a `/v1/responses` answer in the engine that made it, and
+/// only that engine takes a follow-up naming it (`previous_response_id`), a retrieval
+/// (`GET /v1/responses/{id}`) or a cancellation. The router maps response ids to endpoints
+/// as answers pass (a table of its own, shared by all workers, lock-free and bounded, and
+/// shared with other replicas through control), and asks the pool about an id it does not
+/// know (see ARCHITECTURE.md, Stored responses).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponsesConfig {
+    /// Send requests that name a stored response to the endpoint holding it. Off: they go
+    /// where the model's policy sends them (and fail on any other engine).
+    pub enabled: bool,
+    /// Response ids the map holds at most (72 bytes each); the least recently used go
+    /// first, and are then found by asking the pool.
+    pub max_entries: usize,
+    /// How long asking the pool about an unknown id may take (`GET /v1/responses/{id}` on
+    /// every candidate endpoint at once), ms.
+    pub ask_timeout_ms: u64,
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_entries: 1 << 16,
+            ask_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl ResponsesConfig {
+    pub fn limits(&self, endpoints: usize) -> AffinityLimits {
+        AffinityLimits {
+            max_entries: self.max_entries,
+            max_bytes: usize::MAX,
+            max_endpoints: endpoints,
         }
     }
 }
@@ -1154,6 +1196,15 @@ impl Config {
         }
         if a.max_prompt_blocks == 0 {
             return Err(invalid("routing.affinity.max_prompt_blocks must be greater than 0"));
+        }
+        let r = &self.routing.responses;
+        if r.max_entries < WAYS {
+            return Err(invalid(format!(
+                "routing.responses.max_entries must be at least {WAYS}"
+            )));
+        }
+        if r.ask_timeout_ms == 0 {
+            return Err(invalid("routing.responses.ask_timeout_ms must be greater than 0"));
         }
         if a.max_entries < WAYS || a.max_bytes < WAYS * SLOT_BYTES {
             return Err(invalid(format!(

@@ -198,6 +198,16 @@ fn learn(shared: &Shared, batch: &AffinityBatch) {
             cell.affinity.record(&entry.blocks, tag, now);
             applied += entry.blocks.len() as u64;
         }
+        // Stored responses another replica saw answered (one entry each in the map).
+        if let Some(tag) = endpoint.response_tag
+            && !entry.responses.is_empty()
+        {
+            for &k in &entry.responses {
+                cell.responses.record(&[k], tag, now);
+            }
+            ::metrics::counter!(metrics::RESPONSES_LEARNED_TOTAL, "status" => "shared")
+                .increment(entry.responses.len() as u64);
+        }
         endpoint
             .load
             .count_sent(entry.requests, entry.uncached_blocks, entry.placed, now, half_life);

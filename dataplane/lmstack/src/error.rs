@@ -45,6 +45,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The model is not served here.
     UnknownModel,
+    /// No endpoint holds the stored response a request names.
+    UnknownResponse,
     /// API keys are required and none, or an unknown one, came.
     Unauthorized,
     /// The request's API key may not use its model.
@@ -76,7 +78,7 @@ impl ErrorKind {
             ErrorKind::MalformedRequest | ErrorKind::InvalidJson | ErrorKind::InvalidRequest => 400,
             ErrorKind::Unauthorized => 401,
             ErrorKind::ModelNotAllowed => 403,
-            ErrorKind::NotFound | ErrorKind::UnknownModel => 404,
+            ErrorKind::NotFound | ErrorKind::UnknownModel | ErrorKind::UnknownResponse => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::RequestTimeout => 408,
             ErrorKind::BodyTooLarge => 413,
@@ -104,6 +106,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::UnknownModel => "model_not_found",
+            ErrorKind::UnknownResponse => "response_not_found",
             ErrorKind::Unauthorized => "invalid_api_key",
             ErrorKind::ModelNotAllowed => "model_not_allowed",
             ErrorKind::RateLimited => "rate_limit_exceeded",
@@ -332,6 +335,7 @@ mod tests {
     #[test]
     fn statuses() {
         assert_eq!(ErrorKind::UnknownModel.status(), 404);
+        assert_eq!(ErrorKind::UnknownResponse.status(), 404);
         assert_eq!(ErrorKind::BodyTooLarge.status(), 413);
         assert_eq!(ErrorKind::NoHealthyEndpoint.status(), 503);
         assert_eq!(ErrorKind::UpstreamConnect.status(), 502);

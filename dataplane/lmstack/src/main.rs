@@ -22,6 +22,7 @@ mod queue;
 mod relay;
 mod response;
 mod state;
+mod stored;
 mod tenancy;
 mod time;
 mod tls;

@@ -99,6 +99,8 @@ pub const SNAPSHOT_UPDATES_TOTAL: &str = "lmstack_snapshot_updates_total";
 pub const SNAPSHOT_REJECTED_TOTAL: &str = "lmstack_snapshot_rejected_total";
 pub const CONTROL_CONNECTED: &str = "lmstack_control_connected";
 pub const AFFINITY_SHARED_BLOCKS_TOTAL: &str = "lmstack_affinity_shared_blocks_total";
+pub const RESPONSES_LOOKUPS_TOTAL: &str = "lmstack_responses_lookups_total";
+pub const RESPONSES_LEARNED_TOTAL: &str = "lmstack_responses_learned_total";
 pub const CONTROL_DISCONNECTS_TOTAL: &str = "lmstack_control_disconnects_total";
 pub const DISCOVERY_FILE_READS_TOTAL: &str = "lmstack_discovery_file_reads_total";
 pub const ROUTING_MODE: &str = "lmstack_routing_mode";
@@ -248,6 +250,14 @@ fn describe() {
     describe_counter!(
         AFFINITY_SHARED_BLOCKS_TOTAL,
         "Prompt blocks of prefix assignments shared through control, by status (sent, dropped, applied: received from another replica)."
+    );
+    describe_counter!(
+        RESPONSES_LOOKUPS_TOTAL,
+        "Requests naming a stored response (previous_response_id, GET /v1/responses/{id}, cancel), by status: hit (the map knew its endpoint), asked (found by asking the pool), not_found (no endpoint holds it), unreachable (not found, and some endpoint did not answer), unavailable (its endpoint is unhealthy)."
+    );
+    describe_counter!(
+        RESPONSES_LEARNED_TOTAL,
+        "Response ids entered in the map of stored responses, by status: answer (from an engine's answer or a pool ask here), shared (relayed from another replica through control)."
     );
     describe_counter!(
         CONTROL_DISCONNECTS_TOTAL,

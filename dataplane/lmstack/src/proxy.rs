@@ -5,6 +5,9 @@
 //! 3. Model routes: peek at the JSON body for `model`, `stream` and the session key.
 //! 4. Find the model's pool in the worker's current routing state; a policy picks an
 //!    endpoint (waiting in the router's queue if every endpoint is at its in-flight limit).
+//!    A request naming a stored response (`previous_response_id`, and the model-less
+//!    `GET /v1/responses/{id}` and `POST /v1/responses/{id}/cancel`) goes only to the
+//!    endpoint holding it (`stored::locate`: the map, else asking the pool).
 //! 5. Send the request on a pooled (or new) engine connection; a failure before any
 //!    response byte is retried on another endpoint, within the retry budget. Each attempt's
 //!    outcome feeds the endpoint's passive health (ejection after failures in a row).
@@ -12,7 +15,8 @@
 //!    drop the engine connection (cancelling the request there) if it leaves. A completions
 //!    or chat stream its engine cuts goes on on another endpoint (a continuation), or ends
 //!    with an error event (`end_stream`).
-//! 7. Return the engine connection to the pool, record metrics, keep or close the client
+//! 7. Return the engine connection to the pool, record metrics (and the id of a stored
+//!    response answered, in the map of stored responses), keep or close the client
 //!    connection.
 //!
 //! Errors are turned into responses by `response::error`, called only from `fail` below
@@ -26,6 +30,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use lmstack_http::head::RequestHead;
+use lmstack_http::stored::StoredRoute;
 use lmstack_http::stream::{Api, BodyTail, Ledger, Usage};
 use lmstack_http::{Framing, Version};
 use lmstack_route::blocks::BlockHasher;
@@ -44,7 +49,7 @@ use crate::relay::{self, EventFraming, EventRelay, FirstByte, OutFraming, RelayE
 use crate::response::{self, BodyOut, REQUEST_ID};
 use crate::state::{EndpointState, ModelPool, PoolSnapshot, RoutingState};
 use crate::tenancy::{Grant, Key, Priority, Tenant};
-use crate::upstream;
+use crate::{stored, upstream};
 
 /// What to do with the client connection after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,13 +64,15 @@ pub enum After {
 const CLIENT_CLOSED: u16 = 499;
 
 /// Where a request goes, by method and path.
-enum Target {
+enum Target<'p> {
     Local(Local),
     Model,
+    /// A stored response, named in the path.
+    Stored(StoredRoute<'p>),
     Missing(ErrorKind),
 }
 
-fn target(method: &str, path: &str) -> Target {
+fn target<'p>(method: &str, path: &'p str) -> Target<'p> {
     const MODEL_ROUTES: [&str; 15] = [
         "/v1/completions",
         "/v1/chat/completions",
@@ -92,6 +99,13 @@ fn target(method: &str, path: &str) -> Target {
         "/v1/models" => Some(Local::Models),
         _ => None,
     };
+    if let Some((route, method_ok)) = lmstack_http::stored::stored_route(method, path) {
+        return if method_ok {
+            Target::Stored(route)
+        } else {
+            Target::Missing(ErrorKind::MethodNotAllowed)
+        };
+    }
     match (local, method) {
         (Some(l), "GET") => Target::Local(l),
         (Some(_), _) => Target::Missing(ErrorKind::MethodNotAllowed),
@@ -135,6 +149,11 @@ struct Forward<'a> {
     send_id: bool,
     client: IpAddr,
     started: Instant,
+    /// The only endpoint (index into the state's endpoints) that may take the request: the
+    /// one holding the stored response it names.
+    pinned: Option<usize>,
+    /// Learn the id of the stored response the answer names (`POST /v1/responses`).
+    learn: bool,
 }
 
 pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -> After {
@@ -182,6 +201,11 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         Target::Missing(kind) => {
             let e = ProxyError::new(kind, format!("{} {} is not served here", head.method(), head.path()));
             return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+        }
+        Target::Stored(route) => {
+            let id = route.id().to_owned();
+            let request = (&head, &body, request_id.as_str(), client_id.is_none());
+            return serve_stored(ctx, down, request, &id, started).await;
         }
         Target::Model => {}
     }
@@ -343,6 +367,23 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
         _ => body.clone(),
     };
+    // A follow-up of a stored response goes where that response is.
+    let responses = &ctx.shared.config.routing.responses;
+    let pinned = match peek.previous_response_id.as_deref() {
+        Some(id) if head.path() == "/v1/responses" && responses.enabled => {
+            let candidates: Vec<usize> = (pool.endpoints.iter().copied())
+                .filter(|&i| state.endpoints[i].healthy)
+                .collect();
+            match stored::locate(ctx, &state, id, &candidates, engine_authorization(ctx, &head)).await {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    refund(grant);
+                    return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+                }
+            }
+        }
+        _ => None,
+    };
     let request = Forward {
         head: &head,
         body,
@@ -363,6 +404,8 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         send_id: client_id.is_none(),
         client: down.peer.ip(),
         started,
+        pinned,
+        learn: head.path() == "/v1/responses" && responses.enabled,
     };
     let table = ctx.metrics.table(&*state);
     let mm = &table.models[pool.index];
@@ -386,6 +429,18 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         };
         grant.settle(settled_usage(usage, request.reached.get()));
     }
+    finish(ctx, down, (&head, &request_id), mm, outcome, started).await
+}
+
+/// Step 7's end: records the outcome, and decides about the connection.
+async fn finish(
+    ctx: &WorkerCtx,
+    down: &mut Downstream,
+    (head, request_id): (&RequestHead, &str),
+    mm: &ModelMetrics,
+    outcome: Option<Outcome>,
+    started: Instant,
+) -> After {
     match outcome {
         None => {
             tracing::debug!(request_id, "the client left before the response ended");
@@ -402,8 +457,103 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             record(&pm, status, started);
             After::Close
         }
-        Some(Outcome::Failed { error, pm }) => fail(ctx, down, Some((&head, &request_id)), &error, Some(&pm)).await,
+        Some(Outcome::Failed { error, pm }) => fail(ctx, down, Some((head, request_id)), &error, Some(&pm)).await,
     }
+}
+
+/// `GET /v1/responses/{id}` and `POST /v1/responses/{id}/cancel`: no model and no body to
+/// route on. They go to the endpoint holding the response (steps 4 to 7 of `handle`, with
+/// the endpoint found by `stored::locate` and a pool it serves for the metrics).
+async fn serve_stored(
+    ctx: &WorkerCtx,
+    down: &mut Downstream,
+    (head, body, request_id, send_id): (&RequestHead, &Bytes, &str, bool),
+    id: &str,
+    started: Instant,
+) -> After {
+    let key = match authenticate(ctx, head) {
+        Ok(key) => key,
+        Err(e) => return fail(ctx, down, Some((head, request_id)), &e, None).await,
+    };
+    let state = ctx.routing_state();
+    // The endpoints of the models the key may use (vLLM does not check who asks for a
+    // stored response: its id is the capability).
+    let usable = |pool: &ModelPool| key.as_ref().is_none_or(|k| k.lists(&pool.name));
+    let mut candidates: Vec<usize> = (state.pools().filter(|p| usable(p)))
+        .flat_map(|p| p.endpoints.iter().copied())
+        .filter(|&i| state.endpoints[i].healthy)
+        .collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    let found = if ctx.shared.config.routing.responses.enabled {
+        stored::locate(ctx, &state, id, &candidates, engine_authorization(ctx, head)).await
+    } else if candidates.is_empty() {
+        Err(ProxyError::new(
+            ErrorKind::NoHealthyEndpoint,
+            "no healthy endpoint right now",
+        ))
+    } else {
+        // Without the map, where a router that knows nothing of stored responses sends it.
+        Ok(candidates[(ctx.next_ticket() % candidates.len() as u64) as usize])
+    };
+    let found = found.and_then(|index| {
+        let pool = state.pools().find(|p| usable(p) && p.endpoints.contains(&index));
+        pool.map(|pool| (index, pool)).ok_or_else(|| {
+            ProxyError::new(
+                ErrorKind::NoHealthyEndpoint,
+                "the endpoint holding the response is gone",
+            )
+        })
+    });
+    let (index, pool) = match found {
+        Ok(found) => found,
+        Err(e) => return fail(ctx, down, Some((head, request_id)), &e, None).await,
+    };
+    let request = Forward {
+        head,
+        body,
+        send_body: body.clone(),
+        stream: false,
+        api: None,
+        keep_ids: false,
+        hide_usage: false,
+        client_usage: false,
+        metered: key.is_some(),
+        rate_headers: "",
+        tenant: key.as_ref().map(|k| k.tenant.clone()),
+        cost: 0,
+        reached: std::cell::Cell::new(false),
+        session: None,
+        prefix: None,
+        request_id,
+        send_id,
+        client: down.peer.ip(),
+        started,
+        pinned: Some(index),
+        learn: false,
+    };
+    let table = ctx.metrics.table(&*state);
+    let mm = &table.models[pool.index];
+    let lim = &ctx.limits;
+    let Downstream { reader, wr, .. } = down;
+    let outcome = reader
+        .unless_client_leaves(
+            lim.head.max_bytes,
+            lim.client_watch_delay,
+            forward(ctx, &state, pool, mm, &request, wr),
+        )
+        .await;
+    finish(ctx, down, (head, request_id), mm, outcome, started).await
+}
+
+/// The client's `Authorization`, for the engines when the router keeps no keys (they may
+/// check their own, vLLM's `--api-key`); the router's own keys never go to engines.
+fn engine_authorization<'h>(ctx: &WorkerCtx, head: &'h RequestHead) -> Option<&'h str> {
+    ctx.shared
+        .tenants
+        .is_none()
+        .then(|| head.headers.get_str("authorization"))
+        .flatten()
 }
 
 /// Whether a request for `model` must be held, and how long at most: its pool has no
@@ -665,7 +815,11 @@ async fn forward(
     req: &Forward<'_>,
     wr: &mut WriteHalf,
 ) -> Outcome {
-    let mut excluded: Vec<usize> = Vec::new();
+    // A request naming a stored response may go only where that response is.
+    let mut excluded: Vec<usize> = match req.pinned {
+        Some(e) => pool.endpoints.iter().copied().filter(|&i| i != e).collect(),
+        None => Vec::new(),
+    };
     // The endpoint whose reused connection just failed: its next attempt connects afresh.
     let mut reconnect: Option<usize> = None;
     let mut last_failure: Option<(ProxyError, Rc<PairMetrics>)> = None;
@@ -868,6 +1022,7 @@ fn record_prefix(
         requests: 1,
         uncached_blocks: (plan.blocks().len() - matched) as u64,
         placed: u32::from(pick.reason.places_conversation()),
+        responses: Vec::new(),
     });
     if let Some(session) = plan.session_block
         && plan.session_home != Some(pick.index)
@@ -1422,8 +1577,14 @@ async fn exchange(
         req.rate_headers,
     );
     let mut clock = StreamClock::new(req.started, pm, &first_byte);
-    // A metered request's usage, read from the end of the body.
-    let mut tail = (req.metered && up.status == 200).then(BodyTail::default);
+    // A metered request's usage, read from the end of the body; a Responses answer's id,
+    // from its start.
+    let learn = req.learn && up.status == 200;
+    let mut tail = if learn {
+        Some(BodyTail::keeping_head())
+    } else {
+        (req.metered && up.status == 200).then(BodyTail::default)
+    };
     let out = if dechunk {
         OutFraming::Dechunk
     } else {
@@ -1441,6 +1602,14 @@ async fn exchange(
         lim.write_timeout,
     )
     .await;
+    // The engine stored it whether or not the client got all of it.
+    if learn
+        && let Some(id) = tail
+            .as_ref()
+            .and_then(|t| lmstack_http::stored::body_response_id(t.head()))
+    {
+        stored::learn(ctx, endpoint, &id);
+    }
     match relayed {
         Ok(r) => {
             if r.reusable && up.keep_alive {
@@ -1523,10 +1692,12 @@ async fn exchange_events(
         Some(last) => StreamClock::resumed(last, pm, first_byte),
         None => StreamClock::new(req.started, pm, first_byte),
     };
+    let learn_id = |id: &str| stored::learn(ctx, endpoint, id);
     let mut relay_state = EventRelay {
         head,
         framing: s.framing,
         ledger: s.ledger.as_mut(),
+        on_response_id: (req.learn && up.status == 200).then_some(&learn_id as &dyn Fn(&str)),
         clock: &mut clock,
         first_event_timeout: lim.first_byte_timeout,
         idle_timeout: lim.stream_idle_timeout,
@@ -1640,5 +1811,18 @@ mod tests {
             Target::Missing(ErrorKind::MethodNotAllowed)
         ));
         assert!(matches!(target("GET", "/nope"), Target::Missing(ErrorKind::NotFound)));
+        assert!(matches!(
+            target("GET", "/v1/responses/resp_1"),
+            Target::Stored(StoredRoute::Retrieve("resp_1"))
+        ));
+        assert!(matches!(
+            target("POST", "/v1/responses/resp_1/cancel"),
+            Target::Stored(StoredRoute::Cancel("resp_1"))
+        ));
+        assert!(matches!(
+            target("DELETE", "/v1/responses/resp_1"),
+            Target::Missing(ErrorKind::MethodNotAllowed)
+        ));
+        assert!(matches!(target("POST", "/v1/responses"), Target::Model));
     }
 }

@@ -347,6 +347,8 @@ pub struct EventRelay<'l, 'c> {
     pub framing: EventFraming,
     /// The OpenAI stream's ledger, when the stream may be resumed.
     pub ledger: Option<&'l mut Ledger>,
+    /// Told the id a Responses stream's `response.created` event names (once).
+    pub on_response_id: Option<&'l dyn Fn(&str)>,
     pub clock: &'l mut StreamClock<'c>,
     /// Silence allowed before the first data event (the engine may queue and prefill).
     pub first_event_timeout: Duration,
@@ -421,6 +423,12 @@ pub async fn relay_events(
             while let Some(event) = splitter.next_event() {
                 if event_data(&event).is_some_and(|d| d.as_ref() != b"[DONE]") {
                     events += 1;
+                }
+                if let Some(learn) = r.on_response_id
+                    && let Some(id) = lmstack_http::stored::event_response_id(&event)
+                {
+                    learn(&id);
+                    r.on_response_id = None;
                 }
                 match r.ledger.as_deref_mut().map(|l| l.observe(&event)) {
                     None | Some(Verdict::Forward) => out.extend_from_slice(&event),

@@ -129,6 +129,8 @@ pub struct EndpointState {
     pub load: Arc<CachePadded<EndpointLoad>>,
     /// Its name in the affinity table (`None` when the table's ids ran out).
     pub tag: Option<EndpointTag>,
+    /// Its name in the map of stored responses.
+    pub response_tag: Option<EndpointTag>,
     /// The engine's own figures, when scraped.
     pub engine: Option<EngineLoad>,
 }
@@ -166,6 +168,8 @@ pub struct RoutingState {
     /// workers key their views and metric tables on.
     pub generation: u64,
     pub endpoints: Vec<EndpointState>,
+    /// The endpoints' tags in the map of stored responses, in `endpoints` order.
+    pub response_tags: Vec<Option<EndpointTag>>,
     /// Pools sorted by model name.
     pools: Vec<ModelPool>,
     by_name: HashMap<Arc<str>, usize>,
@@ -179,6 +183,7 @@ impl RoutingState {
             version: 0,
             generation: 0,
             endpoints: Vec::new(),
+            response_tags: Vec::new(),
             pools: Vec::new(),
             by_name: HashMap::new(),
             models_body: Bytes::from_static(br#"{"object":"list","data":[]}"#),
@@ -280,6 +285,8 @@ pub struct SnapshotCell {
     started_unix: u64,
     /// Which endpoints served which prompt blocks; shared by all workers.
     pub affinity: AffinityTable,
+    /// Which endpoint holds which stored response (hashed ids); shared by all workers.
+    pub responses: AffinityTable,
     /// The affinity table's clock starts here.
     epoch: Instant,
 }
@@ -291,6 +298,7 @@ impl SnapshotCell {
             generation: AtomicU64::new(0),
             state: ArcSwap::from_pointee(RoutingState::empty()),
             affinity: AffinityTable::new(routing.affinity.limits()),
+            responses: AffinityTable::new(routing.responses.limits(routing.affinity.max_endpoints)),
             epoch: Instant::now(),
             routing,
             loads: StoreLock::new(HashMap::new()),
@@ -348,6 +356,13 @@ impl SnapshotCell {
         {
             self.affinity.purge();
         }
+        if self
+            .responses
+            .retain_endpoints(|url| snapshot.endpoints.iter().any(|e| e.url == url))
+            > 0
+        {
+            self.responses.purge();
+        }
         self.state.store(Arc::new(state));
         self.version.store(snapshot.version, Ordering::Release);
         self.generation.store(generation, Ordering::Release);
@@ -371,6 +386,7 @@ impl SnapshotCell {
                 key: lmstack_route::endpoint_key(&e.url),
                 load: loads.entry(e.url.clone()).or_default().clone(),
                 tag: self.affinity.register(&e.url),
+                response_tag: self.responses.register(&e.url),
                 engine: e.engine.map(|s| EngineLoad {
                     running: s.running,
                     waiting: s.waiting,
@@ -433,6 +449,7 @@ impl SnapshotCell {
         RoutingState {
             version: snapshot.version,
             generation,
+            response_tags: endpoints.iter().map(|e| e.response_tag).collect(),
             endpoints,
             pools,
             by_name,

@@ -26,6 +26,7 @@ use super::greedy::{self, Greedy};
 use super::kv::BlockExtras;
 use super::kv_events::{Fault, Publisher, RequestKv};
 use super::metrics::FinishReason;
+use super::responses::{self, Store};
 use super::tokens::{self, Tokenizer};
 use super::{ReportMode, SimArgs};
 
@@ -33,10 +34,12 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 pub struct Sim {
     pub name: String,
-    args: SimArgs,
-    engine: Arc<Engine>,
+    pub(super) args: SimArgs,
+    pub(super) engine: Arc<Engine>,
     prometheus: PrometheusHandle,
-    tokenizer: Tokenizer,
+    pub(super) tokenizer: Tokenizer,
+    /// Stored Responses (responses.rs).
+    pub(super) responses: Store,
     publisher: Option<Publisher>,
     faults: Faults,
     created: u64,
@@ -58,6 +61,7 @@ impl Sim {
         }
         Self {
             name: args.name.clone().unwrap_or_else(|| bound.to_string()),
+            responses: Store::new(args.max_stored_responses),
             args,
             engine,
             prometheus,
@@ -72,7 +76,7 @@ impl Sim {
     /// What a generation request's blocks are hashed with and announce, as vLLM takes it from
     /// the request: its LoRA adapter (the model it names), its `cache_salt`, and its
     /// `vllm_xargs.kv_cache_report_mode`.
-    fn request_kv(&self, model: &str, req: &Value) -> RequestKv {
+    pub(super) fn request_kv(&self, model: &str, req: &Value) -> RequestKv {
         let lora = self.args.loras.iter().position(|l| l == model);
         let report = req.pointer("/vllm_xargs/kv_cache_report_mode").and_then(Value::as_str);
         RequestKv {
@@ -93,18 +97,18 @@ impl Sim {
         self.args.models.iter().chain(&self.args.loras).any(|m| m == model)
     }
 
-    fn next_id(&self) -> u64 {
+    pub(super) fn next_id(&self) -> u64 {
         // Distinct across engines too: mix in the engine name.
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         xxhash_rust::xxh3::xxh3_64_with_seed(self.name.as_bytes(), n)
     }
 }
 
-fn now_unix() -> u64 {
+pub(super) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>, engine: &str) -> Response<Body> {
+pub(super) fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>, engine: &str) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -117,12 +121,12 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>, engine: 
     r
 }
 
-fn json_response(status: StatusCode, body: &Value, engine: &str) -> Response<Body> {
+pub(super) fn json_response(status: StatusCode, body: &Value, engine: &str) -> Response<Body> {
     full(status, "application/json", body.to_string(), engine)
 }
 
 /// vLLM's error shape: `{"error": {"message", "type", "param", "code"}}`.
-fn error(
+pub(super) fn error(
     status: StatusCode,
     kind: &str,
     message: impl Into<String>,
@@ -136,7 +140,7 @@ fn error(
     )
 }
 
-fn bad_request(message: impl Into<String>, engine: &str) -> Response<Body> {
+pub(super) fn bad_request(message: impl Into<String>, engine: &str) -> Response<Body> {
     error(StatusCode::BAD_REQUEST, "BadRequestError", message, None, engine)
 }
 
@@ -184,6 +188,11 @@ pub async fn handle(sim: Arc<Sim>, tap: Arc<Tap>, req: Request<Incoming>) -> Res
             None => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
         },
         (Method::POST, "/reset_prefix_cache") => reset_prefix_cache(&sim, parts.uri.query()),
+        // Stored Responses, named in the path (no body, no model).
+        (Method::GET, p) if p.starts_with("/v1/responses/") => responses::retrieve(&sim, &p["/v1/responses/".len()..]),
+        (Method::POST, p) if p.starts_with("/v1/responses/") && p.ends_with("/cancel") => {
+            responses::cancel(&sim, &p["/v1/responses/".len()..p.len() - "/cancel".len()])
+        }
         (Method::POST, _) => {
             let bytes = match Limited::new(body, sim.args.max_body_bytes).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -373,15 +382,7 @@ async fn post(sim: &Arc<Sim>, tap: &Tap, path: &str, body: &[u8], req: Value, ar
             Ok(t) => generate(sim, tap, Kind::Chat, model, t, &req, arrived).await,
             Err(e) => bad_request(e, name),
         },
-        "/v1/responses" => {
-            if req.get("stream").and_then(Value::as_bool) == Some(true) {
-                return bad_request("the simulator does not stream /v1/responses", name);
-            }
-            match tokenizer.responses(&req) {
-                Ok(t) => generate(sim, tap, Kind::Responses, model, t, &req, arrived).await,
-                Err(e) => bad_request(e, name),
-            }
-        }
+        "/v1/responses" => responses::create(sim, model, req, arrived).await,
         "/v1/embeddings" | "/pooling" => embeddings(sim, model, &req).await,
         "/v1/rerank" | "/rerank" | "/v2/rerank" => rerank(sim, model, &req).await,
         "/v1/score" | "/score" => score(sim, model, &req).await,
@@ -419,7 +420,6 @@ async fn post(sim: &Arc<Sim>, tap: &Tap, path: &str, body: &[u8], req: Value, ar
 enum Kind {
     Completion,
     Chat,
-    Responses,
 }
 
 /// vLLM's `system_fingerprint`, for this simulator.
@@ -479,7 +479,6 @@ async fn generate(
     let id = match kind {
         Kind::Completion => format!("cmpl-{seed:016x}"),
         Kind::Chat => format!("chatcmpl-{seed:016x}"),
-        Kind::Responses => format!("resp_{seed:016x}"),
     };
     let created = now_unix();
     let metrics = sim.engine.metrics.clone();
@@ -522,21 +521,10 @@ async fn generate(
                              "logprobs": null, "finish_reason": "length", "stop_reason": null}],
                 "usage": u, "prompt_logprobs": null, "system_fingerprint": FINGERPRINT,
             }),
-            Kind::Responses => json!({
-                "id": id, "object": "response", "created_at": created, "model": model, "status": "incomplete",
-                "incomplete_details": {"reason": "max_output_tokens"},
-                "output": [{"type": "message", "id": format!("msg_{seed:016x}"), "role": "assistant",
-                            "status": "incomplete",
-                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-                "usage": {"input_tokens": admitted.prompt_tokens, "output_tokens": max_tokens,
-                          "total_tokens": admitted.prompt_tokens + max_tokens,
-                          "input_tokens_details": {"cached_tokens": admitted.cached_tokens},
-                          "output_tokens_details": {"reasoning_tokens": 0}},
-            }),
         };
         // vLLM: the output ids on the choice; the prompt's on the choice of a completion, at
         // the top of a chat completion.
-        if return_token_ids && kind != Kind::Responses {
+        if return_token_ids {
             body["choices"][0]["token_ids"] = json!(ids);
             let prompt_at = if kind == Kind::Chat {
                 &mut body

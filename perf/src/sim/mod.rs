@@ -25,6 +25,7 @@ pub mod greedy;
 pub mod kv;
 pub mod kv_events;
 pub mod metrics;
+pub mod responses;
 pub mod tokens;
 
 use std::net::SocketAddr;
@@ -146,6 +147,9 @@ pub struct SimArgs {
     /// reset_mid_stream, cut_mid_stream, stall_mid_stream, exit_mid_stream).
     #[arg(long, value_name = "KIND[:N]")]
     pub fault: Option<FaultSpec>,
+    /// Stored Responses held at most (vLLM's store never forgets; this one drops the oldest).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_stored_responses: usize,
 }
 
 /// `--kv-events-encoding`.
