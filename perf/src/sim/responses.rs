@@ -83,10 +83,6 @@ impl Store {
             *s = stored;
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().map.len()
-    }
 }
 
 /// A response object as vLLM writes it: `id` first (pydantic keeps the model's field order;
@@ -427,4 +423,24 @@ pub async fn create(sim: &Arc<Sim>, model: String, req: Value, arrived: Instant)
         h.insert("x-sim-engine", v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_keeps_the_newest_within_its_bound() {
+        let store = Store::new(2);
+        for id in ["a", "b", "c"] {
+            let stored = Stored {
+                response: json!({"id": id}),
+                context: vec![1],
+            };
+            store.put(id, stored);
+        }
+        assert!(store.get("a").is_none());
+        assert_eq!(store.get("c").map(|s| s.response["id"].clone()), Some(json!("c")));
+        assert!(store.get("b").is_some());
+    }
 }
