@@ -301,3 +301,40 @@ fn replicas_following_one_control_share_response_ids() {
         0.0
     );
 }
+
+#[test]
+fn a_response_whose_engine_is_down_fails_clearly() {
+    let mut e = sims(3);
+    let engines: Vec<&Proc> = e.iter().collect();
+    let mut a = backends(&engines);
+    a.extend(args(&["--health-check-interval-ms", "200"]));
+    let r = router(&a);
+    wait_healthy(&r);
+    let reply = post(
+        &r,
+        "/v1/responses",
+        &json!({"model": "sim-model", "input": "keep it", "max_output_tokens": 2}),
+        &[],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let holder = reply.header("x-sim-engine").unwrap().to_owned();
+    // Engines are named e0, e1, ... in order.
+    let at: usize = holder.trim_start_matches('e').parse().unwrap();
+    drop(e.remove(at));
+    wait_until("the router to see the engine down", || healthy_endpoints(&r, "sim-model") == 2);
+    // No other engine has it: a clear 503, not another engine's 404.
+    let (status, body) = get_with(&r, &format!("/v1/responses/{id}"), &[]);
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("not healthy"), "{body}");
+    let follow = post(
+        &r,
+        "/v1/responses",
+        &json!({"model": "sim-model", "input": "x", "previous_response_id": id}),
+        &[],
+    );
+    assert_eq!(follow.status, 503, "{}", follow.body);
+    metrics_when(&r, "both to be counted", |t| {
+        metric_sum(t, "lmstack_responses_lookups_total", &[("status", "unavailable")]) == 2.0
+    });
+}
