@@ -322,11 +322,16 @@ fn a_response_whose_engine_is_down_fails_clearly() {
     // Engines are named e0, e1, ... in order.
     let at: usize = holder.trim_start_matches('e').parse().unwrap();
     drop(e.remove(at));
-    wait_until("the router to see the engine down", || healthy_endpoints(&r, "sim-model") == 2);
+    wait_until("the router to see the engine down", || {
+        healthy_endpoints(&r, "sim-model") == 2
+    });
     // No other engine has it: a clear 503, not another engine's 404.
     let (status, body) = get_with(&r, &format!("/v1/responses/{id}"), &[]);
     assert_eq!(status, 503, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("not healthy"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("not healthy"),
+        "{body}"
+    );
     let follow = post(
         &r,
         "/v1/responses",

@@ -70,9 +70,14 @@ pub async fn locate(
     authorization: Option<&str>,
 ) -> Result<usize, ProxyError> {
     let cell = &ctx.shared.cell;
-    if let Some(i) = cell.responses.latest(key(id), &state.response_tags, cell.now_ms()) {
+    let (k, now) = (key(id), cell.now_ms());
+    if let Some(i) = cell.responses.latest(k, &state.response_tags, now) {
         let endpoint = &state.endpoints[i];
         if candidates.contains(&i) {
+            // Used again: the last to be evicted.
+            if let Some(tag) = endpoint.response_tag {
+                cell.responses.record(&[k], tag, now);
+            }
             ::metrics::counter!(metrics::RESPONSES_LOOKUPS_TOTAL, "status" => "hit").increment(1);
             return Ok(i);
         }
