@@ -343,3 +343,35 @@ fn a_response_whose_engine_is_down_fails_clearly() {
         metric_sum(t, "lmstack_responses_lookups_total", &[("status", "unavailable")]) == 2.0
     });
 }
+
+#[test]
+fn ids_pushed_out_of_a_full_map_are_found_by_asking_the_pool() {
+    let e = sims(2);
+    let engines: Vec<&Proc> = e.iter().collect();
+    let small = config_file("small", "routing:\n  responses:\n    max_entries: 8\n");
+    let mut a = backends(&engines);
+    a.extend(args(&["--config", &small]));
+    let r = router(&a);
+    wait_healthy(&r);
+    let ids: Vec<String> = (0..40)
+        .map(|i| {
+            let answer = create(
+                &r,
+                json!({"model": "sim-model", "input": format!("many {i}"), "max_output_tokens": 1}),
+                &[],
+            );
+            answer["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    for id in &ids {
+        let (status, got) = get_with(&r, &format!("/v1/responses/{id}"), &[]);
+        assert_eq!((status, got["id"].as_str()), (200, Some(id.as_str())));
+    }
+    // The map holds 8 of the 40: most were asked about, none lost.
+    let text = metrics_when(&r, "the lookups to show", |t| {
+        metric_sum(t, "lmstack_responses_lookups_total", &[]) == 40.0
+    });
+    let asked = metric_sum(&text, "lmstack_responses_lookups_total", &[("status", "asked")]);
+    println!("40 ids through a map of 8: {asked} asked the pool");
+    assert!(asked >= 30.0, "{asked}");
+}
