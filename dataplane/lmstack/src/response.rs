@@ -37,7 +37,8 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The request head sent to an engine.
+/// The request head sent to an engine. `traceparent`: the router's (tracing on), which
+/// replaces the client's; `None` forwards the client's untouched.
 pub fn upstream_request(
     head: &RequestHead,
     authority: &str,
@@ -45,6 +46,7 @@ pub fn upstream_request(
     request_id: Option<&str>,
     client: IpAddr,
     drop_credentials: bool,
+    traceparent: Option<&str>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.raw_len() + 128);
     out.extend_from_slice(head.method().as_bytes());
@@ -66,7 +68,13 @@ pub fn upstream_request(
             forwarded_for = Some(value);
             continue;
         }
+        if traceparent.is_some() && name.eq_ignore_ascii_case(b"traceparent") {
+            continue;
+        }
         header(&mut out, name, value);
+    }
+    if let Some(tp) = traceparent {
+        header(&mut out, b"traceparent", tp.as_bytes());
     }
     let client = client.to_string();
     match forwarded_for {
@@ -245,7 +253,7 @@ mod tests {
 X-Secret: 1\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer k\r\nX-Forwarded-For: 1.2.3.4\r\n\
 X-User-Id: u\r\n\r\n",
         );
-        let out = upstream_request(&head, "engine:8000", 5, Some("rid"), "10.0.0.9".parse().unwrap(), false);
+        let out = upstream_request(&head, "engine:8000", 5, Some("rid"), "10.0.0.9".parse().unwrap(), false, None);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/completions HTTP/1.1\r\nhost: engine:8000\r\n"));
         assert!(text.contains("Authorization: Bearer k\r\n"));
@@ -258,10 +266,26 @@ X-User-Id: u\r\n\r\n",
         assert!(!text.contains("Connection"));
         assert!(text.ends_with("\r\n\r\n"));
         // With API keys on, the client's key stays with the router.
-        let out = upstream_request(&head, "engine:8000", 5, None, "10.0.0.9".parse().unwrap(), true);
+        let out = upstream_request(&head, "engine:8000", 5, None, "10.0.0.9".parse().unwrap(), true, None);
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("Authorization"), "{text}");
         assert!(text.contains("X-User-Id: u\r\n"));
+    }
+
+    #[test]
+    fn the_routers_traceparent_replaces_the_clients_and_tracestate_goes_on() {
+        let head = request(
+            b"POST /v1/completions HTTP/1.1\r\nHost: router\r\n\
+traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: k=v\r\n\r\n",
+        );
+        let ip = "10.0.0.9".parse().unwrap();
+        let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, None)).unwrap();
+        assert!(text.contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"));
+        let ours = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
+        let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, Some(ours))).unwrap();
+        assert_eq!(text.matches("traceparent").count(), 1, "{text}");
+        assert!(text.contains(&format!("traceparent: {ours}\r\n")));
+        assert!(text.contains("tracestate: k=v\r\n"));
     }
 
     #[test]
