@@ -749,6 +749,25 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_spans_rather_than_wait() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let tracer = Tracer { tx, ratio_bound: None };
+        let finished = || Finished {
+            trace_id: 1,
+            trace_state: String::new(),
+            started: Instant::now(),
+            started_unix_ns: 0,
+            spans: Vec::new(),
+        };
+        let start = Instant::now();
+        for _ in 0..3 {
+            tracer.send(finished());
+        }
+        assert!(start.elapsed() < Duration::from_millis(100));
+        assert_eq!(rx.len(), 1);
+    }
+
+    #[test]
     fn span_times_keep_their_order_in_unix_time() {
         let t0 = Instant::now();
         let later = t0 + Duration::from_millis(5);
