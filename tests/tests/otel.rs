@@ -87,11 +87,18 @@ impl Receiver {
         let kept = spans.clone();
         let addr = serve(move |head, body| {
             assert!(head.starts_with("POST /v1/traces "), "{head}");
-            assert!(head.to_ascii_lowercase().contains("content-type: application/x-protobuf"), "{head}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("content-type: application/x-protobuf"),
+                "{head}"
+            );
             let request: ExportTraceServiceRequest = prost::Message::decode(body).unwrap();
             for rs in request.resource_spans {
                 let resource = rs.resource.unwrap();
-                assert_eq!(string_attr(&resource.attributes, "service.name").as_deref(), Some("lmstack"));
+                assert_eq!(
+                    string_attr(&resource.attributes, "service.name").as_deref(),
+                    Some("lmstack")
+                );
                 for ss in rs.scope_spans {
                     kept.lock().unwrap().extend(ss.spans);
                 }
@@ -169,12 +176,15 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn string_attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: &str) -> Option<String> {
-    attrs.iter().find(|kv| kv.key == key).and_then(|kv| match &kv.value.as_ref()?.value {
-        Some(any_value::Value::StringValue(s)) => Some(s.clone()),
-        Some(any_value::Value::IntValue(n)) => Some(n.to_string()),
-        Some(any_value::Value::BoolValue(b)) => Some(b.to_string()),
-        _ => None,
-    })
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match &kv.value.as_ref()?.value {
+            Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+            Some(any_value::Value::IntValue(n)) => Some(n.to_string()),
+            Some(any_value::Value::BoolValue(b)) => Some(b.to_string()),
+            _ => None,
+        })
 }
 
 fn attr(span: &Span, key: &str) -> Option<String> {
@@ -187,7 +197,12 @@ fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
 
 fn only<'a>(spans: &'a [Span], name: &str) -> &'a Span {
     let found = named(spans, name);
-    assert_eq!(found.len(), 1, "one {name} span: {:#?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    assert_eq!(
+        found.len(),
+        1,
+        "one {name} span: {:#?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
     found[0]
 }
 
@@ -239,7 +254,11 @@ fn a_clients_trace_goes_on_through_lmstack_to_the_engine() {
     assert_eq!(attr(s, "gen_ai.operation.name").as_deref(), Some("text_completion"));
     assert_eq!(attr(s, "http.response.status_code").as_deref(), Some("200"));
     assert_eq!(attr(s, "lmstack.request_id").as_deref(), reply.header("x-request-id"));
-    assert_eq!(attr(s, "gen_ai.usage.input_tokens"), None, "usage is read for metered requests only");
+    assert_eq!(
+        attr(s, "gen_ai.usage.input_tokens"),
+        None,
+        "usage is read for metered requests only"
+    );
     let server_id = hex(&s.span_id);
 
     // Its children: the routing decision and the attempt; under the attempt, the new
@@ -266,7 +285,10 @@ fn a_clients_trace_goes_on_through_lmstack_to_the_engine() {
     }
 
     // The engine continues the trace from the attempt's span; tracestate goes on.
-    assert_eq!(engine.header(0, "traceparent"), Some(format!("00-{CLIENT_TRACE}-{attempt_id}-01")));
+    assert_eq!(
+        engine.header(0, "traceparent"),
+        Some(format!("00-{CLIENT_TRACE}-{attempt_id}-01"))
+    );
     assert_eq!(engine.header(0, "tracestate").as_deref(), Some("vendor=abc"));
 
     let m = metrics_when(&r, "exported spans counted", |m| {
@@ -283,12 +305,18 @@ fn unsampled_and_malformed_client_contexts_as_the_w3c_says() {
 
     // Not sampled by the client: nothing recorded, its traceparent goes on untouched.
     let unsampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00");
-    assert_eq!(post(&r, "/v1/completions", &completion(), &[("traceparent", &unsampled)]).status, 200);
+    assert_eq!(
+        post(&r, "/v1/completions", &completion(), &[("traceparent", &unsampled)]).status,
+        200
+    );
     assert_eq!(engine.header(0, "traceparent"), Some(unsampled));
 
     // Malformed (uppercase hex): ignored, a new trace starts here.
     let malformed = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01";
-    assert_eq!(post(&r, "/v1/completions", &completion(), &[("traceparent", malformed)]).status, 200);
+    assert_eq!(
+        post(&r, "/v1/completions", &completion(), &[("traceparent", malformed)]).status,
+        200
+    );
     let sent = engine.header(1, "traceparent").unwrap();
     let fields: Vec<&str> = sent.split('-').collect();
     assert_eq!(fields.len(), 4, "{sent}");

@@ -773,7 +773,10 @@ impl TracingConfig {
         if !self.enabled() {
             return Ok(());
         }
-        let host = self.otlp_endpoint.strip_prefix("http://").map(|r| r.split('/').next().unwrap_or(""));
+        let host = self
+            .otlp_endpoint
+            .strip_prefix("http://")
+            .map(|r| r.split('/').next().unwrap_or(""));
         match host {
             Some(h) if !h.is_empty() => {}
             _ => {

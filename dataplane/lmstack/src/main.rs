@@ -160,7 +160,11 @@ fn run(config: Config, tls: Option<(tls::Acceptor, tls::Reload)>) -> anyhow::Res
     let replica = format!("{:x}-{:x}", std::process::id(), ctx::now_nanos());
     let tracer = if config.tracing.enabled() {
         let t = otel::Tracer::start(&config.tracing, &replica).context("starting the trace exporter")?;
-        tracing::info!(url = config.tracing.traces_url(), ratio = config.tracing.sample_ratio, "exporting traces");
+        tracing::info!(
+            url = config.tracing.traces_url(),
+            ratio = config.tracing.sample_ratio,
+            "exporting traces"
+        );
         Some(t)
     } else {
         None

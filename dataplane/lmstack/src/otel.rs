@@ -545,7 +545,10 @@ impl Exporter {
             .into();
         let resource = Resource {
             attributes: vec![
-                key_value("service.name", any_value::Value::StringValue(config.service_name.clone())),
+                key_value(
+                    "service.name",
+                    any_value::Value::StringValue(config.service_name.clone()),
+                ),
                 key_value(
                     "service.version",
                     any_value::Value::StringValue(env!("CARGO_PKG_VERSION").into()),
@@ -715,7 +718,11 @@ mod tests {
         let unsampled = TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
         assert!(!unsampled.sampled);
         // Other flag bits do not make it sampled; a later version may add fields.
-        assert!(!TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-02").unwrap().sampled);
+        assert!(
+            !TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-02")
+                .unwrap()
+                .sampled
+        );
         assert!(TraceParent::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what").is_some());
         for bad in [
             &b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"[..],

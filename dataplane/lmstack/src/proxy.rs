@@ -321,7 +321,11 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         _ => body.clone(),
     };
     // The request's trace (tracing on): the client's context (`traceparent`) or a new one.
-    let trace = ctx.shared.tracer.as_ref().map(|t| RequestTrace::start(t, &head, started));
+    let trace = ctx
+        .shared
+        .tracer
+        .as_ref()
+        .map(|t| RequestTrace::start(t, &head, started));
     if let Some(t) = &trace {
         t.annotate(|| server_attributes(&head, model, &request_id, down.peer.ip(), peek.stream));
     }
@@ -756,7 +760,11 @@ async fn forward(
         let index = pool.endpoints[pick.index];
         let endpoint = &state.endpoints[index];
         if let Some(t) = req.trace {
-            t.route_ends(route_start, || route_attributes(pool, pick, req.prefix, &endpoint.url), None);
+            t.route_ends(
+                route_start,
+                || route_attributes(pool, pick, req.prefix, &endpoint.url),
+                None,
+            );
         }
         mm.decision(pool.policy.name().as_str(), pick.reason.as_str());
         let pm = mm.pairs[pick.index].clone();
@@ -824,10 +832,7 @@ async fn forward(
             let (outcome, status, error) = match &result {
                 Exchange::Done { status, .. } => ("done", Some(*status), None),
                 Exchange::Aborted { status, error: None } => ("client_closed", Some(*status), None),
-                Exchange::Aborted {
-                    status,
-                    error: Some(e),
-                } => ("cut", Some(*status), Some(e.kind.label())),
+                Exchange::Aborted { status, error: Some(e) } => ("cut", Some(*status), Some(e.kind.label())),
                 Exchange::Failed { error } => ("failed", None, Some(error.kind.label())),
             };
             t.attempt_ends(outcome, status, error);

@@ -253,7 +253,15 @@ mod tests {
 X-Secret: 1\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer k\r\nX-Forwarded-For: 1.2.3.4\r\n\
 X-User-Id: u\r\n\r\n",
         );
-        let out = upstream_request(&head, "engine:8000", 5, Some("rid"), "10.0.0.9".parse().unwrap(), false, None);
+        let out = upstream_request(
+            &head,
+            "engine:8000",
+            5,
+            Some("rid"),
+            "10.0.0.9".parse().unwrap(),
+            false,
+            None,
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/completions HTTP/1.1\r\nhost: engine:8000\r\n"));
         assert!(text.contains("Authorization: Bearer k\r\n"));
