@@ -7,126 +7,16 @@
 
 #![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::thread;
 
+use lmstack_e2e::otlp::{Receiver, hex, serve, string_attr};
 use lmstack_e2e::*;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
-
-/// A tiny HTTP/1.1 server: every request (head text, body) goes to `answer`, which says
-/// what to write back; connections are kept alive.
-fn serve(answer: impl Fn(&str, &[u8]) -> Vec<u8> + Send + Sync + 'static) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let answer = Arc::new(answer);
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let answer = answer.clone();
-            thread::spawn(move || connection(stream, &*answer));
-        }
-    });
-    addr
-}
-
-fn connection(mut s: TcpStream, answer: &dyn Fn(&str, &[u8]) -> Vec<u8>) {
-    let mut buf = Vec::new();
-    loop {
-        let (head_len, body_len) = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                break (end + 4, len);
-            }
-            let mut chunk = [0u8; 8192];
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        while buf.len() < head_len + body_len {
-            let mut chunk = [0u8; 8192];
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
-        let out = answer(&head, &buf[head_len..head_len + body_len]);
-        buf.drain(..head_len + body_len);
-        if s.write_all(&out).is_err() {
-            return;
-        }
-    }
-}
-
-/// An OTLP/HTTP receiver: every span lmstack exported.
-struct Receiver {
-    addr: SocketAddr,
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let kept = spans.clone();
-        let addr = serve(move |head, body| {
-            assert!(head.starts_with("POST /v1/traces "), "{head}");
-            assert!(
-                head.to_ascii_lowercase()
-                    .contains("content-type: application/x-protobuf"),
-                "{head}"
-            );
-            let request: ExportTraceServiceRequest = prost::Message::decode(body).unwrap();
-            for rs in request.resource_spans {
-                let resource = rs.resource.unwrap();
-                assert_eq!(
-                    string_attr(&resource.attributes, "service.name").as_deref(),
-                    Some("lmstack")
-                );
-                for ss in rs.scope_spans {
-                    kept.lock().unwrap().extend(ss.spans);
-                }
-            }
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n".to_vec()
-        });
-        Receiver { addr, spans }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The spans of `trace` (hex), once its server span came.
-    fn trace(&self, trace: &str) -> Vec<Span> {
-        let mut out = Vec::new();
-        wait_until("the request's spans to be exported", || {
-            let spans = self.spans.lock().unwrap();
-            out = spans.iter().filter(|s| hex(&s.trace_id) == trace).cloned().collect();
-            out.iter().any(|s| s.kind == SpanKind::Server as i32)
-        });
-        out
-    }
-
-    fn all(&self) -> Vec<Span> {
-        self.spans.lock().unwrap().clone()
-    }
-}
 
 /// An engine that answers every completion at once and keeps each request's head.
 struct Capture {
@@ -169,22 +59,6 @@ impl Capture {
     fn count(&self) -> usize {
         self.heads.lock().unwrap().len()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn string_attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: &str) -> Option<String> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| match &kv.value.as_ref()?.value {
-            Some(any_value::Value::StringValue(s)) => Some(s.clone()),
-            Some(any_value::Value::IntValue(n)) => Some(n.to_string()),
-            Some(any_value::Value::BoolValue(b)) => Some(b.to_string()),
-            _ => None,
-        })
 }
 
 fn attr(span: &Span, key: &str) -> Option<String> {

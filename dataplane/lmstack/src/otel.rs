@@ -190,7 +190,7 @@ impl Tracer {
         std::thread::Builder::new()
             .name("lmstack-otel".into())
             .spawn(move || exporter.run(&rx))?;
-        let ratio_bound = (config.sample_ratio < 1.0).then(|| (config.sample_ratio * u64::MAX as f64) as u64);
+        let ratio_bound = (config.sample_ratio < 1.0).then_some((config.sample_ratio * u64::MAX as f64) as u64);
         Ok(Tracer { tx, ratio_bound })
     }
 
