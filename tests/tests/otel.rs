@@ -185,12 +185,17 @@ fn unsampled_and_malformed_client_contexts_as_the_w3c_says() {
     );
     assert_eq!(engine.header(0, "traceparent"), Some(unsampled));
 
-    // Malformed (uppercase hex): ignored, a new trace starts here.
+    // Malformed (uppercase hex): ignored, a new trace starts here (without the client's
+    // tracestate, which belonged to the malformed context).
     let malformed = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01";
-    assert_eq!(
-        post(&r, "/v1/completions", &completion(), &[("traceparent", malformed)]).status,
-        200
+    let reply = post(
+        &r,
+        "/v1/completions",
+        &completion(),
+        &[("traceparent", malformed), ("tracestate", "vendor=abc")],
     );
+    assert_eq!(reply.status, 200);
+    assert_eq!(engine.header(1, "tracestate"), None);
     let sent = engine.header(1, "traceparent").unwrap();
     let fields: Vec<&str> = sent.split('-').collect();
     assert_eq!(fields.len(), 4, "{sent}");

@@ -365,11 +365,12 @@ impl RequestTrace {
         });
     }
 
-    /// An attempt begins: returns the `traceparent` its engine gets (`None`: the client's,
-    /// untouched).
-    pub fn attempt_begins(&self, attributes: impl FnOnce() -> Attributes) -> Option<String> {
+    /// An attempt begins: returns the `traceparent` its engine gets, and whether the trace
+    /// is new here (`None`: the client's, untouched).
+    pub fn attempt_begins(&self, attributes: impl FnOnce() -> Attributes) -> Option<(String, bool)> {
+        let new = self.parent == 0;
         if !self.recording {
-            return self.unrecorded_parent.clone();
+            return self.unrecorded_parent.clone().map(|tp| (tp, new));
         }
         let id = new_span_id();
         *self.attempt.borrow_mut() = Some(Attempt {
@@ -378,14 +379,12 @@ impl RequestTrace {
             attributes: attributes(),
             first_token: None,
         });
-        Some(
-            TraceParent {
-                trace_id: self.trace_id,
-                span_id: id,
-                sampled: true,
-            }
-            .header_value(),
-        )
+        let tp = TraceParent {
+            trace_id: self.trace_id,
+            span_id: id,
+            sampled: true,
+        };
+        Some((tp.header_value(), new))
     }
 
     /// A new connection to the engine was made (or failed) from `start` until now.

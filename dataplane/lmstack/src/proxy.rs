@@ -1351,8 +1351,9 @@ enum Exchange {
 
 /// What one attempt needs besides the request.
 struct Attempt {
-    /// The `traceparent` the engine gets instead of the client's (tracing on).
-    traceparent: Option<String>,
+    /// The `traceparent` the engine gets instead of the client's (tracing on), and whether
+    /// its trace is new.
+    traceparent: Option<(String, bool)>,
     /// Prompt blocks the endpoint must prefill (not held there), for its load.
     uncached_blocks: u64,
     /// Open a new connection: the last one to this endpoint failed as a reused one.
@@ -1492,7 +1493,7 @@ async fn exchange(
         req.send_id.then_some(req.request_id),
         req.client,
         req.metered,
-        attempt.traceparent.as_deref(),
+        attempt.traceparent.as_ref().map(|(tp, new)| (tp.as_str(), *new)),
     );
     let answered = crate::time::timeout(attempt.head_timeout, async {
         upstream::send(&mut conn, head, &attempt.body).await?;

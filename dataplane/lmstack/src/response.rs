@@ -37,8 +37,10 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The request head sent to an engine. `traceparent`: the router's (tracing on), which
-/// replaces the client's; `None` forwards the client's untouched.
+/// The request head sent to an engine. `trace`: the router's `traceparent` (tracing on),
+/// which replaces the client's, and whether its trace is new (the client's `tracestate`,
+/// of another trace or none, is then dropped, as W3C Trace Context says); `None` forwards
+/// the client's untouched.
 pub fn upstream_request(
     head: &RequestHead,
     authority: &str,
@@ -46,7 +48,7 @@ pub fn upstream_request(
     request_id: Option<&str>,
     client: IpAddr,
     drop_credentials: bool,
-    traceparent: Option<&str>,
+    trace: Option<(&str, bool)>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.raw_len() + 128);
     out.extend_from_slice(head.method().as_bytes());
@@ -68,12 +70,14 @@ pub fn upstream_request(
             forwarded_for = Some(value);
             continue;
         }
-        if traceparent.is_some() && name.eq_ignore_ascii_case(b"traceparent") {
+        if let Some((_, new)) = trace
+            && (name.eq_ignore_ascii_case(b"traceparent") || (new && name.eq_ignore_ascii_case(b"tracestate")))
+        {
             continue;
         }
         header(&mut out, name, value);
     }
-    if let Some(tp) = traceparent {
+    if let Some((tp, _)) = trace {
         header(&mut out, b"traceparent", tp.as_bytes());
     }
     let client = client.to_string();
@@ -281,7 +285,7 @@ X-User-Id: u\r\n\r\n",
     }
 
     #[test]
-    fn the_routers_traceparent_replaces_the_clients_and_tracestate_goes_on() {
+    fn the_routers_traceparent_replaces_the_clients_and_tracestate_goes_on_in_the_same_trace() {
         let head = request(
             b"POST /v1/completions HTTP/1.1\r\nHost: router\r\n\
 traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: k=v\r\n\r\n",
@@ -290,10 +294,14 @@ traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracesta
         let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, None)).unwrap();
         assert!(text.contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"));
         let ours = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
-        let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, Some(ours))).unwrap();
+        let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, Some((ours, false)))).unwrap();
         assert_eq!(text.matches("traceparent").count(), 1, "{text}");
         assert!(text.contains(&format!("traceparent: {ours}\r\n")));
         assert!(text.contains("tracestate: k=v\r\n"));
+        // A new trace (the client's context was malformed) leaves the client's state behind.
+        let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, Some((ours, true)))).unwrap();
+        assert!(text.contains(&format!("traceparent: {ours}\r\n")));
+        assert!(!text.contains("tracestate"), "{text}");
     }
 
     #[test]
