@@ -33,6 +33,8 @@ bad = {
                     "replicaCount": 1, "requestCPU": 1, "requestMemory": "1Gi"}]}}, "name"),
     "mode": ({"routerSpec": {"mode": "statefulset"}}, "mode"),
     "tls": ({"routerSpec": {"tls": {"secret": "router-tls"}}}, "secret"),
+    "otlp https": ({"routerSpec": {"otlpTracesEndpoint": "https://collector:4318"}}, "otlpTracesEndpoint"),
+    "sample ratio": ({"routerSpec": {"otlpSampleRatio": 2}}, "otlpSampleRatio"),
 }
 for what, (values, field) in bad.items():
     try:
@@ -223,6 +225,26 @@ for case, values in cases.items():
     for c in dashboards:
         for text in c["data"].values():
             json.loads(text)
+    # Tracing: the router exports where routerSpec says, engines where servingEngineSpec says
+    # (the traces URL, over OTLP/HTTP protobuf); without them, no tracing flag at all.
+    r_otlp = values.get("routerSpec", {}).get("otlpTracesEndpoint")
+    e_otlp = values.get("servingEngineSpec", {}).get("otlpTracesEndpoint")
+    for w in workloads:
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            args = c.get("args") or []
+            flags = [a for a in args if a.startswith("--otlp-")]
+            env = {e["name"]: e.get("value") for e in c.get("env") or []}
+            if c["name"] == "router":
+                want = [f"--otlp-traces-endpoint={r_otlp}",
+                        f"--otlp-sample-ratio={values['routerSpec'].get('otlpSampleRatio', 1)}"] if r_otlp else []
+                if flags != want:
+                    fail(case, f"router tracing flags {flags}, expected {want}")
+            elif w["metadata"].get("labels", {}).get("lmstack.io/role") == "engine":
+                want = [f"--otlp-traces-endpoint={e_otlp.rstrip('/')}/v1/traces"] if e_otlp else []
+                if flags != want:
+                    fail(case, f"engine tracing flags {flags}, expected {want}")
+                if e_otlp and env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") != "http/protobuf":
+                    fail(case, f"engine without OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf: {env}")
     # API keys: the Secret mounted as a directory (a subPath mount would never see updates).
     keys = values.get("routerSpec", {}).get("apiKeys", {}).get("secretName")
     if keys:

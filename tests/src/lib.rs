@@ -9,6 +9,7 @@
 
 pub mod bed;
 pub mod kube;
+pub mod otlp;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -34,11 +34,15 @@ fn check_prints_the_whole_configuration_and_exits() {
         text.contains("max_body_bytes: 67108864"),
         "defaults are printed too:\n{text}"
     );
+    assert!(
+        text.contains("tracing:\n  otlp_endpoint: ''\n  sample_ratio: 1.0\n"),
+        "tracing is off by default:\n{text}"
+    );
 }
 
 #[test]
 fn invalid_configuration_fails_at_start_with_a_clear_message() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--check"], "no backends"),
         (&["--check", "--static-backends", "https://a:1"], "only http://"),
         (
@@ -70,6 +74,28 @@ fn invalid_configuration_fails_at_start_with_a_clear_message() {
                 "0",
             ],
             "connect_timeout_ms",
+        ),
+        (
+            &[
+                "--check",
+                "--static-backends",
+                "http://a:1",
+                "--otlp-traces-endpoint",
+                "https://collector:4318",
+            ],
+            "tracing.otlp_endpoint",
+        ),
+        (
+            &[
+                "--check",
+                "--static-backends",
+                "http://a:1",
+                "--otlp-traces-endpoint",
+                "http://collector:4318",
+                "--otlp-sample-ratio",
+                "1.5",
+            ],
+            "tracing.sample_ratio",
         ),
     ];
     for (args, message) in cases {

@@ -35,7 +35,7 @@ const METRIC_MODULES: [(&str, &str); 3] = [
 const ALERTS: &str = "helm/lmstack/files/alerts.yaml";
 
 /// Metrics on no dashboard and in no alert, each with why.
-const NOT_SHOWN: [(&str, &str); 17] = [
+const NOT_SHOWN: [(&str, &str); 19] = [
     (
         "lmstack_upstream_connects_total",
         "connection churn per endpoint: the keep-alive pool keeps it low; a debugging figure read on /metrics",
@@ -99,6 +99,14 @@ const NOT_SHOWN: [(&str, &str); 17] = [
     (
         "lmstack_control_affinity_batches_lagged_total",
         "only when a router's stream lags; the router then learns the blocks from its own traffic",
+    ),
+    (
+        "lmstack_trace_spans_total",
+        "tracing is opt-in (tracing.otlp_endpoint) and off in the dashboards test; read on /metrics when spans go missing (dropped: the exporter's queue was full; failed: the collector)",
+    ),
+    (
+        "lmstack_trace_exports_total",
+        "as lmstack_trace_spans_total; every failed export is also logged with its cause",
     ),
     (
         "lmstack_ebpf_segments_truncated_total",

@@ -4,7 +4,8 @@
 //!
 //! It checks that lmstack discovers the models, proxies completions and chat (streaming or
 //! not) byte-compatibly, keeps sessions on one engine, and that what it measures agrees with
-//! the engines' own `/metrics`.
+//! the engines' own `/metrics`. With `--tracing`, the engines run vLLM's own OpenTelemetry
+//! tracing and an OTLP receiver here checks that vLLM's span continues lmstack's trace.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,6 +29,11 @@ pub struct RealVllmArgs {
     /// Leave the engines running afterwards.
     #[arg(long)]
     keep: bool,
+    /// Also check tracing: lmstack and the engines (`--otlp-traces-endpoint`; vLLM's venv
+    /// needs opentelemetry-sdk, -api and -exporter-otlp) export to a receiver here, and
+    /// vLLM's span of a request must continue lmstack's trace under the attempt's span.
+    #[arg(long)]
+    tracing: bool,
 }
 
 struct Engines {
@@ -56,20 +62,29 @@ pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
     }
     let bins = build_bins(false)?;
     let ports: Vec<String> = args.ports.iter().map(u16::to_string).collect();
+    let receiver = args.tracing.then(lmstack_e2e::otlp::Receiver::start);
     let mut start = Command::new(&script);
     start.arg("start").args(&ports).env("BLOCK_SIZE", "32");
+    if let Some(r) = &receiver {
+        start
+            .env("EXTRA_ARGS", format!("--otlp-traces-endpoint {}/v1/traces", r.url()))
+            .env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+            .env("OTEL_SERVICE_NAME", "vllm")
+            // Spans leave vLLM every 200 ms rather than every 5 s.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200");
+    }
     run_cmd(&mut start)?;
     let _engines = Engines {
         script: script.clone(),
         keep: args.keep,
     };
     let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
-    let router = start_router(
-        &bins,
-        0,
-        &urls,
-        &["--routing-logic", "session", "--health-check-interval-ms", "1000"],
-    );
+    let mut flags = vec!["--routing-logic", "session", "--health-check-interval-ms", "1000"];
+    let otlp = receiver.as_ref().map(lmstack_e2e::otlp::Receiver::url);
+    if let Some(url) = &otlp {
+        flags.extend(["--otlp-traces-endpoint", url]);
+    }
+    let router = start_router(&bins, 0, &urls, &flags);
     let url = router.url();
     let http = agent();
     let ready = std::time::Instant::now();
@@ -136,7 +151,10 @@ pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
 
     // The OpenAI SDK, unchanged.
     let python = root().join("target/e2e-venv/bin/python");
+    // Requests sent through lmstack so far, and by the SDK if it runs (two).
+    let mut sent = 2.0;
     if python.exists() {
+        sent += 2.0;
         let script = format!(
             "from openai import OpenAI\nc=OpenAI(base_url='{url}/v1',api_key='x')\n\
              r=c.chat.completions.create(model='{model}',messages=[{{'role':'user','content':'hi'}}],max_tokens=5,extra_body={{'ignore_eos':True}})\n\
@@ -171,6 +189,7 @@ pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
             .send_json(json!({"model": model, "prompt": prompt, "max_tokens": 2, "ignore_eos": true}))?
             .body_mut()
             .read_to_string()?;
+        sent += 1.0;
     }
     let after: Vec<f64> = urls.iter().map(|u| served(u)).collect::<anyhow::Result<_>>()?;
     let moved: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
@@ -196,8 +215,8 @@ pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
     let ok = metric_sum(&m, "lmstack_requests_total", &[("status", "200")]);
     check(
         "lmstack counted the requests",
-        ok >= 9.0,
-        format!("{ok} requests with status 200"),
+        ok >= sent,
+        format!("{ok} requests with status 200 of {sent} sent"),
     );
     let ttft = metric_sum(&m, "lmstack_stream_ttft_seconds_count", &[]);
     check(
@@ -205,6 +224,42 @@ pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
         ttft >= 1.0,
         format!("{ttft} streams timed"),
     );
+
+    // Tracing: vLLM's span of the request is a child of lmstack's attempt span.
+    if let Some(receiver) = &receiver {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        http.post(format!("{url}/v1/completions"))
+            .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+            .send_json(json!({"model": model, "prompt": "Trace me", "max_tokens": 4, "ignore_eos": true}))?
+            .body_mut()
+            .read_to_string()?;
+        let ours = receiver.trace(trace);
+        let attempt = ours
+            .iter()
+            .find(|s| s.kind == lmstack_e2e::otlp::SpanKind::Client as i32)
+            .map(|s| s.span_id.clone())
+            .unwrap_or_default();
+        let hex = lmstack_e2e::otlp::hex;
+        let mut detail = String::from("no span from vLLM in lmstack's trace");
+        let mut continued = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !continued && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            for (service, s) in receiver.spans() {
+                if service != "lmstack" && hex(&s.trace_id) == trace {
+                    continued = s.parent_span_id == attempt;
+                    detail = format!(
+                        "{service} span {:?} {} under {} (lmstack's attempt: {})",
+                        s.name,
+                        hex(&s.span_id),
+                        hex(&s.parent_span_id),
+                        hex(&attempt)
+                    );
+                }
+            }
+        }
+        check("vLLM continues lmstack's trace", continued, detail);
+    }
 
     let failed: Vec<&String> = report.iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
     if !failed.is_empty() {

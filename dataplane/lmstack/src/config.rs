@@ -37,6 +37,7 @@ pub struct Config {
     pub tenancy: TenancyConfig,
     pub admission: AdmissionConfig,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -754,6 +755,99 @@ impl Default for LogConfig {
     }
 }
 
+/// OpenTelemetry tracing: each request's spans, exported over OTLP/HTTP (protobuf) by a
+/// thread of its own. Off while `otlp_endpoint` is empty; the client's `traceparent` then
+/// reaches engines untouched.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP URL, `http://host:4318` (`/v1/traces` is added when the
+    /// URL has no path) or the full traces URL; empty: tracing off.
+    pub otlp_endpoint: String,
+    /// The share of new traces recorded, 0 to 1 (by trace id, as OpenTelemetry's
+    /// `TraceIdRatioBased`); a client's `traceparent` decides for its own trace (its
+    /// sampled flag).
+    pub sample_ratio: f64,
+    /// `service.name` of the spans' resource.
+    pub service_name: String,
+    /// Requests whose spans may wait for the exporter thread; past that, a finished
+    /// request's spans are dropped (and counted) rather than wait.
+    pub queue_traces: usize,
+    /// Spans per export request at most.
+    pub max_export_batch_spans: usize,
+    /// Longest a finished span waits before it is exported.
+    pub export_interval_ms: u64,
+    /// Time allowed for one export request.
+    pub export_timeout_ms: u64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
+            service_name: "lmstack".into(),
+            queue_traces: 4_096,
+            max_export_batch_spans: 512,
+            export_interval_ms: 1_000,
+            export_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl TracingConfig {
+    pub fn enabled(&self) -> bool {
+        !self.otlp_endpoint.is_empty()
+    }
+
+    /// The URL spans are posted to: the endpoint, with `/v1/traces` when it has no path.
+    pub fn traces_url(&self) -> String {
+        let url = self.otlp_endpoint.trim_end_matches('/');
+        let after_scheme = url.strip_prefix("http://").unwrap_or(url);
+        if after_scheme.contains('/') {
+            url.to_owned()
+        } else {
+            format!("{url}/v1/traces")
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let host = self
+            .otlp_endpoint
+            .strip_prefix("http://")
+            .map(|r| r.split('/').next().unwrap_or(""));
+        match host {
+            Some(h) if !h.is_empty() => {}
+            _ => {
+                return Err(invalid(format!(
+                    "tracing.otlp_endpoint: expected http://host:port[/path] (OTLP over HTTP, plain; a collector beside the router), not {:?}",
+                    self.otlp_endpoint
+                )));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(invalid(format!(
+                "tracing.sample_ratio must be between 0 and 1, not {}",
+                self.sample_ratio
+            )));
+        }
+        for (name, v) in [
+            ("tracing.queue_traces", self.queue_traces as u64),
+            ("tracing.max_export_batch_spans", self.max_export_batch_spans as u64),
+            ("tracing.export_interval_ms", self.export_interval_ms),
+            ("tracing.export_timeout_ms", self.export_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("{name} must be positive")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Command-line flags. Every flag overrides the value of the same meaning in the file.
 #[derive(Debug, Default, Parser)]
 #[command(
@@ -882,6 +976,15 @@ pub struct Cli {
     /// exact KV routing (`kv_events.tokenizers`; repeat for more models).
     #[arg(long, value_parser = parse_model_dir)]
     pub tokenizer: Vec<(String, PathBuf)>,
+    /// Export OpenTelemetry traces to this OTLP/HTTP collector, `http://host:4318` (as
+    /// vLLM's flag of the same name); engines get a `traceparent` continuing lmstack's
+    /// spans (`tracing.otlp_endpoint`).
+    #[arg(long)]
+    pub otlp_traces_endpoint: Option<String>,
+    /// The share of new traces recorded, 0 to 1; a client's `traceparent` decides for its
+    /// own (`tracing.sample_ratio`).
+    #[arg(long)]
+    pub otlp_sample_ratio: Option<f64>,
 }
 
 fn parse_model_dir(s: &str) -> Result<(String, PathBuf), String> {
@@ -1048,10 +1151,17 @@ impl Config {
         if let Some(v) = cli.health_check_interval_ms {
             self.discovery.health.interval_ms = v;
         }
+        if let Some(url) = &cli.otlp_traces_endpoint {
+            self.tracing.otlp_endpoint = url.clone();
+        }
+        if let Some(v) = cli.otlp_sample_ratio {
+            self.tracing.sample_ratio = v;
+        }
         Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.tracing.validate()?;
         let positive = [
             ("server.max_header_bytes", self.server.max_header_bytes as u64),
             ("server.max_headers", self.server.max_headers as u64),

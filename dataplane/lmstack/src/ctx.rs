@@ -17,6 +17,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::config::{Config, ms};
 use crate::kv::Kv;
 use crate::metrics::{self, LocalMetrics};
+use crate::otel::Tracer;
 use crate::queue::{Drain, WaitQueue};
 use crate::state::{LocalRouting, SnapshotCell, StateRef};
 use crate::tenancy::TenantsCell;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub kv: Option<Arc<Kv>>,
     /// The API keys in force (`tenancy.keys_file`); `None`: no keys needed.
     pub tenants: Option<TenantsCell>,
+    /// OpenTelemetry tracing (`tracing.otlp_endpoint`); `None`: off.
+    pub tracer: Option<Tracer>,
 }
 
 /// Limits and timeouts, converted once from the configuration.

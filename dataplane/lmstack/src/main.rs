@@ -16,6 +16,7 @@ mod downstream;
 mod error;
 mod kv;
 mod metrics;
+mod otel;
 mod outlier;
 mod proxy;
 mod queue;
@@ -157,8 +158,21 @@ fn run(config: Config, tls: Option<(tls::Acceptor, tls::Reload)>) -> anyhow::Res
         .context("starting the keys file reloader")?;
     }
     let tenants = tenants.map(|(cell, _)| cell);
+    let replica = format!("{:x}-{:x}", std::process::id(), ctx::now_nanos());
+    let tracer = if config.tracing.enabled() {
+        let t = otel::Tracer::start(&config.tracing, &replica).context("starting the trace exporter")?;
+        tracing::info!(
+            url = config.tracing.traces_url(),
+            ratio = config.tracing.sample_ratio,
+            "exporting traces"
+        );
+        Some(t)
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         tenants,
+        tracer,
         kv: kv.clone(),
         cell: Arc::new(SnapshotCell::new(config.routing.clone())),
         config,
@@ -166,7 +180,7 @@ fn run(config: Config, tls: Option<(tls::Acceptor, tls::Reload)>) -> anyhow::Res
         draining: AtomicBool::new(false),
         control: Default::default(),
         affinity_out,
-        replica: format!("{:x}-{:x}", std::process::id(), ctx::now_nanos()),
+        replica,
     });
     if let Some(rx) = affinity_in {
         control::spawn_reporter(shared.clone(), rx).context("starting the affinity reporter")?;
@@ -252,6 +266,9 @@ fn run(config: Config, tls: Option<(tls::Acceptor, tls::Reload)>) -> anyhow::Res
             grace_ms = grace.as_millis() as u64,
             "connections still open after the grace period"
         );
+    }
+    if let Some(tracer) = &shared.tracer {
+        tracer.flush(Duration::from_millis(shared.config.tracing.export_timeout_ms));
     }
     tracing::info!("bye");
     Ok(())

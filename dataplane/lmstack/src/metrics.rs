@@ -121,6 +121,8 @@ pub const BUILD_INFO: &str = "lmstack_build_info";
 pub const WORKERS: &str = "lmstack_workers";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "lmstack_tls_handshake_failures_total";
 pub const TLS_CERTIFICATE_RELOADS_TOTAL: &str = "lmstack_tls_certificate_reloads_total";
+pub const TRACE_SPANS_TOTAL: &str = "lmstack_trace_spans_total";
+pub const TRACE_EXPORTS_TOTAL: &str = "lmstack_trace_exports_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -328,6 +330,14 @@ fn describe() {
     describe_counter!(
         TLS_CERTIFICATE_RELOADS_TOTAL,
         "Changed certificate and key files read again, by outcome: loaded (new connections use them), rejected (unreadable, invalid or mismatched: the current ones stay)."
+    );
+    describe_counter!(
+        TRACE_SPANS_TOTAL,
+        "OpenTelemetry spans of recorded requests, by status: exported (the collector took them), dropped (the exporter's queue was full), failed (their export failed)."
+    );
+    describe_counter!(
+        TRACE_EXPORTS_TOTAL,
+        "OTLP export requests to the collector, by status: ok, failed (refused, timed out, or answered other than 2xx)."
     );
 }
 

@@ -44,6 +44,7 @@ use crate::ctx::{Scratch, WorkerCtx};
 use crate::downstream::{Downstream, WriteHalf};
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::metrics::{ModelMetrics, PairMetrics};
+use crate::otel::{self, RequestTrace};
 use crate::queue::{Rank, Ticket};
 use crate::relay::{self, EventFraming, EventRelay, FirstByte, OutFraming, RelayError, StreamClock};
 use crate::response::{self, BodyOut, REQUEST_ID};
@@ -154,6 +155,8 @@ struct Forward<'a> {
     pinned: Option<usize>,
     /// Learn the id of the stored response the answer names (`POST /v1/responses`).
     learn: bool,
+    /// Its trace (tracing on).
+    trace: Option<&'a RequestTrace>,
 }
 
 pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -> After {
@@ -384,6 +387,15 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
         _ => None,
     };
+    // The request's trace (tracing on): the client's context (`traceparent`) or a new one.
+    let trace = ctx
+        .shared
+        .tracer
+        .as_ref()
+        .map(|t| RequestTrace::start(t, &head, started));
+    if let Some(t) = &trace {
+        t.annotate(|| server_attributes(&head, model, &request_id, down.peer.ip(), peek.stream));
+    }
     let request = Forward {
         head: &head,
         body,
@@ -406,6 +418,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         started,
         pinned,
         learn: head.path() == "/v1/responses" && responses.enabled,
+        trace: trace.as_ref(),
     };
     let table = ctx.metrics.table(&*state);
     let mm = &table.models[pool.index];
@@ -428,6 +441,9 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             _ => None,
         };
         grant.settle(settled_usage(usage, request.reached.get()));
+    }
+    if let (Some(trace), Some(tracer)) = (trace, &ctx.shared.tracer) {
+        finish_trace(trace, tracer, &head, outcome.as_ref());
     }
     finish(ctx, down, (&head, &request_id), mm, outcome, started).await
 }
@@ -531,6 +547,7 @@ async fn serve_stored(
         started,
         pinned: Some(index),
         learn: false,
+        trace: None,
     };
     let table = ctx.metrics.table(&*state);
     let mm = &table.models[pool.index];
@@ -554,6 +571,63 @@ fn engine_authorization<'h>(ctx: &WorkerCtx, head: &'h RequestHead) -> Option<&'
         .is_none()
         .then(|| head.headers.get_str("authorization"))
         .flatten()
+}
+
+/// The server span's attributes (OpenTelemetry's HTTP and GenAI conventions).
+fn server_attributes(
+    head: &RequestHead,
+    model: &str,
+    request_id: &str,
+    client: IpAddr,
+    stream: bool,
+) -> Vec<(&'static str, otel::Value)> {
+    let mut a: Vec<(&'static str, otel::Value)> = vec![
+        ("http.request.method", head.method().to_owned().into()),
+        ("http.route", head.path().to_owned().into()),
+        ("url.path", head.path().to_owned().into()),
+        (
+            "network.protocol.version",
+            (if head.version == Version::Http10 { "1.0" } else { "1.1" }).into(),
+        ),
+        ("client.address", client.to_string().into()),
+        ("gen_ai.request.model", model.to_owned().into()),
+        ("lmstack.request_id", request_id.to_owned().into()),
+        ("lmstack.stream", stream.into()),
+    ];
+    let operation = match head.path() {
+        "/v1/chat/completions" => Some("chat"),
+        "/v1/completions" => Some("text_completion"),
+        "/v1/embeddings" => Some("embeddings"),
+        _ => None,
+    };
+    if let Some(op) = operation {
+        a.push(("gen_ai.operation.name", op.into()));
+    }
+    a
+}
+
+/// Ends a request's trace with its outcome (its server span) and hands its spans to the
+/// exporter thread.
+fn finish_trace(trace: RequestTrace, tracer: &otel::Tracer, head: &RequestHead, outcome: Option<&Outcome>) {
+    let (status, error) = match outcome {
+        None => (CLIENT_CLOSED, Some("client_closed")),
+        Some(Outcome::Done { status, usage, .. }) => {
+            if let Some(u) = usage {
+                trace.annotate(|| {
+                    vec![
+                        ("gen_ai.usage.input_tokens", (u.prompt_tokens as i64).into()),
+                        ("gen_ai.usage.output_tokens", (u.completion_tokens as i64).into()),
+                    ]
+                });
+            }
+            (*status, None)
+        }
+        Some(Outcome::Aborted { status, .. }) if *status == CLIENT_CLOSED => (*status, Some("client_closed")),
+        Some(Outcome::Aborted { status, .. }) => (*status, Some("response_cut")),
+        Some(Outcome::Failed { error, .. }) => (error.kind.status(), Some(error.kind.label())),
+    };
+    let name = format!("{} {}", head.method(), head.path());
+    trace.finish(tracer, name, status, error);
 }
 
 /// Whether a request for `model` must be held, and how long at most: its pool has no
@@ -840,9 +914,17 @@ async fn forward(
             return end_stream(ctx, mm, req, wr, streaming, pm, &error, "exhausted").await;
         }
         // A retry or a continuation has waited its turn once: it goes when it can.
+        let route_start = req.trace.and_then(RequestTrace::route_begins);
         let pick = match pick(ctx, state, pool, mm, req, &excluded, attempt > 0).await {
             Ok(pick) => pick,
             Err(error) => {
+                if let Some(t) = req.trace {
+                    t.route_ends(
+                        route_start,
+                        || vec![("lmstack.route.policy", pool.policy.name().as_str().into())],
+                        Some(error.kind.label()),
+                    );
+                }
                 let pm = last_failure
                     .as_ref()
                     .map_or_else(|| mm.unrouted.clone(), |(_, pm)| pm.clone());
@@ -858,6 +940,13 @@ async fn forward(
         };
         let index = pool.endpoints[pick.index];
         let endpoint = &state.endpoints[index];
+        if let Some(t) = req.trace {
+            t.route_ends(
+                route_start,
+                || route_attributes(pool, pick, req.prefix, &endpoint.url),
+                None,
+            );
+        }
         mm.decision(pool.policy.name().as_str(), pick.reason.as_str());
         let pm = mm.pairs[pick.index].clone();
         if attempt > 0 && streaming.is_none() {
@@ -888,7 +977,29 @@ async fn forward(
             (None, true) => ctx.limits.stream_head_timeout.min(ctx.limits.first_byte_timeout),
             (None, false) => ctx.limits.first_byte_timeout,
         };
+        let traceparent = req.trace.and_then(|t| {
+            t.attempt_begins(|| {
+                let kind = match (streaming.is_some(), attempt) {
+                    (true, _) => "continuation",
+                    (false, 1) => "first",
+                    (false, _) => "retry",
+                };
+                let mut a: Vec<(&'static str, otel::Value)> = vec![
+                    ("http.request.method", req.head.method().to_owned().into()),
+                    ("server.address", endpoint.authority.to_string().into()),
+                    ("url.full", format!("{}{}", endpoint.url, req.head.target()).into()),
+                    ("lmstack.endpoint", endpoint.url.to_string().into()),
+                    ("lmstack.attempt", i64::from(attempt).into()),
+                    ("lmstack.attempt.kind", kind.into()),
+                ];
+                if attempt > 1 {
+                    a.push(("http.request.resend_count", i64::from(attempt - 1).into()));
+                }
+                a
+            })
+        });
         let try_at = Attempt {
+            traceparent,
             uncached_blocks: uncached,
             fresh: reconnect.take() == Some(index),
             route: (ctx.shared.config.routing.explain_header && streaming.is_none())
@@ -898,6 +1009,15 @@ async fn forward(
             last_try: attempt > ctx.limits.max_retries,
         };
         let result = exchange(ctx, endpoint, req, wr, &pm, &try_at, &mut streaming).await;
+        if let Some(t) = req.trace {
+            let (outcome, status, error) = match &result {
+                Exchange::Done { status, .. } => ("done", Some(*status), None),
+                Exchange::Aborted { status, error: None } => ("client_closed", Some(*status), None),
+                Exchange::Aborted { status, error: Some(e) } => ("cut", Some(*status), Some(e.kind.label())),
+                Exchange::Failed { error } => ("failed", None, Some(error.kind.label())),
+            };
+            t.attempt_ends(outcome, status, error);
+        }
         passive_health(ctx, state, pool, index, &result);
         match result {
             Exchange::Done {
@@ -1259,6 +1379,7 @@ async fn pick(
             {
                 if let Some(q) = &queued {
                     q.ticket.served();
+                    q.served.set(true);
                 }
                 return Ok(pick);
             }
@@ -1305,17 +1426,21 @@ async fn pick(
     }
 }
 
-/// A request's place in the router's queue, counted in the queued gauge.
+/// A request's place in the router's queue, counted in the queued gauge (and a span of
+/// its trace).
 struct Queued<'a> {
     ticket: Ticket<'a>,
     gauge: metrics::Gauge,
+    entered: Instant,
     deadline: Instant,
+    trace: Option<&'a RequestTrace>,
+    served: std::cell::Cell<bool>,
 }
 
 impl<'a> Queued<'a> {
     /// `again`: a retry, which takes no turn (it goes when it can), so it stands last and
     /// keeps no one else from theirs.
-    fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge, group: usize, req: &Forward<'_>, again: bool) -> Self {
+    fn enter(ctx: &'a WorkerCtx, gauge: &metrics::Gauge, group: usize, req: &Forward<'a>, again: bool) -> Self {
         let gauge = gauge.clone();
         gauge.increment(1.0);
         // The tenant's class and fair-queuing tag (without keys: the clock, first come).
@@ -1325,10 +1450,14 @@ impl<'a> Queued<'a> {
             Some(t) => (t.priority as u8, t.tag(clock, req.cost)),
             None => (Priority::Normal as u8, clock),
         };
+        let entered = Instant::now();
         Self {
             ticket: ctx.waiters.enter(Rank { group, class, tag }),
             gauge,
-            deadline: Instant::now() + ctx.limits.queue_timeout,
+            entered,
+            deadline: entered + ctx.limits.queue_timeout,
+            trace: req.trace,
+            served: std::cell::Cell::new(false),
         }
     }
 }
@@ -1336,6 +1465,9 @@ impl<'a> Queued<'a> {
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
+        if let Some(t) = self.trace {
+            t.queued(self.entered, if self.served.get() { "served" } else { "left" });
+        }
     }
 }
 
@@ -1401,6 +1533,9 @@ enum Exchange {
 
 /// What one attempt needs besides the request.
 struct Attempt {
+    /// The `traceparent` the engine gets instead of the client's (tracing on), and whether
+    /// its trace is new.
+    traceparent: Option<(String, bool)>,
     /// Prompt blocks the endpoint must prefill (not held there), for its load.
     uncached_blocks: u64,
     /// Open a new connection: the last one to this endpoint failed as a reused one.
@@ -1471,6 +1606,28 @@ fn explain(pool: &ModelPool, pick: Pick, prefix: Option<&PrefixPlan<'_>>, endpoi
     out
 }
 
+/// The routing decision's span attributes: the policy, its reason, the prompt blocks the
+/// chosen endpoint held, the endpoint.
+fn route_attributes(
+    pool: &ModelPool,
+    pick: Pick,
+    prefix: Option<&PrefixPlan<'_>>,
+    endpoint: &str,
+) -> Vec<(&'static str, otel::Value)> {
+    let mut a: Vec<(&'static str, otel::Value)> = vec![
+        ("lmstack.route.policy", pool.policy.name().as_str().into()),
+        ("lmstack.route.reason", pick.reason.as_str().into()),
+        ("lmstack.route.endpoint", endpoint.to_owned().into()),
+    ];
+    if let Some(plan) = prefix {
+        let matched = plan.matched().get(pick.index).copied().unwrap_or(0);
+        a.push(("lmstack.route.matched_blocks", i64::from(matched).into()));
+        a.push(("lmstack.route.prompt_blocks", (plan.blocks().len() as i64).into()));
+        a.push(("lmstack.route.shared_blocks", i64::from(plan.shared).into()));
+    }
+    a
+}
+
 /// One attempt against one endpoint, on a pooled connection unless `attempt.fresh`. An
 /// event stream's first attempt starts `streaming`; later ones continue it.
 async fn exchange(
@@ -1491,13 +1648,24 @@ async fn exchange(
     };
     let mut conn = match pooled {
         Some(conn) => conn,
-        None => match upstream::connect(endpoint.addr, lim.connect_timeout).await {
-            Ok(conn) => {
-                pm.connect();
-                conn
+        None => {
+            let t0 = req.trace.and_then(RequestTrace::now);
+            match upstream::connect(endpoint.addr, lim.connect_timeout).await {
+                Ok(conn) => {
+                    pm.connect();
+                    if let Some(t) = req.trace {
+                        t.connected(t0, &endpoint.authority, None);
+                    }
+                    conn
+                }
+                Err(error) => {
+                    if let Some(t) = req.trace {
+                        t.connected(t0, &endpoint.authority, Some(error.kind.label()));
+                    }
+                    return Exchange::Failed { error };
+                }
             }
-            Err(error) => return Exchange::Failed { error },
-        },
+        }
     };
     let reused = conn.reused;
     let head = response::upstream_request(
@@ -1507,6 +1675,7 @@ async fn exchange(
         req.send_id.then_some(req.request_id),
         req.client,
         req.metered,
+        attempt.traceparent.as_ref().map(|(tp, new)| (tp.as_str(), *new)),
     );
     let answered = crate::time::timeout(attempt.head_timeout, async {
         upstream::send(&mut conn, head, &attempt.body).await?;
@@ -1562,6 +1731,11 @@ async fn exchange(
         return exchange_events(ctx, endpoint, req, wr, pm, attempt, conn, &up, &first_byte, streaming).await;
     }
     first_byte.mark();
+    if let Some(t) = req.trace
+        && let Some(now) = t.now()
+    {
+        t.first_token(now);
+    }
 
     // The response head: from here on, failures can only cut the response short.
     let dechunk = up.framing == Framing::Chunked && req.head.version == Version::Http10;
@@ -1707,6 +1881,9 @@ async fn exchange_events(
     let relayed = relay::relay_events(&mut conn, wr, up.framing, &mut relay_state).await;
     let head_unsent = relay_state.head.is_some();
     s.last_event = clock.last_event().or(s.last_event);
+    if let (Some(t), Some(first)) = (req.trace, clock.first_event()) {
+        t.first_token(first);
+    }
     if head_unsent {
         // Nothing reached the client: as if the stream had not begun.
         *streaming = None;

@@ -38,6 +38,8 @@ pub enum OutFraming {
 pub struct StreamClock<'a> {
     start: Instant,
     last: Option<Instant>,
+    /// This clock's first event (a continuation's included), for the request's trace.
+    first: Option<Instant>,
     metrics: &'a PairMetrics,
     first_byte: &'a FirstByte<'a>,
 }
@@ -47,6 +49,7 @@ impl<'a> StreamClock<'a> {
         Self {
             start,
             last: None,
+            first: None,
             metrics,
             first_byte,
         }
@@ -58,6 +61,7 @@ impl<'a> StreamClock<'a> {
         Self {
             start: last,
             last: Some(last),
+            first: None,
             metrics,
             first_byte,
         }
@@ -68,12 +72,18 @@ impl<'a> StreamClock<'a> {
         self.last
     }
 
+    /// When this clock saw its first event.
+    pub fn first_event(&self) -> Option<Instant> {
+        self.first
+    }
+
     fn on_events(&mut self, n: u32, now: Instant) {
         if n == 0 {
             return;
         }
         self.metrics.events(u64::from(n));
         self.first_byte.mark();
+        self.first.get_or_insert(now);
         match self.last {
             None => self.metrics.ttft(now.duration_since(self.start).as_secs_f64()),
             Some(last) => self.metrics.tbt(now.duration_since(last).as_secs_f64()),

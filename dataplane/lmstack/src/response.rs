@@ -37,7 +37,10 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The request head sent to an engine.
+/// The request head sent to an engine. `trace`: the router's `traceparent` (tracing on),
+/// which replaces the client's, and whether its trace is new (the client's `tracestate`,
+/// of another trace or none, is then dropped, as W3C Trace Context says); `None` forwards
+/// the client's untouched.
 pub fn upstream_request(
     head: &RequestHead,
     authority: &str,
@@ -45,6 +48,7 @@ pub fn upstream_request(
     request_id: Option<&str>,
     client: IpAddr,
     drop_credentials: bool,
+    trace: Option<(&str, bool)>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.raw_len() + 128);
     out.extend_from_slice(head.method().as_bytes());
@@ -66,7 +70,15 @@ pub fn upstream_request(
             forwarded_for = Some(value);
             continue;
         }
+        if let Some((_, new)) = trace
+            && (name.eq_ignore_ascii_case(b"traceparent") || (new && name.eq_ignore_ascii_case(b"tracestate")))
+        {
+            continue;
+        }
         header(&mut out, name, value);
+    }
+    if let Some((tp, _)) = trace {
+        header(&mut out, b"traceparent", tp.as_bytes());
     }
     let client = client.to_string();
     match forwarded_for {
@@ -245,7 +257,15 @@ mod tests {
 X-Secret: 1\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer k\r\nX-Forwarded-For: 1.2.3.4\r\n\
 X-User-Id: u\r\n\r\n",
         );
-        let out = upstream_request(&head, "engine:8000", 5, Some("rid"), "10.0.0.9".parse().unwrap(), false);
+        let out = upstream_request(
+            &head,
+            "engine:8000",
+            5,
+            Some("rid"),
+            "10.0.0.9".parse().unwrap(),
+            false,
+            None,
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/completions HTTP/1.1\r\nhost: engine:8000\r\n"));
         assert!(text.contains("Authorization: Bearer k\r\n"));
@@ -258,10 +278,30 @@ X-User-Id: u\r\n\r\n",
         assert!(!text.contains("Connection"));
         assert!(text.ends_with("\r\n\r\n"));
         // With API keys on, the client's key stays with the router.
-        let out = upstream_request(&head, "engine:8000", 5, None, "10.0.0.9".parse().unwrap(), true);
+        let out = upstream_request(&head, "engine:8000", 5, None, "10.0.0.9".parse().unwrap(), true, None);
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("Authorization"), "{text}");
         assert!(text.contains("X-User-Id: u\r\n"));
+    }
+
+    #[test]
+    fn the_routers_traceparent_replaces_the_clients_and_tracestate_goes_on_in_the_same_trace() {
+        let head = request(
+            b"POST /v1/completions HTTP/1.1\r\nHost: router\r\n\
+traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: k=v\r\n\r\n",
+        );
+        let ip = "10.0.0.9".parse().unwrap();
+        let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, None)).unwrap();
+        assert!(text.contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"));
+        let ours = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
+        let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, Some((ours, false)))).unwrap();
+        assert_eq!(text.matches("traceparent").count(), 1, "{text}");
+        assert!(text.contains(&format!("traceparent: {ours}\r\n")));
+        assert!(text.contains("tracestate: k=v\r\n"));
+        // A new trace (the client's context was malformed) leaves the client's state behind.
+        let text = String::from_utf8(upstream_request(&head, "e:1", 0, None, ip, false, Some((ours, true)))).unwrap();
+        assert!(text.contains(&format!("traceparent: {ours}\r\n")));
+        assert!(!text.contains("tracestate"), "{text}");
     }
 
     #[test]

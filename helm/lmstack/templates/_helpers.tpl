@@ -158,3 +158,10 @@ prometheus.io/scheme: https
 {{- end -}}
 {{- join "," $urls -}}
 {{- end -}}
+
+{{/* An OTLP/HTTP traces URL: the endpoint, with /v1/traces when it names no path (as lmstack
+reads tracing.otlp_endpoint; vLLM's HTTP exporter takes the URL as given). */}}
+{{- define "lmstack.otlpTracesUrl" -}}
+{{- $u := trimSuffix "/" . -}}
+{{- if regexMatch "^https?://[^/]+$" $u -}}{{ $u }}/v1/traces{{- else -}}{{ $u }}{{- end -}}
+{{- end }}
