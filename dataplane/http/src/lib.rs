@@ -1,12 +1,13 @@
 //! HTTP/1.1 codec pieces for the lmstack data plane: message heads, chunked framing, the
-//! OpenAI request peek, SSE event counting, and OpenAI streams event by event (for resuming
-//! a cut stream on another engine).
+//! OpenAI request peek, SSE event counting, OpenAI streams event by event (for resuming
+//! a cut stream on another engine), and Anthropic Messages requests as vLLM renders them.
 //!
 //! Everything here is synchronous and does no IO, so it can be unit-tested, fuzzed and
 //! benchmarked without a runtime; the proxy binary drives it from its sockets.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod anthropic;
 pub mod chunked;
 pub mod head;
 pub mod peek;
