@@ -230,7 +230,9 @@ fn content(raw: &RawValue) -> Result<Content<'_>, ConvertError> {
     match raw.get().as_bytes().first() {
         Some(b'"') => Ok(Content::Text(serde_json::from_str(raw.get()).map_err(invalid)?)),
         Some(b'[') => Ok(Content::Blocks(serde_json::from_str(raw.get()).map_err(invalid)?)),
-        _ => Err(ConvertError::Invalid("content is neither text nor a list of blocks".into())),
+        _ => Err(ConvertError::Invalid(
+            "content is neither text nor a list of blocks".into(),
+        )),
     }
 }
 
@@ -514,7 +516,17 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, ConvertError> {
     if let Some(what) = chat.inexact {
         return Err(ConvertError::Inexact(what));
     }
-    let mut out = Vec::with_capacity(body.len() + 64);
+    Ok(write_chat(&chat, body.len()))
+}
+
+/// [`to_chat`], with what is not reproduced exactly converted as near as it can be (for an
+/// engine simulator, which needs a prompt rather than vLLM's exact one).
+pub fn to_chat_approx(body: &[u8]) -> Result<Vec<u8>, ConvertError> {
+    Ok(write_chat(&convert(body)?, body.len()))
+}
+
+fn write_chat(chat: &Chat<'_>, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size + 64);
     out.push(b'{');
     if let Some(model) = chat.model {
         out.extend_from_slice(b"\"model\":");
@@ -571,7 +583,7 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, ConvertError> {
         out.extend_from_slice(salt.get().as_bytes());
     }
     out.push(b'}');
-    Ok(out)
+    out
 }
 
 fn string(out: &mut Vec<u8>, s: &str) {
@@ -806,7 +818,9 @@ mod tests {
         // The schema's own key order is kept, `type` added last.
         let text = String::from_utf8(to_chat(CLAUDE_LIKE.as_bytes()).unwrap()).unwrap();
         assert!(
-            text.contains(r#""parameters":{"properties":{"b":{"type":"string"},"a":{"type":"integer"}},"type":"object"}"#),
+            text.contains(
+                r#""parameters":{"properties":{"b":{"type":"string"},"a":{"type":"integer"}},"type":"object"}"#
+            ),
             "{text}"
         );
     }
@@ -824,6 +838,11 @@ mod tests {
         );
         let inexact = br#"{"model":"m","messages":[{"role":"assistant","content":[{"type":"tool_result","content":[{"type":"text","text":"a"}]}]}]}"#;
         assert!(matches!(to_chat(inexact), Err(ConvertError::Inexact(_))));
+        let approx = value(&to_chat_approx(inexact).unwrap());
+        assert_eq!(
+            approx["messages"][0]["content"],
+            r#"Tool result: [{"type":"text","text":"a"}]"#
+        );
         assert!(matches!(to_chat(br#"{"model":"m"}"#), Err(ConvertError::Invalid(_))));
     }
 

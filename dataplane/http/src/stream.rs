@@ -967,7 +967,10 @@ mod tests {
                 r#"{"type":"message","content":[{"type":"text","text":"usage"}],"stop_reason":"max_tokens","usage":{"input_tokens":3,"output_tokens":5,"cache_read_input_tokens":16}}"#,
                 (19, 5),
             ),
-            (r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":5}}"#, (3, 5)),
+            (
+                r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":5}}"#,
+                (3, 5),
+            ),
             // Responses: `input_tokens` includes the cached ones.
             (
                 r#"{"object":"response","usage":{"input_tokens":9,"output_tokens":2,"total_tokens":11,"input_tokens_details":{"cached_tokens":8}}}"#,

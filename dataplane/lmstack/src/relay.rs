@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use lmstack_http::anthropic::StreamUsage;
 use lmstack_http::stream::{BodyTail, EventSplitter, Ledger, Verdict, event_data};
 use lmstack_http::{ChunkedDecoder, Framing, SseCounter};
 
@@ -347,6 +348,8 @@ pub struct EventRelay<'l, 'c> {
     pub framing: EventFraming,
     /// The OpenAI stream's ledger, when the stream may be resumed.
     pub ledger: Option<&'l mut Ledger>,
+    /// A metered Anthropic Messages stream's usage, read from its events.
+    pub usage: Option<&'l mut StreamUsage>,
     pub clock: &'l mut StreamClock<'c>,
     /// Silence allowed before the first data event (the engine may queue and prefill).
     pub first_event_timeout: Duration,
@@ -421,6 +424,9 @@ pub async fn relay_events(
             while let Some(event) = splitter.next_event() {
                 if event_data(&event).is_some_and(|d| d.as_ref() != b"[DONE]") {
                     events += 1;
+                }
+                if let Some(u) = r.usage.as_deref_mut() {
+                    u.observe(&event);
                 }
                 match r.ledger.as_deref_mut().map(|l| l.observe(&event)) {
                     None | Some(Verdict::Forward) => out.extend_from_slice(&event),
