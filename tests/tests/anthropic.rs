@@ -1,7 +1,8 @@
 //! Anthropic's Messages API through the router: the official `anthropic` Python SDK,
 //! unchanged, against simulated engines (messages, streams, token counts, errors, API keys
 //! and the budgets they settle), Anthropic-shaped errors before and after a stream's head,
-//! and a multi-turn agent conversation kept on one engine by the prefix policy alone.
+//! and a multi-turn agent conversation kept on one engine by the prefix policy alone, on the
+//! table's blocks or, with the model's tokenizer and engines' KV events, on the engines' own.
 
 #![allow(clippy::unwrap_used, reason = "tests assert by unwrapping")]
 
@@ -179,7 +180,7 @@ fn a_cut_messages_stream_ends_with_an_anthropic_error_event() {
 
 /// A coding agent's turn: Claude Code's shape (a billing header that changes every request,
 /// `cache_control` on the newest block, thinking with signatures, tool calls and results).
-fn agent_turn(user: usize, turns: usize, request: usize) -> Value {
+fn agent_turn(model: &str, user: usize, turns: usize, request: usize) -> Value {
     let mut messages = vec![json!({"role": "user", "content": [{"type": "text",
         "text": format!("I am user {user}. {}", "Please refactor this module carefully. ".repeat(10 + user))}]})];
     for t in 0..turns {
@@ -199,7 +200,7 @@ fn agent_turn(user: usize, turns: usize, request: usize) -> Value {
         last["cache_control"] = json!({"type": "ephemeral"});
     }
     json!({
-        "model": MODEL, "max_tokens": 4,
+        "model": model, "max_tokens": 4,
         "system": [{"type": "text", "text": format!("x-anthropic-billing-header: cc_version=2.0; cch={request:05x};")},
                    {"type": "text", "text": "You are Claude Code. Use the tools to help the user with software tasks.",
                     "cache_control": {"type": "ephemeral"}}],
@@ -231,7 +232,13 @@ fn a_multi_turn_agent_conversation_stays_on_its_engine_under_prefix() {
     for turns in 0..4 {
         for user in 0..9 {
             request += 1;
-            let reply = post_with(&agent, &r, "/v1/messages", &agent_turn(user, turns, request), &[]);
+            let reply = post_with(
+                &agent,
+                &r,
+                "/v1/messages",
+                &agent_turn(MODEL, user, turns, request),
+                &[],
+            );
             assert_eq!(reply.status, 200, "{}", reply.body);
             let engine = reply.header("x-sim-engine").unwrap().to_owned();
             let route = reply.header("x-lmstack-route").unwrap().to_owned();
@@ -275,4 +282,85 @@ fn a_multi_turn_agent_conversation_stays_on_its_engine_under_prefix() {
         .map(|x| metric(&metrics_text(x), "vllm:prefix_cache_queries_total", &[]).unwrap_or(0.0))
         .sum();
     assert!(hits > 0.5 * queries, "hits {hits} of {queries}");
+}
+
+/// The explanation's `key=value` for `key`.
+fn explained<'a>(reply: &'a Reply, key: &str) -> &'a str {
+    let route = reply.header("x-lmstack-route").unwrap();
+    route
+        .split("; ")
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {route}"))
+}
+
+#[test]
+fn a_messages_conversation_is_routed_exactly_on_the_blocks_engines_report() {
+    const TINY: &str = "tiny-llama";
+    let engine = |name: &str| {
+        let port = free_port().to_string();
+        let dir = tiny_tokenizer_dir();
+        let flags = [
+            "--model",
+            TINY,
+            "--block-size",
+            "16",
+            "--tokenizer",
+            &dir,
+            "--kv-events-port",
+            &port,
+        ];
+        sim(name, &flags)
+    };
+    let (a, b) = (engine("anthropic-kv-a"), engine("anthropic-kv-b"));
+    let tokenizer = format!("{TINY}={}", tiny_tokenizer_dir());
+    let r = router(
+        &[
+            backends(&[&a, &b]),
+            args(&[
+                "--routing-logic",
+                "prefix",
+                "--explain-routing",
+                "--tokenizer",
+                &tokenizer,
+            ]),
+        ]
+        .concat(),
+    );
+    for e in [&a, &b] {
+        wait_until("exact routing", || routing_mode_is(&r, e, "exact"));
+    }
+    let mut home: Option<String> = None;
+    let mut previous_tokens = 0u64;
+    for turns in 0..3 {
+        let body = agent_turn(TINY, 0, turns, turns + 1);
+        let reply = post(&r, "/v1/messages", &body, &[]);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        // The router tokenized the request as the engine did: the chat request vLLM
+        // converts it to, through the model's chat template.
+        assert_eq!(explained(&reply, "kv"), "exact");
+        let tokens: u64 = explained(&reply, "kv_tokens").parse().unwrap();
+        let mut count = body.clone();
+        count.as_object_mut().unwrap().remove("max_tokens");
+        let counted = post(&a, "/v1/messages/count_tokens", &count, &[]).json();
+        assert_eq!(counted["input_tokens"], tokens, "{counted}");
+        let engine = reply.header("x-sim-engine").unwrap().to_owned();
+        // What the engine reports holding covers the previous turn's prompt (but a last
+        // block whose tokens the next text may merge with).
+        let (held, _) = explained(&reply, "kv_blocks").split_once('/').unwrap();
+        let held: u64 = held.parse().unwrap();
+        assert!(
+            held + 1 >= previous_tokens / 16,
+            "turn {turns}: held {held} of {previous_tokens} tokens"
+        );
+        if let Some(h) = &home {
+            assert_eq!(h, &engine, "turn {turns} moved");
+        }
+        home = Some(engine);
+        previous_tokens = tokens;
+        // The engine's events about this turn reach the router before the next one.
+        wait_until("this turn's blocks indexed", || {
+            kv_index_blocks(&r, &a) + kv_index_blocks(&r, &b) >= (tokens / 16) as f64
+        });
+    }
+    assert!(previous_tokens > 200, "{previous_tokens}");
 }

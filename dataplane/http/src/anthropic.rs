@@ -869,6 +869,37 @@ mod tests {
         assert!(!prompt_pieces(b"{}", |_| {}));
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends, converting never panics, and what converts is JSON.
+        #[test]
+        fn any_body_converts_to_json_or_an_error(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            if let Ok(chat) = to_chat_approx(&body) {
+                proptest::prop_assert!(serde_json::from_slice::<serde_json::Value>(&chat).is_ok());
+            }
+            let _ = prompt_pieces(&body, |_| {});
+            StreamUsage::default().observe(&body);
+        }
+
+        /// Messages of any text convert to a chat request that says the same text.
+        #[test]
+        fn any_text_survives_conversion(texts in proptest::collection::vec("\\PC{0,12}", 1..5)) {
+            let messages: Vec<serde_json::Value> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let role = if i % 2 == 0 { "user" } else { "assistant" };
+                    serde_json::json!({"role": role, "content": [{"type": "text", "text": format!("<{t}>")}]})
+                })
+                .collect();
+            let body = serde_json::json!({"model": "m", "system": "s", "messages": messages}).to_string();
+            let chat = value(&to_chat(body.as_bytes()).unwrap());
+            for (i, t) in texts.iter().enumerate() {
+                let want = format!("<{t}>");
+                proptest::prop_assert_eq!(chat["messages"][i + 1]["content"].as_str(), Some(want.as_str()));
+            }
+        }
+    }
+
     #[test]
     fn stream_usage_comes_from_start_and_delta() {
         let mut u = StreamUsage::default();
