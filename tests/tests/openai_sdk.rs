@@ -71,3 +71,73 @@ fn the_openai_python_sdk_works_unchanged() {
     wait_healthy(&r);
     python_says_ok(&python, SCRIPT, &[&r.url()]);
 }
+
+const AUDIO: &str = r#"
+import sys
+import openai
+from openai import OpenAI
+
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+audio = bytes(range(256)) * 400
+
+# Each model lives on its own engine: the form's `model` field decides where it goes.
+for model, engine in [("whisper-a", "ea"), ("whisper-b", "eb")]:
+    t = client.audio.transcriptions.create(model=model, file=("speech.wav", audio, "audio/wav"))
+    assert t.text == f"{len(audio)} bytes of audio heard by {engine}", t
+    t = client.audio.translations.create(model=model, file=("speech.wav", audio, "audio/wav"))
+    assert t.text.endswith(f"heard by {engine}"), t
+
+try:
+    client.audio.transcriptions.create(model="no-such-model", file=("speech.wav", audio, "audio/wav"))
+    raise SystemExit("expected a NotFoundError")
+except openai.NotFoundError as e:
+    assert "no-such-model" in str(e), e
+print("OK")
+"#;
+
+#[test]
+fn audio_forms_and_invocations_go_to_the_engine_of_their_model() {
+    let python = python_with_openai();
+    let a = sim("ea", &["--model", "whisper-a"]);
+    let b = sim("eb", &["--model", "whisper-b", "--lora", "whisper-b-medical"]);
+    let r = router(&backends(&[&a, &b]));
+    wait_healthy(&r);
+    wait_until("both engines' models discovered", || {
+        get(&r, "/v1/models").json()["data"]
+            .as_array()
+            .is_some_and(|d| d.len() == 3)
+    });
+    python_says_ok(&python, AUDIO, &[&r.url()]);
+
+    // A form without a model is the client's error, named like a JSON body's.
+    let boundary = "xYzZy";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--{boundary}--\r\n"
+    );
+    let reply = agent()
+        .post(format!("{}/v1/audio/transcriptions", r.url()))
+        .header("content-type", &format!("multipart/form-data; boundary={boundary}"))
+        .send(&form)
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    let body: serde_json::Value = serde_json::from_str(&reply.into_body().read_to_string().unwrap()).unwrap();
+    assert_eq!(body["error"]["param"], "model", "{body}");
+
+    // SageMaker's `/invocations`: by the body's model, or the adapter its header names.
+    let chat =
+        serde_json::json!({"model": "whisper-b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let reply = post(&r, "/invocations", &chat, &[]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.header("x-sim-engine"), Some("eb"));
+    assert_eq!(reply.json()["object"], "chat.completion");
+    let completion = serde_json::json!({"prompt": "hi", "max_tokens": 2});
+    let reply = post(
+        &r,
+        "/invocations",
+        &completion,
+        &[("X-Amzn-SageMaker-Adapter-Identifier", "whisper-b-medical")],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.header("x-sim-engine"), Some("eb"));
+    assert_eq!(reply.json()["model"], "whisper-b-medical");
+}

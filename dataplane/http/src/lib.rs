@@ -1,6 +1,7 @@
 //! HTTP/1.1 codec pieces for the lmstack data plane: message heads, chunked framing, the
-//! OpenAI request peek, SSE event counting, OpenAI streams event by event (for resuming
-//! a cut stream on another engine), and Anthropic Messages requests as vLLM renders them.
+//! OpenAI request peek (JSON, and the form of the audio routes), SSE event counting, OpenAI
+//! streams event by event (for resuming a cut stream on another engine), and Anthropic
+//! Messages requests as vLLM renders them.
 //!
 //! Everything here is synchronous and does no IO, so it can be unit-tested, fuzzed and
 //! benchmarked without a runtime; the proxy binary drives it from its sockets.
@@ -9,6 +10,7 @@
 
 pub mod anthropic;
 pub mod chunked;
+pub mod form;
 pub mod head;
 pub mod peek;
 pub mod sse;

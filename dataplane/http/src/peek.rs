@@ -46,6 +46,8 @@ pub enum PeekError {
     },
     #[error("`{0}` appears more than once")]
     Duplicate(&'static str),
+    #[error("request body is not a valid multipart form: {0}")]
+    InvalidForm(String),
 }
 
 impl PeekError {

@@ -67,7 +67,7 @@ enum Target {
 }
 
 fn target(method: &str, path: &str) -> Target {
-    const MODEL_ROUTES: [&str; 14] = [
+    const MODEL_ROUTES: [&str; 17] = [
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/embeddings",
@@ -82,6 +82,11 @@ fn target(method: &str, path: &str) -> Target {
         "/pooling",
         anthropic::MESSAGES,
         anthropic::COUNT_TOKENS,
+        // SageMaker's route: vLLM serves any of the above by the body's shape.
+        "/invocations",
+        // Multipart forms, routed by their `model` field.
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
     ];
     let local = match path {
         "/health" => Some(Local::Health),
@@ -190,13 +195,25 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
     };
 
-    // 3. Peek.
+    // 3. Peek (a form, for the audio routes, by its fields).
     let session_config = &ctx.shared.config.routing.session;
-    let peek = match lmstack_http::peek(&body, session_config.body_field.as_deref()) {
+    let form = head
+        .headers
+        .get_str("content-type")
+        .filter(|t| lmstack_http::form::is_form(t));
+    let peeked = match form {
+        Some(content_type) => lmstack_http::form::peek_form(&body, content_type),
+        None => lmstack_http::peek(&body, session_config.body_field.as_deref()),
+    };
+    let peek = match peeked {
         Ok(p) => p,
         Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e.into(), None).await,
     };
-    let Some(model) = peek.model.as_deref() else {
+    // SageMaker names a LoRA adapter in a header, which vLLM puts in the body's `model`.
+    let adapter = (head.path() == "/invocations")
+        .then(|| head.headers.get_str("x-amzn-sagemaker-adapter-identifier"))
+        .flatten();
+    let Some(model) = peek.model.as_deref().or(adapter) else {
         let e = ProxyError::new(ErrorKind::InvalidRequest, "the request must name a `model`").with_param("model");
         return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
     };
@@ -210,10 +227,12 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         Some(key) => {
             // Reserved now, settled from the engine's usage when the response ends.
             let tenancy = &ctx.shared.config.tenancy;
-            // (A Messages request's system prompt and tools are outside its messages.)
-            let prompt_bytes = match Dialect::of_path(head.path()) {
-                Dialect::Anthropic => body.len(),
-                Dialect::OpenAi => peek.prompt.or(peek.messages).map_or(body.len(), |p| p.get().len()),
+            // A form's file (audio) is not text: only `max_tokens` is reserved for it. (A
+            // Messages request's system prompt and tools are outside its messages.)
+            let prompt_bytes = match (form, Dialect::of_path(head.path())) {
+                (Some(_), _) => 0,
+                (None, Dialect::Anthropic) => body.len(),
+                (None, Dialect::OpenAi) => peek.prompt.or(peek.messages).map_or(body.len(), |p| p.get().len()),
             } as u64;
             let tokens = (prompt_bytes / tenancy.prompt_bytes_per_token)
                 .saturating_add(peek.max_tokens.unwrap_or(tenancy.default_max_tokens));
@@ -289,7 +308,12 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     });
     // What the tenant's requests carry: its cache salt; the usage of a stream, to settle
     // its budget (not shown to a client that did not ask).
-    let salt = grant.as_ref().and_then(|g| g.tenant().cache_salt.clone());
+    // (A form carries no salt: vLLM has none for audio, and its encoder-decoder models
+    // cache no prefix.)
+    let salt = grant
+        .as_ref()
+        .filter(|_| form.is_none())
+        .and_then(|g| g.tenant().cache_salt.clone());
     let ask_usage = grant.is_some() && api.is_some() && !client_usage;
     let tenant_body = if salt.is_some() || ask_usage {
         match tenant_body(&body, &peek, salt.as_deref(), ask_usage) {

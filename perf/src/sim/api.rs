@@ -158,6 +158,9 @@ const MODEL_ROUTES: &[&str] = &[
     "/detokenize",
     "/v1/messages",
     "/v1/messages/count_tokens",
+    "/invocations",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
 ];
 
 /// Serves one request of the connection `tap` belongs to.
@@ -203,11 +206,22 @@ pub async fn handle(sim: Arc<Sim>, tap: Arc<Tap>, req: Request<Incoming>) -> Res
             {
                 return Ok(before_head(&sim, &tap, fire));
             }
-            let request: Value = match serde_json::from_slice(&bytes) {
+            if path.starts_with("/v1/audio/") {
+                return Ok(audio(&sim, &parts.headers, bytes).await);
+            }
+            let mut request: Value = match serde_json::from_slice(&bytes) {
                 Ok(v @ Value::Object(_)) => v,
                 Ok(_) => return Ok(bad_request("the body must be a JSON object", &name)),
                 Err(e) => return Ok(bad_request(format!("invalid JSON: {e}"), &name)),
             };
+            // SageMaker's adapter header names the model of an `/invocations` body (vLLM's
+            // `inject_adapter_id`).
+            if path == "/invocations"
+                && let Some(adapter) = parts.headers.get("x-amzn-sagemaker-adapter-identifier")
+                && let Ok(adapter) = adapter.to_str()
+            {
+                request["model"] = Value::String(adapter.to_owned());
+            }
             post(&sim, &tap, &path, &bytes, request, arrived).await
         }
         _ => error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, &name),
@@ -349,6 +363,14 @@ async fn post(sim: &Arc<Sim>, tap: &Tap, path: &str, body: &[u8], req: Value, ar
         );
     }
     let tokenizer = &sim.tokenizer;
+    // SageMaker's `/invocations`: vLLM serves the first request type the body validates as.
+    let path = match path {
+        "/invocations" if req.get("messages").is_some() => "/v1/chat/completions",
+        "/invocations" if req.get("prompt").is_some() => "/v1/completions",
+        "/invocations" if req.get("input").is_some() => "/v1/embeddings",
+        "/invocations" => return bad_request("Cannot find suitable handler for request", name),
+        other => other,
+    };
     match path {
         "/v1/completions" => match tokenizer.completion(body, &req) {
             Ok(t) => generate(sim, tap, Kind::Completion, model, t, &req, arrived).await,
@@ -929,6 +951,60 @@ async fn score(sim: &Sim, model: String, req: &Value) -> Response<Body> {
         StatusCode::OK,
         &json!({"id": format!("score-{:016x}", sim.next_id()), "object": "list", "created": now_unix(),
                 "model": model, "data": data, "usage": usage(total, 0, 0)}),
+        name,
+    )
+}
+
+/// vLLM's audio routes (`/v1/audio/transcriptions`, `/translations`): a multipart form with
+/// `model` and `file`. The simulator "transcribes" by telling the file's size.
+async fn audio(sim: &Sim, headers: &hyper::HeaderMap, body: Bytes) -> Response<Body> {
+    let name = &sim.name;
+    let content_type = headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let boundary = match multer::parse_boundary(content_type) {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("expected a multipart form: {e}"), name),
+    };
+    let once = futures_util::stream::once(std::future::ready(Ok::<_, Infallible>(body)));
+    let mut form = multer::Multipart::new(once, boundary);
+    let (mut model, mut file) = (None, None);
+    loop {
+        match form.next_field().await {
+            Ok(Some(field)) => {
+                let key = field.name().map(str::to_owned);
+                let Ok(value) = field.bytes().await else {
+                    return bad_request("a form field could not be read", name);
+                };
+                match key.as_deref() {
+                    Some("model") => model = Some(String::from_utf8_lossy(&value).into_owned()),
+                    Some("file") => file = Some(value.len()),
+                    _ => {}
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return bad_request(format!("invalid form: {e}"), name),
+        }
+    }
+    let Some(model) = model else {
+        return bad_request("`model` is required", name);
+    };
+    if !sim.serves(&model) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            format!("The model `{model}` does not exist."),
+            Some("model"),
+            name,
+        );
+    }
+    let Some(bytes) = file else {
+        return bad_request("`file` is required", name);
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({"text": format!("{bytes} bytes of audio heard by {name}")}),
         name,
     )
 }
