@@ -792,33 +792,44 @@ pub fn python_says_ok(python: &Path, script: &str, args: &[&str]) {
 
 /// A Python venv with the official `openai` SDK, made once under target/.
 pub fn python_with_openai() -> PathBuf {
-    static PY: OnceLock<PathBuf> = OnceLock::new();
-    PY.get_or_init(|| {
-        let venv = workspace_root().join("target/e2e-venv");
-        let python = venv.join("bin/python");
-        let ok = |p: &Path| {
-            Command::new(p)
-                .args(["-c", "import openai"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !ok(&python) {
+    python_with("openai", "openai>=1.50,<4")
+}
+
+/// The same venv with the official `anthropic` SDK.
+pub fn python_with_anthropic() -> PathBuf {
+    python_with("anthropic", "anthropic>=0.40,<1")
+}
+
+/// The tests' Python venv under target/ (made once), with `module` importable: installed
+/// from PyPI as `requirement` when it is not. One install at a time (tests run in threads).
+pub fn python_with(module: &str, requirement: &str) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = workspace_root().join("target/e2e-venv");
+    let python = venv.join("bin/python");
+    let imports = |p: &Path| {
+        Command::new(p)
+            .args(["-c", &format!("import {module}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !imports(&python) {
+        if !python.exists() {
             let status = Command::new("python3")
                 .args(["-m", "venv"])
                 .arg(&venv)
                 .status()
                 .unwrap();
             assert!(status.success(), "python3 -m venv failed");
-            let status = Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "--disable-pip-version-check", "openai>=1.50,<4"])
-                .status()
-                .unwrap();
-            assert!(status.success(), "pip install openai failed");
-            assert!(ok(&python), "openai does not import after installing it");
         }
-        python
-    })
-    .clone()
+        let status = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", requirement])
+            .status()
+            .unwrap();
+        assert!(status.success(), "pip install {requirement} failed");
+        assert!(imports(&python), "{module} does not import after installing it");
+    }
+    python
 }

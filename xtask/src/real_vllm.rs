@@ -3,8 +3,10 @@
 //! the workplace's `real-vllm.sh` (vLLM on CPU, ~3 GB installed once) and minutes to start.
 //!
 //! It checks that lmstack discovers the models, proxies completions and chat (streaming or
-//! not) byte-compatibly, keeps sessions on one engine, and that what it measures agrees with
-//! the engines' own `/metrics`. With `--tracing`, the engines run vLLM's own OpenTelemetry
+//! not) byte-compatibly, serves Anthropic's Messages API to the official `anthropic` SDK
+//! (and converts a Claude-Code-shaped request to the chat request vLLM renders: the same
+//! token count), keeps sessions on one engine, and that what it measures agrees with the
+//! engines' own `/metrics`. With `--tracing`, the engines run vLLM's own OpenTelemetry
 //! tracing and an OTLP receiver here checks that vLLM's span continues lmstack's trace.
 
 use std::path::PathBuf;
@@ -175,6 +177,87 @@ pub fn run(args: &RealVllmArgs) -> anyhow::Result<()> {
     } else {
         println!("skip openai SDK: run `cargo xtask test` once to create target/e2e-venv");
     }
+
+    // The anthropic SDK, unchanged: a message, a stream, a token count (vLLM reads no
+    // `ignore_eos` here: a random model may end early).
+    let has_anthropic = python.exists()
+        && Command::new(&python)
+            .args(["-c", "import anthropic"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if has_anthropic {
+        // A message, a token count, a stream.
+        sent += 3.0;
+        let script = format!(
+            "from anthropic import Anthropic\nc=Anthropic(base_url='{url}',api_key='x',max_retries=0)\n\
+             msgs=[{{'role':'user','content':'Say hi.'}}]\n\
+             m=c.messages.create(model='{model}',max_tokens=5,system='Be brief.',messages=msgs)\n\
+             assert m.type=='message' and m.content[0].type=='text' and 1<=m.usage.output_tokens<=5, m\n\
+             assert m.stop_reason in ('max_tokens','end_turn'), m\n\
+             n=c.messages.count_tokens(model='{model}',system='Be brief.',messages=msgs)\n\
+             assert n.input_tokens==m.usage.input_tokens, (n, m.usage)\n\
+             with c.messages.stream(model='{model}',max_tokens=6,messages=msgs) as s:\n\
+             \x20pieces=list(s.text_stream)\n\x20f=s.get_final_message()\n\
+             assert f.content[0].text==''.join(pieces) and 1<=f.usage.output_tokens<=6, f\n\
+             print('OK', m.usage.input_tokens, f.usage.output_tokens)"
+        );
+        let out = Command::new(&python).arg("-c").arg(script).output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        check(
+            "anthropic SDK",
+            stdout.contains("OK"),
+            format!(
+                "{} {}",
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            ),
+        );
+    } else {
+        println!("skip anthropic SDK: run the e2e test `anthropic` once to install it in target/e2e-venv");
+    }
+
+    // A Claude-Code-shaped Messages request renders as lmstack converts it: vLLM counts as
+    // many tokens for it as for the chat request lmstack makes of it (what exact KV routing
+    // tokenizes). (`tool_choice` none: vLLM refuses `auto`, the default with tools, unless
+    // started with `--enable-auto-tool-choice`.)
+    let messages = json!({"model": model, "tool_choice": {"type": "none"},
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.0; cch=1;"},
+                   {"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "read_file", "description": "Reads a file",
+                   "input_schema": {"properties": {"path": {"type": "string"}}, "required": ["path"]}}],
+        "messages": [
+            {"role": "user", "content": "Fix the bug."},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Read it first.", "signature": "abc"},
+                {"type": "text", "text": "Reading."},
+                {"type": "tool_use", "id": "toolu_1", "name": "read_file", "input": {"path": "src/lib.rs"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "fn main() {}"}]},
+                {"type": "text", "text": "Go on.", "cache_control": {"type": "ephemeral"}}]}]});
+    let counted: Value = http
+        .post(format!("{url}/v1/messages/count_tokens"))
+        .send_json(&messages)?
+        .body_mut()
+        .read_json()?;
+    sent += 1.0;
+    let chat = lmstack_http::anthropic::to_chat(messages.to_string().as_bytes())
+        .map_err(|e| anyhow::anyhow!("converting the Messages request: {e}"))?;
+    let chat: Value = serde_json::from_slice(&chat)?;
+    let tokenized: Value = http
+        .post(format!("{}/tokenize", urls[0]))
+        .send_json(&chat)?
+        .body_mut()
+        .read_json()?;
+    check(
+        "messages converted as vLLM converts them",
+        counted["input_tokens"].is_u64() && counted["input_tokens"] == tokenized["count"],
+        format!(
+            "vLLM counts {} tokens for the message, {} for lmstack's chat request{}",
+            counted["input_tokens"],
+            tokenized["count"],
+            counted.get("error").map_or(String::new(), |e| format!(" ({e})"))
+        ),
+    );
 
     // Sessions stay on one engine: the engines' own request counters say where they went.
     let served = |u: &str| -> anyhow::Result<f64> {

@@ -290,9 +290,9 @@ impl<'de> de::Deserialize<'de> for Scalar<'de> {
 }
 
 /// Separates messages (and prompt list items) in the normalised prompt.
-const RECORD: u8 = 0x1E;
+pub(crate) const RECORD: u8 = 0x1E;
 /// Separates a message's role from its content.
-const UNIT: u8 = 0x1F;
+pub(crate) const UNIT: u8 = 0x1F;
 
 /// Feeds the request's prompt to `feed`, normalised so that equal conversation prefixes give
 /// equal byte prefixes: completions give their `prompt` (a string's contents as sent, list

@@ -231,13 +231,44 @@ pub struct Ledger {
     usage: Option<Usage>,
 }
 
-/// Tokens a stream's usage chunk reports.
+/// Tokens a response's usage reports: OpenAI's `prompt_tokens` and `completion_tokens`, or
+/// the `input_tokens` and `output_tokens` of Anthropic's Messages and OpenAI's Responses
+/// (Anthropic's input counts the cache's tokens apart: they are added back).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "UsageFields")]
 pub struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct UsageFields {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl From<UsageFields> for Usage {
+    fn from(u: UsageFields) -> Self {
+        let input = || {
+            u.input_tokens.unwrap_or(0)
+                + u.cache_read_input_tokens.unwrap_or(0)
+                + u.cache_creation_input_tokens.unwrap_or(0)
+        };
+        Usage {
+            prompt_tokens: u.prompt_tokens.unwrap_or_else(input),
+            completion_tokens: u.completion_tokens.or(u.output_tokens).unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -949,6 +980,38 @@ mod tests {
         let mut tail = BodyTail::default();
         tail.push(br#"{"usage": null}"#);
         assert_eq!(tail.usage(), None);
+    }
+
+    #[test]
+    fn anthropic_and_responses_usage_read_as_prompt_and_completion_tokens() {
+        let cases = [
+            // Messages: the cache's tokens are counted apart from `input_tokens`.
+            (
+                r#"{"type":"message","content":[{"type":"text","text":"usage"}],"stop_reason":"max_tokens","usage":{"input_tokens":3,"output_tokens":5,"cache_read_input_tokens":16}}"#,
+                (19, 5),
+            ),
+            (
+                r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":5}}"#,
+                (3, 5),
+            ),
+            // Responses: `input_tokens` includes the cached ones.
+            (
+                r#"{"object":"response","usage":{"input_tokens":9,"output_tokens":2,"total_tokens":11,"input_tokens_details":{"cached_tokens":8}}}"#,
+                (9, 2),
+            ),
+        ];
+        for (body, (prompt_tokens, completion_tokens)) in cases {
+            let mut tail = BodyTail::default();
+            tail.push(body.as_bytes());
+            assert_eq!(
+                tail.usage(),
+                Some(Usage {
+                    prompt_tokens,
+                    completion_tokens
+                }),
+                "{body}"
+            );
+        }
     }
 
     #[test]

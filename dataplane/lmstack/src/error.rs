@@ -148,6 +148,23 @@ impl ErrorKind {
         )
     }
 
+    /// Anthropic's error `type` (the Messages routes' errors).
+    fn anthropic_type(self) -> &'static str {
+        match self {
+            ErrorKind::NoHealthyEndpoint | ErrorKind::Overloaded => "overloaded_error",
+            _ => match self.status() {
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                504 => "timeout_error",
+                400..=499 => "invalid_request_error",
+                _ => "api_error",
+            },
+        }
+    }
+
     fn openai_type(self) -> &'static str {
         match self.status() {
             401 => "authentication_error",
@@ -156,6 +173,23 @@ impl ErrorKind {
             429 => "rate_limit_error",
             400..=499 => "invalid_request_error",
             _ => "server_error",
+        }
+    }
+}
+
+/// Which API's error shape a request gets: OpenAI's, or Anthropic's on the Messages routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    OpenAi,
+    Anthropic,
+}
+
+impl Dialect {
+    pub fn of_path(path: &str) -> Self {
+        if lmstack_http::anthropic::is_messages_route(path) {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
         }
     }
 }
@@ -230,6 +264,21 @@ impl ProxyError {
         self
     }
 
+    /// The JSON body in `dialect`'s shape: OpenAI's (`body`), or Anthropic's
+    /// `{"type":"error","error":{"type","message"}}`.
+    pub fn body_in(&self, dialect: Dialect) -> Vec<u8> {
+        match dialect {
+            Dialect::OpenAi => self.body(),
+            Dialect::Anthropic => {
+                let body = serde_json::json!({
+                    "type": "error",
+                    "error": {"type": self.kind.anthropic_type(), "message": self.message},
+                });
+                serde_json::to_vec(&body).unwrap_or_default()
+            }
+        }
+    }
+
     /// The JSON body: `{"error":{"message","type","param","code"}}`.
     pub fn body(&self) -> Vec<u8> {
         let body = serde_json::json!({
@@ -298,6 +347,26 @@ mod tests {
             serde_json::from_slice(&ProxyError::new(ErrorKind::UpstreamTimeout, "slow").body()).unwrap();
         assert_eq!(v["error"]["type"], "server_error");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn messages_routes_get_anthropic_bodies() {
+        assert_eq!(Dialect::of_path("/v1/messages"), Dialect::Anthropic);
+        assert_eq!(Dialect::of_path("/v1/messages/count_tokens"), Dialect::Anthropic);
+        assert_eq!(Dialect::of_path("/v1/chat/completions"), Dialect::OpenAi);
+        let body = |kind| {
+            let e = ProxyError::new(kind, "why");
+            serde_json::from_slice::<serde_json::Value>(&e.body_in(Dialect::Anthropic)).unwrap()
+        };
+        assert_eq!(
+            body(ErrorKind::UnknownModel),
+            serde_json::json!({"type": "error", "error": {"type": "not_found_error", "message": "why"}})
+        );
+        assert_eq!(body(ErrorKind::InvalidJson)["error"]["type"], "invalid_request_error");
+        assert_eq!(body(ErrorKind::Unauthorized)["error"]["type"], "authentication_error");
+        assert_eq!(body(ErrorKind::RateLimited)["error"]["type"], "rate_limit_error");
+        assert_eq!(body(ErrorKind::Overloaded)["error"]["type"], "overloaded_error");
+        assert_eq!(body(ErrorKind::UpstreamReset)["error"]["type"], "api_error");
     }
 
     #[test]

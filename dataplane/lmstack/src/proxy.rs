@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use lmstack_http::anthropic::{self, StreamUsage};
 use lmstack_http::head::RequestHead;
 use lmstack_http::stored::StoredRoute;
 use lmstack_http::stream::{Api, BodyTail, Ledger, Usage};
@@ -42,7 +43,7 @@ use crate::admin::{self, Local};
 use crate::config::SessionConfig;
 use crate::ctx::{Scratch, WorkerCtx};
 use crate::downstream::{Downstream, WriteHalf};
-use crate::error::{ErrorKind, ProxyError, Retry, Side};
+use crate::error::{Dialect, ErrorKind, ProxyError, Retry, Side};
 use crate::metrics::{ModelMetrics, PairMetrics};
 use crate::otel::{self, RequestTrace};
 use crate::queue::{Rank, Ticket};
@@ -74,7 +75,7 @@ enum Target<'p> {
 }
 
 fn target<'p>(method: &str, path: &'p str) -> Target<'p> {
-    const MODEL_ROUTES: [&str; 15] = [
+    const MODEL_ROUTES: [&str; 17] = [
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/embeddings",
@@ -87,6 +88,8 @@ fn target<'p>(method: &str, path: &'p str) -> Target<'p> {
         "/detokenize",
         "/v1/responses",
         "/pooling",
+        anthropic::MESSAGES,
+        anthropic::COUNT_TOKENS,
         // SageMaker's route: vLLM serves any of the above by the body's shape.
         "/invocations",
         // Multipart forms, routed by their `model` field.
@@ -133,6 +136,8 @@ struct Forward<'a> {
     hide_usage: bool,
     /// The client asked for the stream's usage (`stream_options.include_usage`).
     client_usage: bool,
+    /// OpenAI's API, or Anthropic's (the Messages routes): the shape of error events.
+    dialect: Dialect,
     /// The client's API key is the router's: not sent to engines; its usage is metered.
     metered: bool,
     /// `x-ratelimit-*` header lines for the response.
@@ -249,10 +254,12 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         Some(key) => {
             // Reserved now, settled from the engine's usage when the response ends.
             let tenancy = &ctx.shared.config.tenancy;
-            // A form's file (audio) is not text: only `max_tokens` is reserved for it.
-            let prompt_bytes = match form {
-                Some(_) => 0,
-                None => peek.prompt.or(peek.messages).map_or(body.len(), |p| p.get().len()),
+            // A form's file (audio) is not text: only `max_tokens` is reserved for it. (A
+            // Messages request's system prompt and tools are outside its messages.)
+            let prompt_bytes = match (form, Dialect::of_path(head.path())) {
+                (Some(_), _) => 0,
+                (None, Dialect::Anthropic) => body.len(),
+                (None, Dialect::OpenAi) => peek.prompt.or(peek.messages).map_or(body.len(), |p| p.get().len()),
             } as u64;
             let tokens = (prompt_bytes / tenancy.prompt_bytes_per_token)
                 .saturating_add(peek.max_tokens.unwrap_or(tenancy.default_max_tokens));
@@ -354,7 +361,8 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     let body = tenant_body.as_ref().unwrap_or(&body);
     let session = session_key(&head, peek.session.as_deref(), session_config);
     // The prompt's blocks, and how much of them each endpoint holds, for policies that ask.
-    let prefix = if pool.policy.name().uses_prefix() {
+    // (Counting tokens puts nothing in an engine's cache.)
+    let prefix = if pool.policy.name().uses_prefix() && head.path() != anthropic::COUNT_TOKENS {
         prefix_plan(ctx, &state, pool, &peek, session, (&head, body), salt.as_deref())
     } else {
         None
@@ -405,6 +413,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         keep_ids,
         hide_usage: ask_usage,
         client_usage,
+        dialect: Dialect::of_path(head.path()),
         metered: key.is_some(),
         rate_headers: rate_headers.as_deref().unwrap_or(""),
         tenant: key.as_ref().map(|k| k.tenant.clone()),
@@ -436,11 +445,13 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
 
     // 7. Record, and decide about the connection.
     if let Some(grant) = grant {
-        let usage = match &outcome {
-            Some(Outcome::Done { usage, .. }) => *usage,
-            _ => None,
+        let settled = match &outcome {
+            // Counting tokens generates none.
+            Some(Outcome::Done { status: 200, .. }) if head.path() == anthropic::COUNT_TOKENS => Some((0, 0)),
+            Some(Outcome::Done { usage, .. }) => settled_usage(*usage, request.reached.get()),
+            _ => settled_usage(None, request.reached.get()),
         };
-        grant.settle(settled_usage(usage, request.reached.get()));
+        grant.settle(settled);
     }
     if let (Some(trace), Some(tracer)) = (trace, &ctx.shared.tracer) {
         finish_trace(trace, tracer, &head, outcome.as_ref());
@@ -548,6 +559,7 @@ async fn serve_stored(
         pinned: Some(index),
         learn: false,
         trace: None,
+        dialect: Dialect::OpenAi,
     };
     let table = ctx.metrics.table(&*state);
     let mm = &table.models[pool.index];
@@ -742,20 +754,31 @@ fn prefix_plan<'c>(
     let mut scratch = ctx.scratch();
     let buffers = scratch.get_mut();
     // Models with a tokenizer are matched on token blocks (the engines' own unit), others on
-    // blocks of normalised prompt characters.
+    // blocks of normalised prompt characters. A Messages request is rendered as the chat
+    // request vLLM converts it to.
+    let messages = head.path() == anthropic::MESSAGES;
+    let converted = match &ctx.shared.kv {
+        Some(_) if messages => anthropic::to_chat(body).ok(),
+        _ => None,
+    };
     let tokenized = ctx.shared.kv.as_ref().and_then(|kv| {
-        kv.tokenize(
-            &pool.name,
-            pool.parent.as_deref(),
-            head.path().starts_with("/v1/chat/"),
-            body,
-        )
+        let (chat, body) = match &converted {
+            Some(chat) => (true, &chat[..]),
+            None if messages => return None,
+            None => (head.path().starts_with("/v1/chat/"), &body[..]),
+        };
+        kv.tokenize(&pool.name, pool.parent.as_deref(), chat, body)
     });
     match &tokenized {
         Some(t) => t.affinity_blocks(a.max_prompt_blocks, &mut buffers.blocks),
         None => {
             let mut hasher = BlockHasher::new(a.block_bytes, a.max_prompt_blocks, &mut buffers.blocks);
-            if !lmstack_http::peek::prompt_pieces(peek, |piece| hasher.feed(piece)) {
+            let fed = if messages {
+                anthropic::prompt_pieces(body, |piece| hasher.feed(piece))
+            } else {
+                lmstack_http::peek::prompt_pieces(peek, |piece| hasher.feed(piece))
+            };
+            if !fed {
                 return None;
             }
         }
@@ -843,11 +866,15 @@ pub async fn fail(
         Side::Downstream => tracing::debug!(request_id, "{error}"),
         Side::Upstream | Side::Internal => tracing::warn!(request_id, "{error}"),
     }
-    let (keep_alive, version) = match request {
-        Some((head, _)) => (head.keep_alive && !ctx.draining(), head.version),
-        None => (false, Version::Http11),
+    let (keep_alive, version, dialect) = match request {
+        Some((head, _)) => (
+            head.keep_alive && !ctx.draining(),
+            head.version,
+            Dialect::of_path(head.path()),
+        ),
+        None => (false, Version::Http11, Dialect::OpenAi),
     };
-    let bytes = response::error(error, keep_alive, version, request_id);
+    let bytes = response::error(error, dialect, keep_alive, version, request_id);
     let written = down.write(bytes, ctx.limits.write_timeout).await;
     if error.kind.closes_connection() {
         if written { After::CloseAfterError } else { After::Close }
@@ -1241,9 +1268,9 @@ fn authenticate(ctx: &WorkerCtx, head: &RequestHead) -> Result<Option<Arc<Key>>,
     }
 }
 
-/// Ends a stream that cannot go on: an error event (OpenAI's error object, as vLLM sends
-/// one mid-stream), the end marker and the body's end, so that the client sees a failed
-/// stream rather than a cut connection.
+/// Ends a stream that cannot go on: an error event (OpenAI's error object and the end
+/// marker, as vLLM sends them mid-stream; on the Messages routes Anthropic's `event: error`)
+/// and the body's end, so that the client sees a failed stream rather than a cut connection.
 #[allow(clippy::too_many_arguments)]
 async fn end_stream(
     ctx: &WorkerCtx,
@@ -1268,8 +1295,14 @@ async fn end_stream(
         reason,
         "ending a cut stream with an error event: {error}"
     );
-    let mut events = lmstack_http::stream::data_event(&error.body());
-    events.extend_from_slice(lmstack_http::stream::DONE_EVENT);
+    let events = match req.dialect {
+        Dialect::OpenAi => {
+            let mut events = lmstack_http::stream::data_event(&error.body());
+            events.extend_from_slice(lmstack_http::stream::DONE_EVENT);
+            events
+        }
+        Dialect::Anthropic => anthropic::error_event(&error.body_in(Dialect::Anthropic)),
+    };
     close_stream(ctx, wr, streaming, pm, &events).await
 }
 
@@ -1554,6 +1587,8 @@ struct Attempt {
 struct Streaming {
     /// What an OpenAI completions or chat stream sent, to resume it elsewhere.
     ledger: Option<Ledger>,
+    /// A metered Messages stream's usage.
+    messages_usage: Option<StreamUsage>,
     framing: EventFraming,
     status: u16,
     keep_alive: bool,
@@ -1855,6 +1890,8 @@ async fn exchange_events(
                     }
                     ledger
                 }),
+                messages_usage: (req.metered && req.dialect == Dialect::Anthropic && up.status == 200)
+                    .then(StreamUsage::default),
                 framing,
                 status: up.status,
                 keep_alive,
@@ -1872,6 +1909,7 @@ async fn exchange_events(
         framing: s.framing,
         ledger: s.ledger.as_mut(),
         on_response_id: (req.learn && up.status == 200).then_some(&learn_id as &dyn Fn(&str)),
+        usage: s.messages_usage.as_mut(),
         clock: &mut clock,
         first_event_timeout: lim.first_byte_timeout,
         idle_timeout: lim.stream_idle_timeout,
@@ -1913,7 +1951,11 @@ async fn exchange_events(
                 Ok(()) => Exchange::Done {
                     status: s.status,
                     keep_alive: s.keep_alive,
-                    usage: s.ledger.as_ref().and_then(Ledger::usage),
+                    usage: s
+                        .ledger
+                        .as_ref()
+                        .and_then(Ledger::usage)
+                        .or_else(|| s.messages_usage.as_ref().and_then(StreamUsage::usage)),
                 },
                 Err(_) => Exchange::Aborted {
                     status: CLIENT_CLOSED,
@@ -1978,6 +2020,12 @@ mod tests {
     #[test]
     fn targets() {
         assert!(matches!(target("POST", "/v1/chat/completions"), Target::Model));
+        assert!(matches!(target("POST", "/v1/messages"), Target::Model));
+        assert!(matches!(target("POST", "/v1/messages/count_tokens"), Target::Model));
+        assert!(matches!(
+            target("GET", "/v1/messages"),
+            Target::Missing(ErrorKind::MethodNotAllowed)
+        ));
         assert!(matches!(target("GET", "/v1/models"), Target::Local(Local::Models)));
         assert!(matches!(
             target("GET", "/v1/completions"),

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use lmstack_http::anthropic::StreamUsage;
 use lmstack_http::stream::{BodyTail, EventSplitter, Ledger, Verdict, event_data};
 use lmstack_http::{ChunkedDecoder, Framing, SseCounter};
 
@@ -359,6 +360,8 @@ pub struct EventRelay<'l, 'c> {
     pub ledger: Option<&'l mut Ledger>,
     /// Told the id a Responses stream's `response.created` event names (once).
     pub on_response_id: Option<&'l dyn Fn(&str)>,
+    /// A metered Anthropic Messages stream's usage, read from its events.
+    pub usage: Option<&'l mut StreamUsage>,
     pub clock: &'l mut StreamClock<'c>,
     /// Silence allowed before the first data event (the engine may queue and prefill).
     pub first_event_timeout: Duration,
@@ -439,6 +442,9 @@ pub async fn relay_events(
                 {
                     learn(&id);
                     r.on_response_id = None;
+                }
+                if let Some(u) = r.usage.as_deref_mut() {
+                    u.observe(&event);
                 }
                 match r.ledger.as_deref_mut().map(|l| l.observe(&event)) {
                     None | Some(Verdict::Forward) => out.extend_from_slice(&event),

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use lmstack_http::head::{Headers, RequestHead, ResponseHead, is_hop_by_hop, tokens};
 use lmstack_http::{Framing, Version};
 
-use crate::error::ProxyError;
+use crate::error::{Dialect, ProxyError};
 
 pub const REQUEST_ID: &str = "x-request-id";
 /// Why a request went where it went (`routing.explain_header`).
@@ -193,13 +193,20 @@ pub fn local(
     out
 }
 
-/// The error response for `error` (the one place errors are turned into responses).
-pub fn error(error: &ProxyError, keep_alive: bool, client_version: Version, request_id: Option<&str>) -> Vec<u8> {
+/// The error response for `error`, in `dialect`'s shape (the one place errors are turned
+/// into responses).
+pub fn error(
+    error: &ProxyError,
+    dialect: Dialect,
+    keep_alive: bool,
+    client_version: Version,
+    request_id: Option<&str>,
+) -> Vec<u8> {
     let keep_alive = keep_alive && !error.kind.closes_connection();
     local(
         error.kind.status(),
         "application/json",
-        &error.body(),
+        &error.body_in(dialect),
         keep_alive,
         client_version,
         request_id,

@@ -1,5 +1,7 @@
 //! The simulator's OpenAI surface: vLLM's routes, request checks, response bodies and SSE
-//! chunk shapes (with `return_token_ids`), and vLLM's KV-event routes (`/kv_event_sources`,
+//! chunk shapes (with `return_token_ids`), Anthropic's Messages API as vLLM serves it (the
+//! request converted to the chat request vLLM renders, so a conversation's turns share their
+//! cached prefix; vLLM's message and event shapes), and vLLM's KV-event routes (`/kv_event_sources`,
 //! `/reset_prefix_cache`), with the simulator's own fault injection: `/sim/kv_events` for KV
 //! events, `/sim/fault` for requests (fault.rs). Costs come from the engine (engine.rs), the
 //! answers' tokens from the greedy decoder (greedy.rs); this file only shapes answers.
@@ -158,6 +160,8 @@ const MODEL_ROUTES: &[&str] = &[
     "/score",
     "/tokenize",
     "/detokenize",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
     "/invocations",
     "/v1/audio/transcriptions",
     "/v1/audio/translations",
@@ -355,6 +359,9 @@ async fn post(sim: &Arc<Sim>, tap: &Tap, path: &str, body: &[u8], req: Value, ar
         None if path == "/tokenize" || path == "/detokenize" => sim.args.models[0].clone(),
         _ => return bad_request("`model` is required", name),
     };
+    if path.starts_with("/v1/messages") {
+        return messages(sim, tap, path, model, body, &req, arrived).await;
+    }
     if !sim.serves(&model) {
         return error(
             StatusCode::NOT_FOUND,
@@ -420,6 +427,70 @@ async fn post(sim: &Arc<Sim>, tap: &Tap, path: &str, body: &[u8], req: Value, ar
 enum Kind {
     Completion,
     Chat,
+    /// Anthropic's Messages API.
+    Messages,
+}
+
+/// vLLM's Anthropic error shape (`translate_error_response`: vLLM's error type inside).
+fn anthropic_error(status: StatusCode, kind: &str, message: impl Into<String>, engine: &str) -> Response<Body> {
+    json_response(
+        status,
+        &json!({"type": "error", "error": {"type": kind, "message": message.into()}}),
+        engine,
+    )
+}
+
+/// `/v1/messages` and `/v1/messages/count_tokens`: the request converted as vLLM converts it
+/// (`lmstack_http::anthropic`), its prompt the chat request's, rendered and tokenized as a
+/// chat's.
+async fn messages(
+    sim: &Arc<Sim>,
+    tap: &Tap,
+    path: &str,
+    model: String,
+    body: &[u8],
+    req: &Value,
+    arrived: Instant,
+) -> Response<Body> {
+    let name = &sim.name;
+    if !sim.serves(&model) {
+        return anthropic_error(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            format!("The model `{model}` does not exist."),
+            name,
+        );
+    }
+    let prompt = lmstack_http::anthropic::to_chat_approx(body)
+        .map_err(|e| e.to_string())
+        .and_then(|chat| {
+            let parsed: Value = serde_json::from_slice(&chat).map_err(|e| e.to_string())?;
+            sim.tokenizer.chat(&chat, &parsed)
+        });
+    let prompt = match prompt {
+        Ok(p) => p,
+        Err(e) => return anthropic_error(StatusCode::BAD_REQUEST, "BadRequestError", e, name),
+    };
+    if path == "/v1/messages/count_tokens" {
+        let n = prompt.len();
+        return json_response(
+            StatusCode::OK,
+            &json!({"input_tokens": n, "context_management": {"original_input_tokens": n}}),
+            name,
+        );
+    }
+    if path != "/v1/messages" {
+        return error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None, name);
+    }
+    match req.get("max_tokens").and_then(Value::as_u64) {
+        Some(n) if n > 0 => generate(sim, tap, Kind::Messages, model, prompt, req, arrived).await,
+        _ => anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            "max_tokens: a positive integer is required",
+            name,
+        ),
+    }
 }
 
 /// vLLM's `system_fingerprint`, for this simulator.
@@ -478,7 +549,8 @@ async fn generate(
     let seed = sim.next_id();
     let id = match kind {
         Kind::Completion => format!("cmpl-{seed:016x}"),
-        Kind::Chat => format!("chatcmpl-{seed:016x}"),
+        // (vLLM's Messages responses carry the chat completion's id.)
+        Kind::Chat | Kind::Messages => format!("chatcmpl-{seed:016x}"),
     };
     let created = now_unix();
     let metrics = sim.engine.metrics.clone();
@@ -521,10 +593,18 @@ async fn generate(
                              "logprobs": null, "finish_reason": "length", "stop_reason": null}],
                 "usage": u, "prompt_logprobs": null, "system_fingerprint": FINGERPRINT,
             }),
+            // vLLM: `input_tokens` is the prompt (with the cache's tokens unless
+            // `--enable-prompt-tokens-details`); `stop_sequence` left out when null.
+            Kind::Messages => json!({
+                "id": id, "type": "message", "role": "assistant",
+                "content": [{"type": "text", "text": text}], "model": model,
+                "stop_reason": "max_tokens",
+                "usage": {"input_tokens": admitted.prompt_tokens, "output_tokens": max_tokens},
+            }),
         };
         // vLLM: the output ids on the choice; the prompt's on the choice of a completion, at
         // the top of a chat completion.
-        if return_token_ids {
+        if return_token_ids && matches!(kind, Kind::Completion | Kind::Chat) {
             body["choices"][0]["token_ids"] = json!(ids);
             let prompt_at = if kind == Kind::Chat {
                 &mut body
@@ -548,6 +628,15 @@ async fn generate(
             let tx = tx.clone();
             async move { tx.send(Bytes::from(format!("data: {event}\n\n"))).await.is_ok() }
         };
+        // Anthropic's events are named (vLLM's `wrap_data_with_event`).
+        let send_named = |name: &'static str, data: String| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))
+                    .await
+                    .is_ok()
+            }
+        };
         let object = if kind == Kind::Chat {
             "chat.completion.chunk"
         } else {
@@ -560,6 +649,19 @@ async fn generate(
         }
         let first = Instant::now();
         metrics.ttft.record(first.duration_since(arrived).as_secs_f64());
+        if kind == Kind::Messages {
+            // vLLM's first chunk (the role's) becomes `message_start`, with the prompt's
+            // tokens; the first text opens a text block.
+            let start = format!(
+                r#"{{"type":"message_start","message":{{"id":"{id}","type":"message","role":"assistant","content":[],"model":{model_json},"stop_reason":null,"stop_sequence":null,"usage":{{"input_tokens":{},"output_tokens":0}}}}}}"#,
+                admitted.prompt_tokens
+            );
+            let block = r#"{"type":"content_block_start","content_block":{"type":"text","text":""},"index":0}"#;
+            if !send_named("message_start", start).await || !send_named("content_block_start", block.to_owned()).await {
+                metrics.finished(FinishReason::Abort);
+                return;
+            }
+        }
         if kind == Kind::Chat {
             // As vLLM: the prompt's ids ride on the role chunk, at the top.
             let prompt_ids = if return_token_ids {
@@ -606,15 +708,18 @@ async fn generate(
                 (true, _, 0) => format!(r#","prompt_token_ids":{},"token_ids":[{token}]"#, ids_json(&prompt)),
                 (true, _, _) => format!(r#","prompt_token_ids":null,"token_ids":[{token}]"#),
             };
-            let event = match kind {
-                Kind::Chat => format!(
+            let sent = match kind {
+                Kind::Chat => send(format!(
                     r#"{{{head},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"logprobs":null,"finish_reason":{finish}{stop}{ids}}}]{fingerprint}}}"#
-                ),
-                _ => format!(
+                )).await,
+                Kind::Messages => send_named("content_block_delta", format!(
+                    r#"{{"type":"content_block_delta","delta":{{"type":"text_delta","text":"{piece}"}},"index":0}}"#
+                )).await,
+                _ => send(format!(
                     r#"{{{head},"choices":[{{"index":0,"text":"{piece}","logprobs":null,"finish_reason":{finish},"stop_reason":null{ids}}}]{fingerprint}}}"#
-                ),
+                )).await,
             };
-            if !send(event).await {
+            if !sent {
                 metrics.generation_tokens.increment(i as u64);
                 metrics.finished(FinishReason::Abort);
                 return;
@@ -627,6 +732,25 @@ async fn generate(
         }
         metrics.generation_tokens.increment(max_tokens as u64);
         metrics.decode_time.record(at.duration_since(first).as_secs_f64());
+        if kind == Kind::Messages {
+            // vLLM's usage chunk closes the block and becomes `message_delta`; `[DONE]`
+            // becomes `message_stop`.
+            let delta = format!(
+                r#"{{"type":"message_delta","delta":{{"stop_reason":"max_tokens","stop_sequence":null}},"usage":{{"input_tokens":{},"output_tokens":{max_tokens}}}}}"#,
+                admitted.prompt_tokens
+            );
+            let stop = r#"{"type":"content_block_stop","index":0}"#.to_owned();
+            let ended = send_named("content_block_stop", stop).await
+                && send_named("message_delta", delta).await
+                && send_named("message_stop", r#"{"type":"message_stop"}"#.to_owned()).await;
+            metrics.e2e.record(arrived.elapsed().as_secs_f64());
+            metrics.finished(if ended {
+                FinishReason::Length
+            } else {
+                FinishReason::Abort
+            });
+            return;
+        }
         if include_usage {
             let u = usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens);
             if !send(format!(r#"{{{head},"choices":[],"usage":{u}{FINGERPRINT_FIELD}}}"#)).await {
