@@ -510,6 +510,17 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
+/// A Messages usage as vLLM writes it with the prompt's token details on (as the simulator's
+/// OpenAI usage always has them): `input_tokens` less the tokens read from the cache, which
+/// are `cache_read_input_tokens`.
+fn anthropic_usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "input_tokens": prompt.saturating_sub(cached),
+        "output_tokens": completion,
+        "cache_read_input_tokens": cached,
+    })
+}
+
 /// `"return_token_ids": true` fields, as vLLM 0.32 writes them.
 fn ids_json(ids: &[u32]) -> String {
     serde_json::to_string(ids).unwrap_or_default()
@@ -593,13 +604,12 @@ async fn generate(
                              "logprobs": null, "finish_reason": "length", "stop_reason": null}],
                 "usage": u, "prompt_logprobs": null, "system_fingerprint": FINGERPRINT,
             }),
-            // vLLM: `input_tokens` is the prompt (with the cache's tokens unless
-            // `--enable-prompt-tokens-details`); `stop_sequence` left out when null.
+            // `stop_sequence` left out when null.
             Kind::Messages => json!({
                 "id": id, "type": "message", "role": "assistant",
                 "content": [{"type": "text", "text": text}], "model": model,
                 "stop_reason": "max_tokens",
-                "usage": {"input_tokens": admitted.prompt_tokens, "output_tokens": max_tokens},
+                "usage": anthropic_usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens),
             }),
         };
         // vLLM: the output ids on the choice; the prompt's on the choice of a completion, at
@@ -653,8 +663,8 @@ async fn generate(
             // vLLM's first chunk (the role's) becomes `message_start`, with the prompt's
             // tokens; the first text opens a text block.
             let start = format!(
-                r#"{{"type":"message_start","message":{{"id":"{id}","type":"message","role":"assistant","content":[],"model":{model_json},"stop_reason":null,"stop_sequence":null,"usage":{{"input_tokens":{},"output_tokens":0}}}}}}"#,
-                admitted.prompt_tokens
+                r#"{{"type":"message_start","message":{{"id":"{id}","type":"message","role":"assistant","content":[],"model":{model_json},"stop_reason":null,"stop_sequence":null,"usage":{}}}}}"#,
+                anthropic_usage(admitted.prompt_tokens, 0, admitted.cached_tokens)
             );
             let block = r#"{"type":"content_block_start","content_block":{"type":"text","text":""},"index":0}"#;
             if !send_named("message_start", start).await || !send_named("content_block_start", block.to_owned()).await {
@@ -736,8 +746,8 @@ async fn generate(
             // vLLM's usage chunk closes the block and becomes `message_delta`; `[DONE]`
             // becomes `message_stop`.
             let delta = format!(
-                r#"{{"type":"message_delta","delta":{{"stop_reason":"max_tokens","stop_sequence":null}},"usage":{{"input_tokens":{},"output_tokens":{max_tokens}}}}}"#,
-                admitted.prompt_tokens
+                r#"{{"type":"message_delta","delta":{{"stop_reason":"max_tokens","stop_sequence":null}},"usage":{}}}"#,
+                anthropic_usage(admitted.prompt_tokens, max_tokens, admitted.cached_tokens)
             );
             let stop = r#"{"type":"content_block_stop","index":0}"#.to_owned();
             let ended = send_named("content_block_stop", stop).await
