@@ -7,8 +7,11 @@
 //! active user paces its rounds to `--qps` across all active users (or goes as fast as
 //! answers come when 0); with pacing, the first users join spread over one interval. Variants: `--no-session-header` drops `x-user-id`; `--docs N` gives
 //! users one of N long documents after the system prompt (RAG); `--skew S` makes user
-//! activity Zipf-distributed (heavy users get more rounds). The work is a fixed list of
-//! requests, so runs against different targets do the same work.
+//! activity Zipf-distributed (heavy users get more rounds); `--api messages` holds the same
+//! conversations over Anthropic's `/v1/messages`, as a coding agent does (the system prompt
+//! top-level, tool definitions, each answer followed by a `tool_use` block and each tool
+//! output sent back as a `tool_result`). The work is a fixed list of requests, so runs
+//! against different targets do the same work.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -90,6 +93,10 @@ pub struct MultiRoundArgs {
     /// Send no `x-user-id` header.
     #[arg(long)]
     pub no_session_header: bool,
+    /// The API the conversations use: `chat` (`/v1/chat/completions`) or `messages`
+    /// (Anthropic's `/v1/messages`, with tools, `tool_use` and `tool_result` blocks).
+    #[arg(long, value_enum, default_value_t = Api::Chat)]
+    pub api: Api,
     /// Characters per token of the generated text (the simulator's default is 4).
     #[arg(long, default_value_t = 4)]
     pub chars_per_token: usize,
@@ -137,6 +144,33 @@ pub struct MultiRoundSummary {
     /// prefix is cached).
     pub follow_ups_same_engine: u64,
     pub same_engine_share: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Api {
+    Chat,
+    Messages,
+}
+
+/// The tools a Messages conversation declares (a coding agent's few: their definitions are
+/// part of every request's prompt, after the system prompt).
+fn agent_tools() -> Value {
+    let tool = |name: &str, what: &str, arg: &str| {
+        json!({
+            "name": name,
+            "description": what,
+            "input_schema": {"type": "object", "properties": {arg: {"type": "string", "description": format!("the {arg}")}}, "required": [arg]},
+        })
+    };
+    json!([
+        tool("read_file", "Read a file of the repository.", "path"),
+        tool(
+            "run",
+            "Run a shell command in the repository and return its output.",
+            "command"
+        ),
+        tool("search", "Search the repository for a pattern.", "pattern"),
+    ])
 }
 
 /// Deterministic filler text: `tokens` words of `chars_per_token` characters.
@@ -342,7 +376,12 @@ impl Chat<'_> {
             first.push('\n');
         }
         first.push_str(&history);
-        let mut messages = vec![json!({"role": "system", "content": self.system})];
+        let messages_api = a.api == Api::Messages;
+        let mut messages = if messages_api {
+            Vec::new()
+        } else {
+            vec![json!({"role": "system", "content": self.system})]
+        };
         let mut senders: Vec<Option<http1::SendRequest<Full<Bytes>>>> = self.hosts.iter().map(|_| None).collect();
         let mut next_at = Instant::now();
         let mut last_engine: Option<String> = None;
@@ -363,12 +402,28 @@ impl Chat<'_> {
             } else {
                 text(round_seed, a.question_tokens, cpt)
             };
+            // A Messages agent sends a tool's output back as the result of the tool it asked
+            // for in its last answer.
+            let tool_id = format!("toolu_{user}_{}", round.saturating_sub(1));
+            let content = if messages_api && a.agent && round > 0 {
+                json!([{"type": "tool_result", "tool_use_id": tool_id, "content": content}])
+            } else {
+                json!(content)
+            };
             messages.push(json!({"role": "user", "content": content}));
-            let body = json!({
-                "model": a.model, "messages": messages, "stream": true,
-                "stream_options": {"include_usage": true},
-                "max_tokens": a.answer_tokens, "ignore_eos": true,
-            });
+            let body = if messages_api {
+                json!({
+                    "model": a.model, "system": self.system, "tools": agent_tools(),
+                    "messages": messages, "stream": true,
+                    "max_tokens": a.answer_tokens, "ignore_eos": true,
+                })
+            } else {
+                json!({
+                    "model": a.model, "messages": messages, "stream": true,
+                    "stream_options": {"include_usage": true},
+                    "max_tokens": a.answer_tokens, "ignore_eos": true,
+                })
+            };
             let target = (user + round) % self.hosts.len();
             let now = Instant::now();
             let counted = now >= self.counted_from && self.steady_end.get().is_none_or(|end| now < *end);
@@ -376,7 +431,7 @@ impl Chat<'_> {
             let outcome = exchange(
                 &mut senders[target],
                 &self.hosts[target],
-                &body,
+                (a.api, &body),
                 user_header,
                 &a.engine_header,
             )
@@ -402,14 +457,30 @@ impl Chat<'_> {
                     }
                     drop(r);
                     last_engine = reply.engine;
-                    messages.push(json!({"role": "assistant", "content": reply.answer}));
+                    let answer = if messages_api && a.agent {
+                        // The agent's answer asks for a tool; the next round is its output.
+                        json!([
+                            {"type": "text", "text": reply.answer},
+                            {"type": "tool_use", "id": format!("toolu_{user}_{round}"), "name": "read_file",
+                             "input": {"path": format!("src/module_{round}.rs")}},
+                        ])
+                    } else {
+                        json!(reply.answer)
+                    };
+                    messages.push(json!({"role": "assistant", "content": answer}));
                 }
                 Err(_) => {
                     r.errors += 1;
                     drop(r);
                     senders[target] = None;
                     last_engine = None;
-                    messages.push(json!({"role": "assistant", "content": ""}));
+                    let answer = if messages_api && a.agent {
+                        json!([{"type": "tool_use", "id": format!("toolu_{user}_{round}"), "name": "read_file",
+                                "input": {"path": format!("src/module_{round}.rs")}}])
+                    } else {
+                        json!("")
+                    };
+                    messages.push(json!({"role": "assistant", "content": answer}));
                 }
             }
         }
@@ -430,11 +501,11 @@ struct Reply {
     cached_tokens: u64,
 }
 
-/// Sends one streaming chat request and reads the answer.
+/// Sends one streaming chat (or Messages) request and reads the answer.
 async fn exchange(
     sender: &mut Option<http1::SendRequest<Full<Bytes>>>,
     host: &str,
-    body: &Value,
+    (api, body): (Api, &Value),
     user: Option<usize>,
     engine_header: &str,
 ) -> anyhow::Result<Reply> {
@@ -450,7 +521,11 @@ async fn exchange(
             sender.insert(s)
         }
     };
-    let mut req = Request::post("/v1/chat/completions")
+    let path = match api {
+        Api::Chat => "/v1/chat/completions",
+        Api::Messages => "/v1/messages",
+    };
+    let mut req = Request::post(path)
         .header("host", host)
         .header("content-type", "application/json");
     if let Some(u) = user {
@@ -487,19 +562,49 @@ async fn exchange(
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .collect();
-    let answer = events
-        .iter()
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str())
-        .collect::<String>();
-    let usage = events
-        .iter()
-        .rev()
-        .find(|v| v["usage"].is_object())
-        .map(|v| &v["usage"]);
-    let prompt_tokens = usage.and_then(|u| u["prompt_tokens"].as_u64()).unwrap_or(0);
-    let cached_tokens = usage
-        .and_then(|u| u["prompt_tokens_details"]["cached_tokens"].as_u64())
-        .unwrap_or(0);
+    let (answer, prompt_tokens, cached_tokens) = match api {
+        Api::Chat => {
+            let answer = events
+                .iter()
+                .filter_map(|v| v["choices"][0]["delta"]["content"].as_str())
+                .collect::<String>();
+            let usage = events
+                .iter()
+                .rev()
+                .find(|v| v["usage"].is_object())
+                .map(|v| &v["usage"]);
+            let prompt = usage.and_then(|u| u["prompt_tokens"].as_u64()).unwrap_or(0);
+            let cached = usage
+                .and_then(|u| u["prompt_tokens_details"]["cached_tokens"].as_u64())
+                .unwrap_or(0);
+            (answer, prompt, cached)
+        }
+        Api::Messages => {
+            let answer = events
+                .iter()
+                .filter(|v| v["type"] == "content_block_delta")
+                .filter_map(|v| v["delta"]["text"].as_str())
+                .collect::<String>();
+            // Anthropic's input_tokens leave out the tokens read from (and written to) the
+            // cache: the prompt is their sum. `message_start` carries them, and
+            // `message_delta` may again.
+            let (mut prompt, mut cached) = (0, 0);
+            for v in &events {
+                let u = if v["type"] == "message_start" {
+                    &v["message"]["usage"]
+                } else {
+                    &v["usage"]
+                };
+                let field = |k: &str| u[k].as_u64().unwrap_or(0);
+                let read = field("cache_read_input_tokens");
+                let total = field("input_tokens") + read + field("cache_creation_input_tokens");
+                if total > prompt {
+                    (prompt, cached) = (total, read);
+                }
+            }
+            (answer, prompt, cached)
+        }
+    };
     Ok(Reply {
         ttft: first.ok_or_else(|| anyhow::anyhow!("no events"))?,
         gaps,
@@ -544,6 +649,7 @@ mod tests {
             tool_chars_max: 4000,
             pause_ms: 200,
             no_session_header: false,
+            api: Api::Chat,
             chars_per_token: 4,
             seed: 1,
             engine_header: String::new(),

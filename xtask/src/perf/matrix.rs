@@ -87,6 +87,9 @@ struct Cell {
     doc_skew: f64,
     skew: f64,
     agent: bool,
+    /// The conversations over Anthropic's `/v1/messages` (tools, `tool_use` and
+    /// `tool_result` blocks), as coding agents send them.
+    messages: bool,
     headers: bool,
     /// The working set over the pool's KV cache.
     cache_ratio: f64,
@@ -113,6 +116,7 @@ impl Cell {
             doc_skew: 0.0,
             skew: 0.0,
             agent: false,
+            messages: false,
             headers: true,
             cache_ratio: 1.5,
             replicas: false,
@@ -209,6 +213,9 @@ impl Cell {
         if !self.headers {
             a.push("--no-session-header".into());
         }
+        if self.messages {
+            a.extend(lmstack_e2e::args(&["--api", "messages"]));
+        }
         a
     }
 
@@ -219,7 +226,8 @@ impl Cell {
             "system_tokens": self.system_tokens, "history_tokens": self.history_tokens,
             "question_tokens": self.question_tokens, "answer_tokens": self.answer_tokens,
             "docs": self.docs, "doc_tokens": self.doc_tokens, "doc_skew": self.doc_skew,
-            "user_skew": self.skew, "agent": self.agent, "session_headers": self.headers,
+            "user_skew": self.skew, "agent": self.agent, "messages_api": self.messages,
+            "session_headers": self.headers,
             "working_set_blocks": self.working_set_blocks(), "cache_ratio": self.cache_ratio,
             "blocks_per_engine": self.blocks_per_engine(), "replicas": if self.replicas { 2 } else { 1 },
         })
@@ -310,6 +318,19 @@ fn cells() -> Vec<Cell> {
         agent.clone(),
         agent.with("no-headers", |c| c.headers = false),
         agent.with("heavy", |c| {
+            c.heavy = true;
+            c.users = 96;
+        }),
+        // A coding agent over Anthropic's Messages: no session header (the agent's own is
+        // the session cell's business), so the prefix of the rendered conversation (system,
+        // tools, turns) must hold it on one engine.
+        agent.with("messages", |c| {
+            c.messages = true;
+            c.headers = false;
+        }),
+        agent.with("messages-heavy", |c| {
+            c.messages = true;
+            c.headers = false;
             c.heavy = true;
             c.users = 96;
         }),
