@@ -164,19 +164,24 @@ fn a_restarted_router_finds_a_response_by_asking_the_pool() {
     let id = answer["id"].as_str().unwrap().to_owned();
     drop(first);
 
-    let r = router(&backends(&engines));
+    let r = router(&[backends(&engines), args(&["--explain-routing"])].concat());
     wait_healthy(&r);
     let (status, got) = get_with(&r, &format!("/v1/responses/{id}"), &[]);
     assert_eq!(status, 200, "{got}");
     assert_eq!(got["id"], id.as_str());
     assert_eq!(lookups(&r, "asked"), 1.0);
     // Learned by asking: the next request is a hit.
-    let next = create(
+    let reply = post(
         &r,
-        json!({"model": "sim-model", "input": "and then", "max_output_tokens": 2, "previous_response_id": id}),
+        "/v1/responses",
+        &json!({"model": "sim-model", "input": "and then", "max_output_tokens": 2, "previous_response_id": id}),
         &[],
     );
-    assert_eq!(next["previous_response_id"], id.as_str());
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["previous_response_id"], id.as_str());
+    // The route header says why the policy had no choice.
+    let route = reply.header("x-lmstack-route").unwrap();
+    assert!(route.contains("; pinned=stored_response;"), "{route}");
     let text = metrics_when(&r, "the hit to show", |t| {
         metric_sum(t, "lmstack_responses_lookups_total", &[("status", "hit")]) == 1.0
     });

@@ -1030,7 +1030,7 @@ async fn forward(
             uncached_blocks: uncached,
             fresh: reconnect.take() == Some(index),
             route: (ctx.shared.config.routing.explain_header && streaming.is_none())
-                .then(|| explain(pool, pick, req.prefix, &endpoint.url)),
+                .then(|| explain(pool, pick, req.prefix, req.pinned.is_some(), &endpoint.url)),
             body: body.clone(),
             head_timeout,
             last_try: attempt > ctx.limits.max_retries,
@@ -1598,9 +1598,13 @@ struct Streaming {
 
 /// Why the request went where it went, for the `x-lmstack-route` response header:
 /// `policy=prefix; reason=prefix_match; matched=31/34; shared=15; endpoint=http://...`.
-fn explain(pool: &ModelPool, pick: Pick, prefix: Option<&PrefixPlan<'_>>, endpoint: &str) -> String {
+fn explain(pool: &ModelPool, pick: Pick, prefix: Option<&PrefixPlan<'_>>, pinned: bool, endpoint: &str) -> String {
     use std::fmt::Write;
     let mut out = format!("policy={}; reason={}", pool.policy.name(), pick.reason.as_str());
+    // The policy picked among one endpoint: the one holding the stored response.
+    if pinned {
+        out.push_str("; pinned=stored_response");
+    }
     if let Some(plan) = prefix {
         let matched = plan.matched().get(pick.index).copied().unwrap_or(0);
         let _ = write!(
