@@ -332,3 +332,33 @@ fn a_retried_request_has_two_attempts() {
     let sent = good.header(last, "traceparent").unwrap();
     assert!(sent.contains(&hex(&tries[1].span_id)), "{sent}");
 }
+
+#[test]
+fn a_refused_request_ends_its_server_span_with_the_error() {
+    let receiver = Receiver::start();
+    let engine = Capture::start();
+    let r = traced_router(&receiver, &["--static-backends", &engine.url(), "--static-models", "m"]);
+    let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    let reply = post(
+        &r,
+        "/v1/completions",
+        &json!({"model": "nope", "prompt": "hello", "max_tokens": 2}),
+        &[("traceparent", &traceparent)],
+    );
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    let spans = receiver.trace(CLIENT_TRACE);
+    // Only the server span: nothing was routed or tried.
+    assert_eq!(
+        spans.len(),
+        1,
+        "{:#?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let s = server(&spans);
+    assert_eq!(hex(&s.parent_span_id), CLIENT_SPAN);
+    assert_eq!(attr(s, "http.response.status_code").as_deref(), Some("404"));
+    assert_eq!(attr(s, "error.type").as_deref(), Some("model_not_found"));
+    assert_eq!(attr(s, "gen_ai.request.model").as_deref(), Some("nope"));
+    assert_eq!(attr(s, "lmstack.request_id").as_deref(), reply.header("x-request-id"));
+    assert_eq!(engine.count(), 0);
+}

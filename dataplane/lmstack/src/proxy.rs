@@ -217,9 +217,19 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         }
         Target::Model => {}
     }
+    // The request's trace (tracing on): the client's context (`traceparent`) or a new one.
+    // From here a refusal ends it too (`refuse`).
+    let trace = ctx
+        .shared
+        .tracer
+        .as_ref()
+        .map(|t| RequestTrace::start(t, &head, started));
+    if let Some(t) = &trace {
+        t.annotate(|| server_attributes(&head, &request_id, down.peer.ip()));
+    }
     let key = match authenticate(ctx, &head) {
         Ok(key) => key,
-        Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
+        Err(e) => return refuse(ctx, down, (&head, &request_id), trace, &e).await,
     };
 
     // 3. Peek (a form, for the audio routes, by its fields).
@@ -234,7 +244,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
     };
     let peek = match peeked {
         Ok(p) => p,
-        Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e.into(), None).await,
+        Err(e) => return refuse(ctx, down, (&head, &request_id), trace, &e.into()).await,
     };
     // SageMaker names a LoRA adapter in a header, which vLLM puts in the body's `model`.
     let adapter = (head.path() == "/invocations")
@@ -242,13 +252,16 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         .flatten();
     let Some(model) = peek.model.as_deref().or(adapter) else {
         let e = ProxyError::new(ErrorKind::InvalidRequest, "the request must name a `model`").with_param("model");
-        return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+        return refuse(ctx, down, (&head, &request_id), trace, &e).await;
     };
+    if let Some(t) = &trace {
+        t.annotate(|| model_attributes(&head, model, peek.stream));
+    }
 
     // 4. The key's models and budgets (spent before a request is held, so that a tenant
     //    over its budget cannot fill the hold); the model's pool.
     if let Some(Err(e)) = key.as_ref().map(|k| k.allow_model(model)) {
-        return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+        return refuse(ctx, down, (&head, &request_id), trace, &e).await;
     }
     let grant = match &key {
         Some(key) => {
@@ -268,7 +281,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
                     tracing::debug!(request_id, tenant = %key.tenant.name, key = key.name.as_deref(), tokens, "admitted");
                     Some(grant)
                 }
-                Err(e) => return fail(ctx, down, Some((&head, &request_id)), &e, None).await,
+                Err(e) => return refuse(ctx, down, (&head, &request_id), trace, &e).await,
             }
         }
         None => None,
@@ -296,7 +309,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
             Some(Ok(ready)) => state = ready,
             Some(Err(e)) => {
                 refund(grant);
-                return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+                return refuse(ctx, down, (&head, &request_id), trace, &e).await;
             }
         }
     }
@@ -316,7 +329,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
         )
         .with_param("model");
         refund(grant);
-        return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+        return refuse(ctx, down, (&head, &request_id), trace, &e).await;
     };
     let mut grant = grant;
     let rate_headers = grant.as_mut().map(|g| std::mem::take(&mut g.headers));
@@ -352,7 +365,7 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
                     ErrorKind::InvalidJson,
                     "the request body could not be rewritten for its tenant (numbers or nesting beyond JSON's usual range)",
                 );
-                return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+                return refuse(ctx, down, (&head, &request_id), trace, &e).await;
             }
         }
     } else {
@@ -389,21 +402,12 @@ pub async fn handle(ctx: &WorkerCtx, down: &mut Downstream, head: RequestHead) -
                 Ok(i) => Some(i),
                 Err(e) => {
                     refund(grant);
-                    return fail(ctx, down, Some((&head, &request_id)), &e, None).await;
+                    return refuse(ctx, down, (&head, &request_id), trace, &e).await;
                 }
             }
         }
         _ => None,
     };
-    // The request's trace (tracing on): the client's context (`traceparent`) or a new one.
-    let trace = ctx
-        .shared
-        .tracer
-        .as_ref()
-        .map(|t| RequestTrace::start(t, &head, started));
-    if let Some(t) = &trace {
-        t.annotate(|| server_attributes(&head, model, &request_id, down.peer.ip(), peek.stream));
-    }
     let request = Forward {
         head: &head,
         body,
@@ -585,15 +589,10 @@ fn engine_authorization<'h>(ctx: &WorkerCtx, head: &'h RequestHead) -> Option<&'
         .flatten()
 }
 
-/// The server span's attributes (OpenTelemetry's HTTP and GenAI conventions).
-fn server_attributes(
-    head: &RequestHead,
-    model: &str,
-    request_id: &str,
-    client: IpAddr,
-    stream: bool,
-) -> Vec<(&'static str, otel::Value)> {
-    let mut a: Vec<(&'static str, otel::Value)> = vec![
+/// The server span's attributes known before the body is read (OpenTelemetry's HTTP
+/// conventions).
+fn server_attributes(head: &RequestHead, request_id: &str, client: IpAddr) -> Vec<(&'static str, otel::Value)> {
+    vec![
         ("http.request.method", head.method().to_owned().into()),
         ("http.route", head.path().to_owned().into()),
         ("url.path", head.path().to_owned().into()),
@@ -602,8 +601,14 @@ fn server_attributes(
             (if head.version == Version::Http10 { "1.0" } else { "1.1" }).into(),
         ),
         ("client.address", client.to_string().into()),
-        ("gen_ai.request.model", model.to_owned().into()),
         ("lmstack.request_id", request_id.to_owned().into()),
+    ]
+}
+
+/// The server span's attributes from the body (OpenTelemetry's GenAI conventions).
+fn model_attributes(head: &RequestHead, model: &str, stream: bool) -> Vec<(&'static str, otel::Value)> {
+    let mut a: Vec<(&'static str, otel::Value)> = vec![
+        ("gen_ai.request.model", model.to_owned().into()),
         ("lmstack.stream", stream.into()),
     ];
     let operation = match head.path() {
@@ -616,6 +621,22 @@ fn server_attributes(
         a.push(("gen_ai.operation.name", op.into()));
     }
     a
+}
+
+/// Refuses a model request before any engine was tried: its trace (when it has one) ends
+/// with the error, then `fail` answers.
+async fn refuse(
+    ctx: &WorkerCtx,
+    down: &mut Downstream,
+    (head, request_id): (&RequestHead, &str),
+    trace: Option<RequestTrace>,
+    error: &ProxyError,
+) -> After {
+    if let (Some(trace), Some(tracer)) = (trace, &ctx.shared.tracer) {
+        let name = format!("{} {}", head.method(), head.path());
+        trace.finish(tracer, name, error.kind.status(), Some(error.kind.label()));
+    }
+    fail(ctx, down, Some((head, request_id)), error, None).await
 }
 
 /// Ends a request's trace with its outcome (its server span) and hands its spans to the
