@@ -467,6 +467,11 @@ impl<S: Read + Write> Raw<S> {
     }
 
     /// Reads one response head, or None if the connection closed first.
+    /// What was read past the last head or response (the start of a body).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
     pub fn read_head(&mut self) -> Option<(u16, Vec<(String, String)>)> {
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
