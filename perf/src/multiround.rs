@@ -437,7 +437,7 @@ impl Chat<'_> {
             )
             .await;
             let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
-            match outcome {
+            let answer = match outcome {
                 Ok(reply) => {
                     r.requests += 1;
                     if counted {
@@ -457,32 +457,28 @@ impl Chat<'_> {
                     }
                     drop(r);
                     last_engine = reply.engine;
-                    let answer = if messages_api && a.agent {
-                        // The agent's answer asks for a tool; the next round is its output.
-                        json!([
-                            {"type": "text", "text": reply.answer},
-                            {"type": "tool_use", "id": format!("toolu_{user}_{round}"), "name": "read_file",
-                             "input": {"path": format!("src/module_{round}.rs")}},
-                        ])
-                    } else {
-                        json!(reply.answer)
-                    };
-                    messages.push(json!({"role": "assistant", "content": answer}));
+                    Some(reply.answer)
                 }
                 Err(_) => {
                     r.errors += 1;
                     drop(r);
                     senders[target] = None;
                     last_engine = None;
-                    let answer = if messages_api && a.agent {
-                        json!([{"type": "tool_use", "id": format!("toolu_{user}_{round}"), "name": "read_file",
-                                "input": {"path": format!("src/module_{round}.rs")}}])
-                    } else {
-                        json!("")
-                    };
-                    messages.push(json!({"role": "assistant", "content": answer}));
+                    None
                 }
-            }
+            };
+            let answer = if messages_api && a.agent {
+                // The agent's answer asks for a tool; the next round is its output.
+                let tool_use = json!({"type": "tool_use", "id": format!("toolu_{user}_{round}"), "name": "read_file",
+                                      "input": {"path": format!("src/module_{round}.rs")}});
+                match answer {
+                    Some(text) => json!([{"type": "text", "text": text}, tool_use]),
+                    None => json!([tool_use]),
+                }
+            } else {
+                json!(answer.unwrap_or_default())
+            };
+            messages.push(json!({"role": "assistant", "content": answer}));
         }
     }
 }

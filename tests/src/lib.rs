@@ -205,6 +205,20 @@ pub fn control(args: &[String], env: &[(&str, &str)]) -> Proc {
     Proc::start(&bin("lmstack-control"), &all, env)
 }
 
+/// lmstack-control over a static list of engines (`urls`), probing every 200 ms.
+pub fn static_control(urls: &[String], extra: &[&str]) -> Proc {
+    let mut a = args(&[
+        "--source",
+        "static",
+        "--static-backends",
+        &urls.join(","),
+        "--probe-interval-ms",
+        "200",
+    ]);
+    a.extend(args(extra));
+    control(&a, &[])
+}
+
 /// Starts a router following `control`.
 pub fn router_following(control: &Proc, extra: &[&str]) -> Proc {
     let mut a = args(&["--service-discovery", "control", "--control-url"]);
@@ -256,6 +270,15 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The `x-lmstack-route` explanation's `key=value` for `key`.
+    pub fn explained(&self, key: &str) -> &str {
+        let route = self.header("x-lmstack-route").unwrap();
+        route
+            .split("; ")
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in {route}"))
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
@@ -359,6 +382,32 @@ pub fn tiny_tokenizer_dir() -> String {
 
 /// A loopback port free now, for a listener that must be named in advance (an engine's
 /// ZeroMQ KV-event sockets).
+/// The tiny model whose real tokenizer is checked in (perf/fixtures/tiny-llama).
+pub const TINY_MODEL: &str = "tiny-llama";
+
+/// A simulator's flags to serve the tiny model with its tokenizer, in blocks of 16 tokens,
+/// publishing KV events on `kv_port`.
+pub fn tiny_kv_flags(kv_port: u16) -> Vec<String> {
+    args(&[
+        "--model",
+        TINY_MODEL,
+        "--block-size",
+        "16",
+        "--tokenizer",
+        &tiny_tokenizer_dir(),
+        "--kv-events-port",
+        &kv_port.to_string(),
+    ])
+}
+
+/// A simulated engine of the tiny model publishing KV events on `kv_port`; `extra` adds flags.
+pub fn tiny_kv_sim(name: &str, kv_port: u16, extra: &[&str]) -> Proc {
+    let mut a = tiny_kv_flags(kv_port);
+    a.extend(args(extra));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    sim(name, &a)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -658,36 +707,52 @@ impl Drop for FakeEngine {
     }
 }
 
+/// Reads from `s` until `buf` holds one whole request (its head and its Content-Length
+/// body): the lengths of both, or `None` when the connection ends first.
+pub fn read_request(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<(usize, usize)> {
+    let (head_len, body_len) = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let len = String::from_utf8_lossy(&buf[..end])
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            break (end + 4, len);
+        }
+        read_more(s, buf)?;
+    };
+    while buf.len() < head_len + body_len {
+        read_more(s, buf)?;
+    }
+    Some((head_len, body_len))
+}
+
+fn read_more(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 8192];
+    match s.read(&mut chunk) {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
 fn fake_connection(mut s: TcpStream, how: Misbehave, requests: &AtomicUsize) {
     let mut buf = Vec::new();
     loop {
         // Read one request head and its Content-Length body.
-        let (head_len, body_len, line) = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                break (end + 4, len, head.lines().next().unwrap_or("").to_owned());
-            }
-            let mut chunk = [0u8; 8192];
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        let Some((head_len, body_len)) = read_request(&mut s, &mut buf) else {
+            return;
         };
-        while buf.len() < head_len + body_len {
-            let mut chunk = [0u8; 8192];
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
+        let line = String::from_utf8_lossy(&buf[..head_len])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned();
         buf.drain(..head_len + body_len);
         // Probes (`/health`, `/metrics`) get an empty 200; only requests are misbehaved on.
         if line.starts_with("GET ") {

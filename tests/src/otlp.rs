@@ -2,7 +2,7 @@
 //! server that decodes `ExportTraceServiceRequest` bodies with OpenTelemetry's own protobuf
 //! definitions (opentelemetry-proto) and keeps every span. Not a collector: no gRPC, no JSON.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 pub use opentelemetry_proto::tonic::trace::v1::Span;
 pub use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
-use crate::wait_until;
+use crate::{read_request, wait_until};
 
 /// A tiny HTTP/1.1 server: every request (head text, body) goes to `answer`, which says
 /// what to write back; connections are kept alive.
@@ -33,32 +33,9 @@ pub fn serve(answer: impl Fn(&str, &[u8]) -> Vec<u8> + Send + Sync + 'static) ->
 fn connection(mut s: TcpStream, answer: &dyn Fn(&str, &[u8]) -> Vec<u8>) {
     let mut buf = Vec::new();
     loop {
-        let (head_len, body_len) = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                break (end + 4, len);
-            }
-            let mut chunk = [0u8; 8192];
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        let Some((head_len, body_len)) = read_request(&mut s, &mut buf) else {
+            return;
         };
-        while buf.len() < head_len + body_len {
-            let mut chunk = [0u8; 8192];
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
         let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
         let out = answer(&head, &buf[head_len..head_len + body_len]);
         buf.drain(..head_len + body_len);

@@ -288,35 +288,11 @@ fn a_multi_turn_agent_conversation_stays_on_its_engine_under_prefix() {
     assert!(hits > 0.5 * queries, "hits {hits} of {queries}");
 }
 
-/// The explanation's `key=value` for `key`.
-fn explained<'a>(reply: &'a Reply, key: &str) -> &'a str {
-    let route = reply.header("x-lmstack-route").unwrap();
-    route
-        .split("; ")
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key} in {route}"))
-}
-
 #[test]
 fn a_messages_conversation_is_routed_exactly_on_the_blocks_engines_report() {
-    const TINY: &str = "tiny-llama";
-    let engine = |name: &str| {
-        let port = free_port().to_string();
-        let dir = tiny_tokenizer_dir();
-        let flags = [
-            "--model",
-            TINY,
-            "--block-size",
-            "16",
-            "--tokenizer",
-            &dir,
-            "--kv-events-port",
-            &port,
-        ];
-        sim(name, &flags)
-    };
+    let engine = |name: &str| tiny_kv_sim(name, free_port(), &[]);
     let (a, b) = (engine("anthropic-kv-a"), engine("anthropic-kv-b"));
-    let tokenizer = format!("{TINY}={}", tiny_tokenizer_dir());
+    let tokenizer = format!("{TINY_MODEL}={}", tiny_tokenizer_dir());
     let r = router(
         &[
             backends(&[&a, &b]),
@@ -336,13 +312,13 @@ fn a_messages_conversation_is_routed_exactly_on_the_blocks_engines_report() {
     let mut home: Option<String> = None;
     let mut previous_tokens = 0u64;
     for turns in 0..3 {
-        let body = agent_turn(TINY, 0, turns, turns + 1);
+        let body = agent_turn(TINY_MODEL, 0, turns, turns + 1);
         let reply = post(&r, "/v1/messages", &body, &[]);
         assert_eq!(reply.status, 200, "{}", reply.body);
         // The router tokenized the request as the engine did: the chat request vLLM
         // converts it to, through the model's chat template.
-        assert_eq!(explained(&reply, "kv"), "exact");
-        let tokens: u64 = explained(&reply, "kv_tokens").parse().unwrap();
+        assert_eq!(reply.explained("kv"), "exact");
+        let tokens: u64 = reply.explained("kv_tokens").parse().unwrap();
         let mut count = body.clone();
         count.as_object_mut().unwrap().remove("max_tokens");
         let counted = post(&a, "/v1/messages/count_tokens", &count, &[]).json();
@@ -350,7 +326,7 @@ fn a_messages_conversation_is_routed_exactly_on_the_blocks_engines_report() {
         let engine = reply.header("x-sim-engine").unwrap().to_owned();
         // What the engine reports holding covers the previous turn's prompt (but a last
         // block whose tokens the next text may merge with).
-        let (held, _) = explained(&reply, "kv_blocks").split_once('/').unwrap();
+        let (held, _) = reply.explained("kv_blocks").split_once('/').unwrap();
         let held: u64 = held.parse().unwrap();
         assert!(
             held + 1 >= previous_tokens / 16,

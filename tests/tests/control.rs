@@ -38,21 +38,10 @@ fn engines_used(r: &Proc, n: usize) -> HashSet<String> {
         .collect()
 }
 
-fn static_control(engines: &[Proc]) -> Proc {
-    let urls = engines.iter().map(Proc::url).collect::<Vec<_>>().join(",");
-    control(
-        &args(&[
-            "--source",
-            "static",
-            "--static-backends",
-            &urls,
-            "--probe-interval-ms",
-            "200",
-            "--unhealthy-after",
-            "1",
-        ]),
-        &[],
-    )
+/// Control over `engines`, which marks an engine unhealthy after one failed probe.
+fn control_over(engines: &[Proc]) -> Proc {
+    let urls: Vec<String> = engines.iter().map(Proc::url).collect();
+    static_control(&urls, &["--unhealthy-after", "1"])
 }
 
 fn kube_control(api: &FakeApi, extra: &[&str]) -> Proc {
@@ -72,7 +61,7 @@ fn kube_control(api: &FakeApi, extra: &[&str]) -> Proc {
 #[test]
 fn routers_follow_control_and_drop_a_killed_engine() {
     let mut e = sims(2);
-    let c = static_control(&e);
+    let c = control_over(&e);
     let routers = [router_following(&c, &[]), router_following(&c, &[])];
     for r in &routers {
         wait_until("routers see both engines", || healthy_endpoints(r, "sim-model") == 2);
@@ -96,7 +85,7 @@ fn routers_follow_control_and_drop_a_killed_engine() {
 #[test]
 fn routers_keep_serving_the_last_snapshot_while_control_is_gone() {
     let e = sims(2);
-    let c = static_control(&e);
+    let c = control_over(&e);
     let r = router_following(&c, &[]);
     wait_until("the router sees both engines", || {
         healthy_endpoints(&r, "sim-model") == 2
@@ -316,7 +305,7 @@ fn pods_scaling_from_two_to_four_reach_every_router_and_unready_pods_are_drained
 #[test]
 fn a_prefix_routed_by_one_replica_is_routed_the_same_way_by_the_other() {
     let e = sims(4);
-    let c = static_control(&e);
+    let c = control_over(&e);
     let routers = [
         router_following(&c, &["--routing-logic", "prefix"]),
         router_following(&c, &["--routing-logic", "prefix"]),

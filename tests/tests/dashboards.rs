@@ -25,15 +25,15 @@ use std::time::{Duration, Instant};
 use lmstack_e2e::bed::{Prometheus, TestBed, ebpf_preconditions, find_exe, node_tools, skip};
 use lmstack_e2e::{
     FakeEngine, Misbehave, Proc, agent, args, backends, bin, control, free_port, get, kv_index_blocks, metric,
-    metrics_when, post, router_following, routing_mode_is, sim, tiny_tokenizer_dir, wait_healthy, wait_until,
-    workspace_root,
+    metrics_when, post, router_following, routing_mode_is, sim, tiny_kv_sim, tiny_tokenizer_dir, wait_healthy,
+    wait_until, workspace_root,
 };
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "lmstack-e2e";
 const MODEL: &str = "sim-model";
 /// The model of the engines that publish KV events (tokenized with its real tokenizer).
-const KV_MODEL: &str = "tiny-llama";
+const KV_MODEL: &str = lmstack_e2e::TINY_MODEL;
 
 fn dashboards() -> Vec<(String, Value)> {
     let mut out: Vec<(String, Value)> = std::fs::read_dir(workspace_root().join("grafana"))
@@ -275,19 +275,7 @@ fn garbage_control() -> SocketAddr {
 
 /// A simulated engine publishing KV events with the tiny model's tokenizer; `extra` adds flags.
 fn kv_engine(name: &str, extra: &[&str]) -> Proc {
-    let (port, dir) = (free_port().to_string(), tiny_tokenizer_dir());
-    let mut a = vec![
-        "--model",
-        KV_MODEL,
-        "--block-size",
-        "16",
-        "--tokenizer",
-        &dir,
-        "--kv-events-port",
-        &port,
-    ];
-    a.extend_from_slice(extra);
-    sim(name, &a)
+    tiny_kv_sim(name, free_port(), extra)
 }
 
 /// A completion whose prompt is a document only `seed` has, about a block per section.

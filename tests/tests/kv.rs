@@ -9,29 +9,12 @@ use lmstack_e2e::*;
 use lmstack_kv::key::{RequestExtras, prompt_keys};
 use lmstack_kv::prompt::PromptTokenizer;
 
-const MODEL: &str = "tiny-llama";
+const MODEL: &str = TINY_MODEL;
 const BLOCK: usize = 16;
 
 /// A simulated engine's flags: the tiny model's tokenizer, KV events published on `kv_port`.
-fn kv_flags(kv_port: u16) -> Vec<String> {
-    args(&[
-        "--model",
-        MODEL,
-        "--block-size",
-        "16",
-        "--tokenizer",
-        &tiny_tokenizer_dir(),
-        "--kv-events-port",
-        &kv_port.to_string(),
-    ])
-}
-
-/// A simulated engine publishing KV events on `kv_port`; `extra` adds flags.
 fn engine(name: &str, kv_port: u16, extra: &[&str]) -> Proc {
-    let mut a = kv_flags(kv_port);
-    a.extend(args(extra));
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    sim(name, &a)
+    tiny_kv_sim(name, kv_port, extra)
 }
 
 fn router_over(engines: &[&Proc], extra: &[&str]) -> Proc {
@@ -85,15 +68,6 @@ fn full_blocks(prompt: &str) -> usize {
     keys.len()
 }
 
-/// The explanation's `key=value` for `key`.
-fn explained<'a>(reply: &'a Reply, key: &str) -> &'a str {
-    let route = reply.header("x-lmstack-route").unwrap();
-    route
-        .split("; ")
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key} in {route}"))
-}
-
 #[test]
 fn routing_follows_what_engines_report_holding() {
     let (a, b) = (engine("a", free_port(), &[]), engine("b", free_port(), &[]));
@@ -120,12 +94,12 @@ fn routing_follows_what_engines_report_holding() {
         "{:?}",
         reply.header("x-lmstack-route")
     );
-    assert_eq!(explained(&reply, "kv"), "exact");
+    assert_eq!(reply.explained("kv"), "exact");
     assert_eq!(
-        explained(&reply, "kv_blocks").split('/').next(),
+        reply.explained("kv_blocks").split('/').next(),
         Some(&*blocks.to_string())
     );
-    assert_eq!(explained(&reply, "reason"), "prefix_match");
+    assert_eq!(reply.explained("reason"), "prefix_match");
 
     // A chat conversation: its second round goes where the first one's blocks are.
     let mut messages = vec![json!({"role": "user", "content": document(2)})];
@@ -151,8 +125,9 @@ fn routing_follows_what_engines_report_holding() {
         &[],
     );
     assert_eq!(second.header("x-sim-engine"), Some(&*home));
-    assert_eq!(explained(&second, "kv"), "exact");
-    let held: usize = explained(&second, "kv_blocks")
+    assert_eq!(second.explained("kv"), "exact");
+    let held: usize = second
+        .explained("kv_blocks")
         .split('/')
         .next()
         .unwrap()
@@ -175,7 +150,7 @@ fn routing_follows_what_engines_report_holding() {
     );
     let reply = post(&r, "/v1/completions", &completion(&format!("{doc} Another one?")), &[]);
     if reply.header("x-sim-engine") == Some("b") {
-        assert_eq!(explained(&reply, "kv_blocks").split('/').next(), Some("0"));
+        assert_eq!(reply.explained("kv_blocks").split('/').next(), Some("0"));
     }
 }
 
@@ -237,7 +212,7 @@ fn a_gap_in_the_events_drops_the_index_and_a_replay_avoids_it() {
         &[],
     );
     assert_eq!(reply.header("x-sim-engine"), Some("b"));
-    assert_eq!(explained(&reply, "kv"), "exact");
+    assert_eq!(reply.explained("kv"), "exact");
 }
 
 #[test]
@@ -255,7 +230,7 @@ fn a_restarted_engine_is_detected_and_routed_exactly_again() {
     let port = b.addr.port().to_string();
     b.terminate();
     let mut flags = args(&["--host", "127.0.0.1", "--port", &port, "--name", "b2"]);
-    flags.extend(kv_flags(kv_port));
+    flags.extend(tiny_kv_flags(kv_port));
     let b = Proc::start(&bin("lmstack-sim"), &flags, &[]);
     // The router noticed: the index was dropped, and b is exact again once resubscribed.
     wait_until("b's index dropped", || kv_index_blocks(&r, &b) == 0.0);
@@ -266,7 +241,7 @@ fn a_restarted_engine_is_detected_and_routed_exactly_again() {
     let reply = post(&r, "/v1/completions", &completion(&format!("{doc} again")), &[]);
     assert_eq!(reply.status, 200);
     if reply.header("x-sim-engine") == Some("b2") {
-        assert_eq!(explained(&reply, "kv_blocks").split('/').next(), Some("0"));
+        assert_eq!(reply.explained("kv_blocks").split('/').next(), Some("0"));
     }
 }
 
@@ -315,18 +290,7 @@ fn the_index_is_bounded_and_engines_without_events_are_approximate() {
 #[test]
 fn control_follows_the_engines_once_and_every_replica_routes_exactly() {
     let (a, b) = (engine("a", free_port(), &[]), engine("b", free_port(), &[]));
-    let urls = format!("{},{}", a.url(), b.url());
-    let c = control(
-        &args(&[
-            "--source",
-            "static",
-            "--static-backends",
-            &urls,
-            "--probe-interval-ms",
-            "200",
-        ]),
-        &[],
-    );
+    let c = static_control(&[a.url(), b.url()], &[]);
     let dir = format!("{MODEL}={}", tiny_tokenizer_dir());
     let replica = |_: usize| {
         let r = router_following(
@@ -354,7 +318,7 @@ fn control_follows_the_engines_once_and_every_replica_routes_exactly() {
             "{:?}",
             reply.header("x-lmstack-route")
         );
-        assert_eq!(explained(&reply, "kv"), "exact");
+        assert_eq!(reply.explained("kv"), "exact");
     }
     // The replicas never subscribed themselves: control did, once per engine.
     for r in [&r1, &r2] {
@@ -398,20 +362,10 @@ fn a_lora_adapters_blocks_are_its_own() {
         "{:?}",
         reply.header("x-lmstack-route")
     );
-    let held: usize = explained(&reply, "kv_blocks")
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let held: usize = reply.explained("kv_blocks").split('/').next().unwrap().parse().unwrap();
     assert!(held >= 10, "{:?}", reply.header("x-lmstack-route"));
     let base = post(&r, "/v1/completions", &completion(&format!("{doc} More?")), &[]);
-    assert_eq!(
-        explained(&base, "kv_held"),
-        "0,0",
-        "{:?}",
-        base.header("x-lmstack-route")
-    );
+    assert_eq!(base.explained("kv_held"), "0,0", "{:?}", base.header("x-lmstack-route"));
 }
 
 #[test]

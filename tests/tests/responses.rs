@@ -257,18 +257,7 @@ fn stored_responses_need_a_key_when_keys_are_on() {
 #[test]
 fn replicas_following_one_control_share_response_ids() {
     let e = sims(4);
-    let urls = e.iter().map(Proc::url).collect::<Vec<_>>().join(",");
-    let c = control(
-        &args(&[
-            "--source",
-            "static",
-            "--static-backends",
-            &urls,
-            "--probe-interval-ms",
-            "200",
-        ]),
-        &[],
-    );
+    let c = static_control(&e.iter().map(Proc::url).collect::<Vec<_>>(), &[]);
     let fast = config_file(
         "replicas",
         "discovery:\n  control:\n    affinity_report_interval_ms: 50\n",

@@ -146,6 +146,17 @@ pub(super) fn bad_request(message: impl Into<String>, engine: &str) -> Response<
     error(StatusCode::BAD_REQUEST, "BadRequestError", message, None, engine)
 }
 
+/// vLLM's 404 for a model it does not serve.
+fn unknown_model(model: &str, engine: &str) -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        "NotFoundError",
+        format!("The model `{model}` does not exist."),
+        Some("model"),
+        engine,
+    )
+}
+
 /// The routes a router forwards (those `/sim/fault`'s before-head faults match).
 const MODEL_ROUTES: &[&str] = &[
     "/v1/completions",
@@ -363,13 +374,7 @@ async fn post(sim: &Arc<Sim>, tap: &Tap, path: &str, body: &[u8], req: Value, ar
         return messages(sim, tap, path, model, body, &req, arrived).await;
     }
     if !sim.serves(&model) {
-        return error(
-            StatusCode::NOT_FOUND,
-            "NotFoundError",
-            format!("The model `{model}` does not exist."),
-            Some("model"),
-            name,
-        );
+        return unknown_model(&model, name);
     }
     let tokenizer = &sim.tokenizer;
     // SageMaker's `/invocations`: vLLM serves the first request type the body validates as.
@@ -772,6 +777,11 @@ async fn generate(
         metrics.e2e.record(arrived.elapsed().as_secs_f64());
         metrics.finished(FinishReason::Length);
     });
+    event_stream(rx, &name)
+}
+
+/// An SSE response whose events are what `rx` receives, until its sender is dropped.
+pub(super) fn event_stream(rx: mpsc::Receiver<Bytes>, name: &str) -> Response<Body> {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
@@ -989,13 +999,7 @@ async fn audio(sim: &Sim, headers: &hyper::HeaderMap, body: Bytes) -> Response<B
         return bad_request("`model` is required", name);
     };
     if !sim.serves(&model) {
-        return error(
-            StatusCode::NOT_FOUND,
-            "NotFoundError",
-            format!("The model `{model}` does not exist."),
-            Some("model"),
-            name,
-        );
+        return unknown_model(&model, name);
     }
     let Some(bytes) = file else {
         return bad_request("`file` is required", name);

@@ -8,12 +8,9 @@
 //! `GET ?stream=true` replays.
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
 use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -410,19 +407,7 @@ pub async fn create(sim: &Arc<Sim>, model: String, req: Value, arrived: Instant)
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-    });
-    let mut r = Response::new(StreamBody::new(stream).boxed());
-    let h = r.headers_mut();
-    h.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    if let Ok(v) = name.parse() {
-        h.insert("x-sim-engine", v);
-    }
-    r
+    super::api::event_stream(rx, &name)
 }
 
 #[cfg(test)]
